@@ -1,0 +1,34 @@
+# `make serve` and `make test` each set up everything from nothing.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+MODEL ?= demo
+HOST ?= 127.0.0.1
+PORT ?= 8000
+API_SERVERS ?= 2
+PYTEST_ARGS ?=
+
+.PHONY: setup serve test lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+serve: $(STAMP)
+	$(VENV)/bin/vserve serve $(MODEL) --host $(HOST) --port $(PORT) --api-server-count $(API_SERVERS)
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check vserve tests benchmarks
+	$(VENV)/bin/mypy vserve
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,107 @@
+"""The engine's view of one request (one sequence: n > 1 arrives as n requests)."""
+
+from __future__ import annotations
+
+import enum
+import time
+
+from vserve.engine.messages import EngineCoreRequest, FinishReason
+from vserve.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.IntEnum):
+    WAITING = 0
+    RUNNING = 1
+    PREEMPTED = 2  # back in the waiting queue; its blocks were freed, it recomputes
+    FINISHED_STOPPED = 3
+    FINISHED_LENGTH = 4
+    FINISHED_ABORTED = 5
+
+    @property
+    def finished(self) -> bool:
+        return self >= RequestStatus.FINISHED_STOPPED
+
+    def finish_reason(self) -> FinishReason | None:
+        return {
+            RequestStatus.FINISHED_STOPPED: FinishReason.STOP,
+            RequestStatus.FINISHED_LENGTH: FinishReason.LENGTH,
+            RequestStatus.FINISHED_ABORTED: FinishReason.ABORT,
+        }.get(self)
+
+
+class Request:
+    """Mutable engine-side state of a request.
+
+    Invariants: ``num_computed_tokens <= num_tokens``; the KV of tokens
+    ``[0, num_computed_tokens)`` lives in the blocks the KV cache manager holds for this
+    request; a request is decoding once ``num_computed_tokens == num_tokens - 1`` or more.
+    """
+
+    def __init__(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        sampling_params: SamplingParams,
+        eos_token_ids: list[int],
+        arrival_time: float | None = None,
+        client_index: int = 0,
+        priority: int = 0,
+    ) -> None:
+        self.request_id = request_id
+        self.prompt_token_ids = list(prompt_token_ids)
+        self.sampling_params = sampling_params
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.arrival_time = time.time() if arrival_time is None else arrival_time
+        self.client_index = client_index
+        self.priority = priority
+        self.status = RequestStatus.WAITING
+        self.output_token_ids: list[int] = []
+        self.all_token_ids: list[int] = list(prompt_token_ids)
+        self.num_computed_tokens = 0
+        self.num_cached_tokens = -1  # prefix-cache hit length at first schedule; -1 before
+        self.num_preemptions = 0
+        self.stop_reason: int | str | None = None
+        # Chained block hashes of this request's full blocks (filled by the KV cache manager).
+        self.block_hashes: list[int] = []
+        # Prompt logprobs are produced for positions up to here (exclusive).
+        self.num_prompt_logprobs_done = 0
+        self.max_tokens = sampling_params.max_tokens
+
+    @classmethod
+    def from_engine_core_request(cls, req: EngineCoreRequest) -> Request:
+        return cls(
+            req.request_id,
+            req.prompt_token_ids,
+            req.sampling_params,
+            req.eos_token_ids,
+            req.arrival_time,
+            req.client_index,
+            req.priority,
+        )
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.all_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    def append_output_token(self, token_id: int) -> None:
+        self.output_token_ids.append(token_id)
+        self.all_token_ids.append(token_id)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status.finished
+
+    def __repr__(self) -> str:
+        return (
+            f"Request({self.request_id!r}, status={self.status.name}, "
+            f"prompt={self.num_prompt_tokens}, out={self.num_output_tokens}, "
+            f"computed={self.num_computed_tokens})"
+        )
