@@ -1,0 +1,54 @@
+"""What the scheduler hands the model runner each step, and what comes back."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from vserve.core.request import Request
+from vserve.engine.messages import Logprobs
+
+
+@dataclass
+class ScheduledRequest:
+    """One request's share of a step.
+
+    The runner computes tokens ``request.all_token_ids[c : c + num_new_tokens]`` where
+    ``c = request.num_computed_tokens`` (not yet advanced: the scheduler advances it in
+    ``update_from_output``). ``block_ids`` cover at least ``c + num_new_tokens`` tokens and
+    stay pinned until the request finishes or is preempted. When
+    ``c + num_new_tokens == request.num_tokens`` the runner samples the next token.
+    """
+
+    request: Request
+    num_new_tokens: int
+    block_ids: list[int]
+
+    @property
+    def samples(self) -> bool:
+        return self.request.num_computed_tokens + self.num_new_tokens == self.request.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledRequest] = field(default_factory=list)
+    total_num_scheduled_tokens: int = 0
+    # Requests preempted while building this step (their blocks are already freed).
+    preempted_request_ids: list[str] = field(default_factory=list)
+    # Requests that finished or were aborted since the previous step; runners drop any
+    # per-request state (sampler generators, …) they keep for these.
+    finished_request_ids: set[str] = field(default_factory=set)
+
+    @property
+    def is_empty(self) -> bool:
+        return self.total_num_scheduled_tokens == 0
+
+
+@dataclass
+class ModelRunnerOutput:
+    # request_id → sampled token, for every scheduled request whose ``samples`` is true.
+    sampled_token_ids: dict[str, int] = field(default_factory=dict)
+    # request_id → one-row Logprobs for the sampled token (only when the request asked).
+    logprobs: dict[str, Logprobs] = field(default_factory=dict)
+    # request_id → logprobs for the prompt positions computed in this step (may be empty
+    # rows' worth when the chunk held only the first prompt token).
+    prompt_logprobs: dict[str, Logprobs] = field(default_factory=dict)
