@@ -127,3 +127,31 @@ class EngineStartupError(msgspec.Struct, array_like=True, gc=False, tag=True):
 
 
 HandshakeMessage = EngineHello | EngineReady | EngineStartupError
+
+
+class EngineStartupInfo(msgspec.Struct, array_like=True, gc=False):
+    """Supervisor → engine, in answer to HELLO: what to load and where the front ends are.
+
+    ``input_addrs[i]`` / ``output_addrs[i]`` belong to the front end with client_index i.
+    """
+
+    config: bytes  # EngineConfig as msgpack
+    model_dir: str
+    input_addrs: list[str]
+    output_addrs: list[str]
+    stats_addr: str | None = None
+
+
+class EngineControl(msgspec.Struct, array_like=True, gc=False):
+    """Supervisor → engine over the handshake link after READY.
+
+    kinds: ``client_died`` (abort every request of ``client_index``), ``shutdown``.
+    """
+
+    kind: str
+    client_index: int = -1
+
+
+def engine_identity(engine_index: int) -> bytes:
+    """The ZMQ routing id of an engine's DEALER sockets (what ROUTERs address it by)."""
+    return engine_index.to_bytes(2, "little")

@@ -1,0 +1,108 @@
+"""EngineCore: the scheduler, the KV cache and the model runner, stepped in one thread.
+
+``step()`` is one iteration of the busy loop: schedule → run the model → update requests →
+outputs grouped by the front end (client_index) that owns each request. The process shell
+around it (sockets, threads) lives in ``core_proc.py``; tests and benchmarks can drive this
+class directly.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from vserve.config import EngineConfig
+from vserve.core.request import Request
+from vserve.core.scheduler import Scheduler
+from vserve.engine.messages import (
+    EngineCoreOutput,
+    EngineCoreOutputs,
+    EngineCoreRequest,
+    FinishReason,
+    SchedulerStats,
+)
+from vserve.worker.model_runner import ModelRunner
+
+logger = logging.getLogger(__name__)
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig, model_dir: Path, engine_index: int = 0) -> None:
+        self.config = config
+        self.engine_index = engine_index
+        t0 = time.perf_counter()
+        self.runner = ModelRunner(config, model_dir)
+        self.num_kv_blocks = self.runner.determine_num_blocks()
+        self.runner.allocate_kv_cache(self.num_kv_blocks)
+        self.max_model_len = self.runner.max_model_len
+        self.vocab_size = self.runner.arch.vocab_size
+        self.scheduler = Scheduler(
+            config.scheduler, config.cache, self.num_kv_blocks, self.max_model_len
+        )
+        usable = self.num_kv_blocks - 1  # block 0 is the reserved null block
+        self.max_concurrency = usable * config.cache.block_size / self.max_model_len
+        logger.info(
+            "engine %d ready in %.1fs: %s on %s (%s), %d KV blocks of %d tokens "
+            "(%.1f MiB), max_model_len %d, max concurrency %.2fx at that length",
+            engine_index, time.perf_counter() - t0, self.runner.arch.architecture,
+            self.runner.device, str(self.runner.dtype).removeprefix("torch."), usable,
+            config.cache.block_size, usable * self.runner.bytes_per_block() / 2**20,
+            self.max_model_len, self.max_concurrency,
+        )
+
+    # ---- requests in ---------------------------------------------------------------
+    def validate(self, req: EngineCoreRequest) -> str | None:
+        """Why this request cannot run here, or None. Front ends check first; this guards."""
+        n = len(req.prompt_token_ids)
+        if n == 0:
+            return "the prompt is empty"
+        if n >= self.max_model_len:
+            return (f"the prompt has {n} tokens; this model's context window is "
+                    f"{self.max_model_len} tokens, so at most {self.max_model_len - 1} fit "
+                    "with one generated token")
+        bad = [t for t in req.prompt_token_ids if not 0 <= t < self.vocab_size]
+        if bad:
+            return f"token id {bad[0]} is out of the vocabulary (size {self.vocab_size})"
+        return None
+
+    def add_request(self, req: EngineCoreRequest) -> EngineCoreOutput | None:
+        """Queue a request; returns an error output instead when it cannot run."""
+        error = self.validate(req)
+        if error is not None:
+            return EngineCoreOutput(req.request_id, [], finish_reason=FinishReason.ERROR,
+                                    error=error)
+        self.scheduler.add_request(Request.from_engine_core_request(req))
+        return None
+
+    def abort_requests(self, request_ids: list[str]) -> dict[int, list[EngineCoreOutput]]:
+        out: dict[int, list[EngineCoreOutput]] = {}
+        for req in self.scheduler.abort_requests(request_ids):
+            out.setdefault(req.client_index, []).append(
+                EngineCoreOutput(req.request_id, [], finish_reason=FinishReason.ABORT)
+            )
+        return out
+
+    def abort_client(self, client_index: int) -> int:
+        """Drop every request of a front end that went away; returns how many."""
+        ids = self.scheduler.request_ids_of_client(client_index)
+        self.scheduler.abort_requests(ids)
+        return len(ids)
+
+    # ---- the loop body ---------------------------------------------------------------
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    def step(self) -> dict[int, EngineCoreOutputs]:
+        sched = self.scheduler.schedule()
+        runner_out = self.runner.execute_model(sched)
+        per_client = self.scheduler.update_from_output(sched, runner_out)
+        now = time.time()
+        return {
+            client: EngineCoreOutputs(self.engine_index, outputs, now)
+            for client, outputs in per_client.items()
+            if outputs
+        }
+
+    def stats(self) -> SchedulerStats:
+        return self.scheduler.get_stats()

@@ -1,0 +1,126 @@
+"""Starting engine-core processes and the handshake that brings them up.
+
+The launcher binds the handshake ROUTER, starts each engine in a clean interpreter
+(``python -m vserve.engine.core_proc``), answers each HELLO with EngineStartupInfo and waits
+until every engine reports READY. A startup error comes back with the engine's own
+traceback; an engine that exits without a word is noticed by polling its process.
+After startup the handshake link carries EngineControl messages (client_died, shutdown).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import msgspec
+import zmq
+
+from vserve.config import EngineConfig
+from vserve.engine.messages import (
+    EngineControl,
+    EngineHello,
+    EngineReady,
+    EngineStartupError,
+    EngineStartupInfo,
+    HandshakeMessage,
+)
+from vserve.logging_utils import get_logger
+
+logger = get_logger(__name__)
+_decoder = msgspec.msgpack.Decoder(HandshakeMessage)
+
+
+class EngineStartupFailed(RuntimeError):
+    def __init__(self, engine_index: int, detail: str) -> None:
+        super().__init__(f"engine core {engine_index} failed to start:\n{detail}")
+        self.engine_index = engine_index
+        self.detail = detail
+
+
+@dataclass
+class EngineLauncher:
+    ctx: zmq.Context
+    config: EngineConfig
+    model_dir: Path
+    handshake_addr: str
+    input_addrs: list[str]
+    output_addrs: list[str]
+    engine_ranks: list[int]  # the ranks started here (all for local, none for a headless head)
+    num_engines: int  # ranks that must report READY (local + remote)
+    stats_addr: str | None = None
+    procs: dict[int, subprocess.Popen] = field(default_factory=dict)
+    ready: dict[int, EngineReady] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.sock.bind(self.handshake_addr)
+        # The real endpoint (a tcp port 0 bind picks the port here, not ahead of time).
+        self.handshake_addr = self.sock.getsockopt(zmq.LAST_ENDPOINT).decode()
+        self._peer_ids: dict[int, bytes] = {}
+
+    def start_processes(self) -> None:
+        for rank in self.engine_ranks:
+            cmd = [sys.executable, "-m", "vserve.engine.core_proc",
+                   "--handshake", self.handshake_addr, "--engine-index", str(rank)]
+            self.procs[rank] = subprocess.Popen(cmd)
+            logger.info("started EngineCore_DP%d (pid %d)", rank, self.procs[rank].pid)
+
+    def wait_ready(self, timeout: float = 600.0) -> dict[int, EngineReady]:
+        info = EngineStartupInfo(self.config.to_msgpack(), str(self.model_dir),
+                                 self.input_addrs, self.output_addrs, self.stats_addr)
+        info_bytes = msgspec.msgpack.encode(info)
+        deadline = time.monotonic() + timeout
+        while len(self.ready) < self.num_engines:
+            for rank, proc in self.procs.items():
+                if rank not in self.ready and proc.poll() is not None:
+                    raise EngineStartupFailed(
+                        rank, f"the process exited with code {proc.returncode} before READY"
+                    )
+            if time.monotonic() > deadline:
+                missing = sorted(set(range(self.num_engines)) - set(self.ready))
+                raise EngineStartupFailed(missing[0], f"no READY within {timeout:.0f}s")
+            if not self.sock.poll(100):
+                continue
+            peer, payload = self.sock.recv_multipart()
+            try:
+                msg = _decoder.decode(payload)
+            except msgspec.DecodeError as e:
+                logger.warning("dropped a malformed handshake frame: %s", e)
+                continue
+            if isinstance(msg, EngineHello):
+                self._peer_ids[msg.engine_index] = peer
+                self.sock.send_multipart([peer, info_bytes])
+            elif isinstance(msg, EngineReady):
+                self.ready[msg.engine_index] = msg
+            elif isinstance(msg, EngineStartupError):
+                raise EngineStartupFailed(msg.engine_index, msg.error)
+        return self.ready
+
+    def send_control(self, control: EngineControl) -> None:
+        data = msgspec.msgpack.encode(control)
+        for rank, peer in self._peer_ids.items():
+            try:
+                self.sock.send_multipart([peer, data], flags=zmq.NOBLOCK)
+            except zmq.ZMQError as e:
+                logger.debug("control to engine %d not delivered: %s", rank, e)
+
+    def dead_engines(self) -> list[tuple[int, int]]:
+        return [(r, p.returncode) for r, p in self.procs.items() if p.poll() is not None]
+
+    def shutdown(self, timeout: float = 5.0) -> None:
+        self.send_control(EngineControl("shutdown"))
+        deadline = time.monotonic() + timeout
+        for proc in self.procs.values():
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self.sock.close()
+
+

@@ -1,0 +1,160 @@
+"""Starting, naming, watching and stopping vserve's child processes.
+
+Invariants:
+- Children are fresh interpreters (``sys.executable -m MODULE``), never forks of the
+  supervisor: no inherited threads, locks, CUDA state or re-imported ``__main__``.
+- Children stay in the supervisor's process group (no ``start_new_session``): Ctrl-C on the
+  terminal reaches every process at once, which is what a user expects, and the supervisor
+  forwards SIGTERM/SIGINT to them anyway for signals sent to it alone (e.g. by Kubernetes).
+  A child that must survive the group's SIGINT handles it (uvicorn does: graceful shutdown).
+- A child never outlives the supervisor: :func:`exit_when_parent_dies` arms PR_SET_PDEATHSIG
+  (immediate, but it fires on the death of the parent *thread* that spawned the child, and is
+  skipped if the signal is ignored or handled slowly) and a polling thread (0.5 s, works
+  whatever the child does with SIGTERM) that ``os._exit``s once the parent is gone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterable, Mapping, Sequence
+
+from vserve.logging_utils import get_logger
+
+logger = get_logger(__name__)
+
+_PR_SET_PDEATHSIG = 1
+_PR_SET_NAME = 15
+_COMM_MAX = 15  # TASK_COMM_LEN (16) minus the NUL
+PARENT_DIED_EXIT_CODE = 1
+
+_watch_lock = threading.Lock()
+_watching = False
+
+
+def _prctl(option: int, arg: int | bytes) -> bool:
+    """Call prctl(2) through libc; False where that is not possible (not Linux, no libc)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return int(libc.prctl(option, arg, 0, 0, 0)) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _flush_and_exit(code: int) -> None:
+    # Best effort only: a wedged stream must not keep the orphan alive.
+    with contextlib.suppress(Exception):
+        for handler in logging.getLogger("vserve").handlers:
+            handler.flush()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
+
+
+def exit_when_parent_dies(poll_interval: float = 0.5, parent_pid: int | None = None) -> None:
+    """Make this process exit when its parent dies. Call early in every child; idempotent.
+
+    ``parent_pid`` is the supervisor's pid if the caller knows it (e.g. from its command
+    line); when given and already not our parent, we exit at once, which closes the race of
+    a parent dying before this call. Otherwise the parent is the one seen now.
+    """
+    global _watching
+    expected = os.getppid() if parent_pid is None else parent_pid
+    # Arm PDEATHSIG first, then check: a parent that died before prctl is caught by the check.
+    _prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM))
+    if os.getppid() != expected:
+        logger.error("parent process %d is already gone; exiting", expected)
+        _flush_and_exit(PARENT_DIED_EXIT_CODE)
+    with _watch_lock:
+        if _watching:
+            return
+        _watching = True
+
+    def watch() -> None:
+        while True:
+            time.sleep(poll_interval)
+            if os.getppid() != expected:
+                logger.error("parent process %d died; exiting", expected)
+                _flush_and_exit(PARENT_DIED_EXIT_CODE)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def set_process_title(name: str) -> None:
+    """Set the kernel's comm name (``ps -o comm``, ``top``), truncated to 15 bytes.
+
+    Best effort: setproctitle is not a dependency, so the full command line is unchanged.
+    """
+    _prctl(_PR_SET_NAME, name.encode("utf-8", "replace")[:_COMM_MAX])
+
+
+def spawn_child(
+    module: str,
+    args: Sequence[str],
+    name: str,
+    env: Mapping[str, str] | None = None,
+    pass_fds: Iterable[int] = (),
+) -> subprocess.Popen[bytes]:
+    """Start ``sys.executable -m module *args`` as a fresh interpreter named ``name`` in logs.
+
+    ``env`` adds variables on top of the inherited environment (it does not replace it).
+    stdin is /dev/null (children never read the terminal); stdout and stderr are inherited
+    so that their log lines reach the user. Only ``pass_fds`` are inherited beyond 0-2.
+    """
+    child_env: dict[str, str] | None = None
+    if env:
+        child_env = dict(os.environ)
+        child_env.update(env)
+    cmd = [sys.executable, "-m", module, *args]
+    proc = subprocess.Popen(
+        cmd,
+        stdin=subprocess.DEVNULL,
+        env=child_env,
+        pass_fds=tuple(pass_fds),
+        close_fds=True,
+        start_new_session=False,  # see the module docstring: share the terminal's group
+    )
+    logger.debug("started %s (pid %d): %s", name, proc.pid, " ".join(cmd))
+    return proc
+
+
+def terminate_children(procs: Iterable[subprocess.Popen[bytes]], timeout: float) -> list[int]:
+    """SIGTERM every live child, wait up to ``timeout`` s in all, SIGKILL the rest, reap all.
+
+    Returns the pids that had to be killed. Never raises.
+    """
+    live: list[subprocess.Popen[bytes]] = []
+    for proc in procs:
+        try:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                live.append(proc)
+        except Exception:  # noqa: BLE001 - never raise from a cleanup path
+            pass
+    deadline = time.monotonic() + max(0.0, timeout)
+    killed: list[int] = []
+    for proc in live:
+        try:
+            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            killed.append(proc.pid)
+            with contextlib.suppress(Exception):
+                proc.kill()
+        except Exception:  # noqa: BLE001
+            pass
+    for proc in live:
+        with contextlib.suppress(Exception):
+            proc.wait(timeout=5.0)  # SIGKILL cannot be ignored; this only reaps
+    if killed:
+        logger.warning("killed %d child process(es) that ignored SIGTERM: %s", len(killed), killed)
+    return killed

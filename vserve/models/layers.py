@@ -1,0 +1,157 @@
+"""Building blocks of the Llama family: RMSNorm, rotary embedding, SiLU-and-multiply.
+
+Numerics follow the transformers implementations operation for operation (normalization in
+float32 then cast back before the weight multiply; cos/sin computed in float32 then cast to the
+activations' dtype), so that float32 logits agree with Hugging Face to ~1e-6.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, overload
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vserve.models.arch import SUPPORTED_ROPE_TYPES
+
+
+class RMSNorm(nn.Module):
+    """``weight * x / sqrt(mean(x^2) + eps)`` over the last dimension.
+
+    ``forward(x, residual)`` fuses the residual add: it returns ``(norm(x + residual),
+    x + residual)`` so that a decoder layer carries the un-normalized stream along without an
+    extra pass (and a fused kernel can later replace both ops at once).
+    """
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
+        input_dtype = x.dtype
+        xf = x.to(torch.float32)
+        variance = xf.pow(2).mean(-1, keepdim=True)
+        return self.weight * (xf * torch.rsqrt(variance + self.eps)).to(input_dtype)
+
+    @overload
+    def forward(self, x: torch.Tensor, residual: None = None) -> torch.Tensor: ...
+
+    @overload
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            return self._norm(x)
+        x = x + residual
+        return self._norm(x), x
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.eps}"
+
+
+def _inverse_frequencies(
+    head_dim: int, base: float, rope_scaling: dict[str, Any] | None
+) -> torch.Tensor:
+    """Per-pair rotation frequencies, float32, ``[head_dim // 2]``, scaled as configured."""
+    rope_type = "default" if rope_scaling is None else str(rope_scaling.get("rope_type"))
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise ValueError(
+            f"Unsupported rope_type {rope_type!r}; vserve supports: "
+            f"{', '.join(SUPPORTED_ROPE_TYPES)}"
+        )
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).to(torch.float32) / head_dim
+    inv_freq = 1.0 / (base**exponents)
+    if rope_scaling is None or rope_type == "default":
+        return inv_freq
+    factor = float(rope_scaling["factor"])
+    if rope_type == "linear":
+        # Scaling positions by 1/factor is the same as scaling the frequencies.
+        return inv_freq / factor
+    # llama3: leave high frequencies alone, divide low ones by factor, blend in between.
+    low_freq_factor = float(rope_scaling["low_freq_factor"])
+    high_freq_factor = float(rope_scaling["high_freq_factor"])
+    old_context_len = float(rope_scaling["original_max_position_embeddings"])
+    low_freq_wavelen = old_context_len / low_freq_factor
+    high_freq_wavelen = old_context_len / high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+class RotaryEmbedding(nn.Module):
+    """Neox-style RoPE (``rotate_half``, as HF Llama) with a cos/sin cache indexed by position.
+
+    Invariant: the cache buffers are float32 whatever the model dtype (they are created with an
+    explicit dtype, so a default-dtype context does not lower them); positions must lie in
+    ``[0, max_position)``. Only ``[max_position, head_dim // 2]`` is stored since both halves of
+    a head use the same angles.
+    """
+
+    cos_cache: torch.Tensor
+    sin_cache: torch.Tensor
+
+    def __init__(
+        self,
+        head_dim: int,
+        max_position: int,
+        base: float,
+        rope_scaling: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        if head_dim % 2:
+            raise ValueError(f"RoPE needs an even head_dim, got {head_dim}")
+        self.head_dim = head_dim
+        self.max_position = max_position
+        inv_freq = _inverse_frequencies(head_dim, base, rope_scaling)
+        # Same op order as HF (float positions times float inv_freq), so the angles match
+        # bit for bit.
+        positions = torch.arange(max_position, dtype=torch.int64).to(torch.float32)
+        freqs = positions[:, None] * inv_freq[None, :]
+        # Non-persistent: derived from the config, never part of a checkpoint.
+        self.register_buffer("cos_cache", freqs.cos(), persistent=False)
+        self.register_buffer("sin_cache", freqs.sin(), persistent=False)
+
+    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(cos, sin)`` of shape ``[T, head_dim // 2]`` float32 for ``positions`` ``[T]``.
+
+        Computed once per step and shared by all layers.
+        """
+        return self.cos_cache[positions], self.sin_cache[positions]
+
+    @staticmethod
+    def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Rotate ``x`` ``[T, heads, head_dim]`` by the angles of ``cos``/``sin`` ``[T, D/2]``.
+
+        Equals HF's ``x * cat(cos, cos) + rotate_half(x) * cat(sin, sin)`` term by term.
+        """
+        cos = cos.to(x.dtype)[:, None, :]
+        sin = sin.to(x.dtype)[:, None, :]
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+    def forward(
+        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        cos, sin = self.cos_sin(positions)
+        return self.apply(q, cos, sin), self.apply(k, cos, sin)
+
+    def extra_repr(self) -> str:
+        return f"head_dim={self.head_dim}, max_position={self.max_position}"
+
+
+class SiluAndMul(nn.Module):
+    """``silu(x[..., :n]) * x[..., n:]`` for ``x`` of last dimension ``2n`` (merged gate/up)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = x.chunk(2, dim=-1)
+        return F.silu(gate) * up

@@ -1,0 +1,269 @@
+"""One decoder implementation for Llama 2/3, Mistral, Qwen2 and Qwen3.
+
+The variants differ only in flags of :class:`ModelArchConfig`: q/k/v bias (Qwen2), o_proj
+bias, per-head q/k RMSNorm before RoPE (Qwen3, whose head_dim may differ from
+hidden/heads), RoPE scaling (Llama 3), tied embeddings.
+
+The model consumes a flat batch: ``input_ids`` and ``positions`` are ``[T]`` over all
+sequences of the step, and sequence boundaries live only in the attention metadata, so every
+layer but attention is a plain per-token op.
+
+Parameter names mirror the HF checkpoint except for two merges, made so that each attention
+and MLP input is one matmul: ``q_proj``/``k_proj``/``v_proj`` → ``qkv_proj`` (rows in q, k, v
+order) and ``gate_proj``/``up_proj`` → ``gate_up_proj`` (gate rows first).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vserve.models.arch import ModelArchConfig
+from vserve.models.layers import RMSNorm, RotaryEmbedding, SiluAndMul
+from vserve.worker.attention.backend import AttentionBackend, AttentionMetadata
+
+# (merged parameter, checkpoint name, shard index): shards are stacked along dim 0.
+_STACKED_PARAMS: tuple[tuple[str, str, int], ...] = (
+    ("qkv_proj", "q_proj", 0),
+    ("qkv_proj", "k_proj", 1),
+    ("qkv_proj", "v_proj", 2),
+    ("gate_up_proj", "gate_proj", 0),
+    ("gate_up_proj", "up_proj", 1),
+)
+
+
+def _checkpoint_name(name: str, shard: int | None) -> str:
+    """The HF name of shard ``shard`` of parameter ``name`` (``name`` itself if unmerged)."""
+    if shard is None:
+        return name
+    for merged, part, index in _STACKED_PARAMS:
+        if index == shard and f".{merged}." in name:
+            return name.replace(f".{merged}.", f".{part}.")
+    raise AssertionError(f"no shard {shard} of {name}")
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, arch: ModelArchConfig, attn_backend: AttentionBackend) -> None:
+        super().__init__()
+        self.num_heads = arch.num_attention_heads
+        self.num_kv_heads = arch.num_key_value_heads
+        self.head_dim = arch.head_dim
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.scale = self.head_dim**-0.5
+        self.qkv_proj = nn.Linear(
+            arch.hidden_size, self.q_size + 2 * self.kv_size, bias=arch.attention_bias
+        )
+        self.o_proj = nn.Linear(self.q_size, arch.hidden_size, bias=arch.o_proj_bias)
+        self.q_norm: RMSNorm | None = None
+        self.k_norm: RMSNorm | None = None
+        if arch.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, arch.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, arch.rms_norm_eps)
+        # A plain attribute, not a submodule: the backend holds no parameters.
+        self.attn_backend = attn_backend
+
+    def shard_sizes(self) -> list[int]:
+        return [self.q_size, self.kv_size, self.kv_size]
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_cache: tuple[torch.Tensor, torch.Tensor],
+        attn_metadata: AttentionMetadata,
+    ) -> torch.Tensor:
+        num_tokens = hidden.shape[0]
+        q, k, v = self.qkv_proj(hidden).split(self.shard_sizes(), dim=-1)
+        q = q.reshape(num_tokens, self.num_heads, self.head_dim)
+        k = k.reshape(num_tokens, self.num_kv_heads, self.head_dim)
+        v = v.reshape(num_tokens, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None and self.k_norm is not None:
+            q = self.q_norm(q)
+            k = self.k_norm(k)
+        q = RotaryEmbedding.apply(q, cos, sin)
+        k = RotaryEmbedding.apply(k, cos, sin)
+        k_cache, v_cache = kv_cache
+        out = self.attn_backend.forward(q, k, v, k_cache, v_cache, attn_metadata, self.scale)
+        return self.o_proj(out.reshape(num_tokens, self.q_size))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, arch: ModelArchConfig) -> None:
+        super().__init__()
+        self.intermediate_size = arch.intermediate_size
+        self.gate_up_proj = nn.Linear(
+            arch.hidden_size, 2 * arch.intermediate_size, bias=arch.mlp_bias
+        )
+        self.down_proj = nn.Linear(arch.intermediate_size, arch.hidden_size, bias=arch.mlp_bias)
+        self.act_fn = SiluAndMul()
+
+    def shard_sizes(self) -> list[int]:
+        return [self.intermediate_size, self.intermediate_size]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, arch: ModelArchConfig, attn_backend: AttentionBackend) -> None:
+        super().__init__()
+        self.self_attn = LlamaAttention(arch, attn_backend)
+        self.mlp = LlamaMLP(arch)
+        self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        residual: torch.Tensor | None,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_cache: tuple[torch.Tensor, torch.Tensor],
+        attn_metadata: AttentionMetadata,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns ``(mlp_out, residual)``; the caller adds them (in the next norm)."""
+        if residual is None:
+            residual = hidden
+            hidden = self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(hidden, cos, sin, kv_cache, attn_metadata)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, arch: ModelArchConfig, attn_backend: AttentionBackend) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(arch.vocab_size, arch.hidden_size)
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(arch, attn_backend) for _ in range(arch.num_hidden_layers)
+        )
+        self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+        # One cache shared by all layers; cos/sin are gathered once per step.
+        self.rotary_emb = RotaryEmbedding(
+            arch.head_dim, arch.max_position_embeddings, arch.rope_theta, arch.rope_scaling
+        )
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        attn_metadata: AttentionMetadata,
+    ) -> torch.Tensor:
+        if len(kv_caches) != len(self.layers):
+            raise ValueError(
+                f"got {len(kv_caches)} KV caches for a model of {len(self.layers)} layers"
+            )
+        hidden = self.embed_tokens(input_ids)
+        cos, sin = self.rotary_emb.cos_sin(positions)
+        residual: torch.Tensor | None = None
+        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+            hidden, residual = layer(hidden, residual, cos, sin, kv_cache, attn_metadata)
+        if residual is None:  # a model of zero layers
+            return self.norm(hidden)
+        hidden, _ = self.norm(hidden, residual)
+        return hidden
+
+
+class LlamaForCausalLM(nn.Module):
+    """The causal LM the model runner drives (see the module docstring for the batch layout).
+
+    With ``tie_word_embeddings`` there is no ``lm_head`` parameter: logits use
+    ``model.embed_tokens.weight``, and a checkpoint's ``lm_head.weight`` (present or not) is
+    ignored.
+    """
+
+    def __init__(self, arch: ModelArchConfig, attn_backend: AttentionBackend) -> None:
+        super().__init__()
+        self.arch = arch
+        self.model = LlamaModel(arch, attn_backend)
+        self.lm_head: nn.Linear | None = None
+        if not arch.tie_word_embeddings:
+            self.lm_head = nn.Linear(arch.hidden_size, arch.vocab_size, bias=False)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        attn_metadata: AttentionMetadata,
+    ) -> torch.Tensor:
+        """``input_ids``/``positions`` ``[T]`` int64 → final hidden states ``[T, hidden]``."""
+        return self.model(input_ids, positions, kv_caches, attn_metadata)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``[S, hidden]`` → ``[S, vocab]`` float32 (matmul in the model dtype, like HF)."""
+        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(hidden, weight).float()
+
+    def _shard_sizes(self, layer: int, merged: str) -> list[int]:
+        decoder = self.model.layers[layer]
+        if merged == "qkv_proj":
+            sizes: list[int] = decoder.self_attn.shard_sizes()
+        else:
+            sizes = decoder.mlp.shard_sizes()
+        return sizes
+
+    @torch.no_grad()
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy HF-named checkpoint tensors into the (merged) parameters.
+
+        Every parameter (every shard of a merged one) must be loaded exactly as the checkpoint
+        names it; raises ``ValueError`` listing unexpected tensors, shape mismatches and
+        parameters left unloaded. Tensors are converted to each parameter's dtype and device.
+        """
+        params = dict(self.named_parameters())
+        # name → shard indices still to load (a single None for unmerged parameters)
+        pending: dict[str, set[int | None]] = {}
+        for name in params:
+            merged = next((m for m, _, _ in _STACKED_PARAMS if f".{m}." in name), None)
+            pending[name] = set(range(3 if merged == "qkv_proj" else 2)) if merged else {None}
+        unexpected: list[str] = []
+        mismatched: list[str] = []
+        for ckpt_name, tensor in weights:
+            if "rotary_emb." in ckpt_name:
+                continue  # inv_freq / cos / sin caches some checkpoints carry
+            if self.lm_head is None and ckpt_name == "lm_head.weight":
+                continue  # tied: the embedding is the head
+            name, shard = ckpt_name, None
+            for merged, part, index in _STACKED_PARAMS:
+                if f".{part}." in ckpt_name:
+                    name, shard = ckpt_name.replace(f".{part}.", f".{merged}."), index
+                    break
+            param = params.get(name)
+            if param is None:
+                unexpected.append(ckpt_name)
+                continue
+            target = param.data
+            if shard is not None:
+                layer = int(name.split(".")[2])  # model.layers.N....
+                sizes = self._shard_sizes(layer, name.split(".")[-2])
+                target = target.narrow(0, sum(sizes[:shard]), sizes[shard])
+            if tuple(target.shape) != tuple(tensor.shape):
+                mismatched.append(
+                    f"{ckpt_name}: checkpoint {tuple(tensor.shape)} vs model {tuple(target.shape)}"
+                )
+                continue
+            target.copy_(tensor)
+            pending[name].discard(shard)
+        missing = [
+            _checkpoint_name(name, shard)
+            for name, shards in pending.items()
+            for shard in sorted(shards, key=lambda s: -1 if s is None else s)
+        ]
+        problems = []
+        if unexpected:
+            problems.append(f"unexpected checkpoint tensors: {', '.join(unexpected)}")
+        if mismatched:
+            problems.append(f"shape mismatches: {'; '.join(mismatched)}")
+        if missing:
+            problems.append(f"parameters left unloaded: {', '.join(missing)}")
+        if problems:
+            raise ValueError("Cannot load weights: " + " | ".join(problems))

@@ -1,0 +1,140 @@
+"""Finding a model's files, choosing its dtype, reading its safetensors, building it."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from vserve.models.arch import ModelArchConfig
+from vserve.models.registry import get_model_class
+from vserve.worker.attention.backend import AttentionBackend
+
+_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+# Checkpoint names transformers has written over the years for the same dtypes.
+_DTYPE_ALIASES = {"float": "float32", "half": "float16", "fp16": "float16", "bf16": "bfloat16"}
+_HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.model", "*.txt"]
+_INDEX_FILE = "model.safetensors.index.json"
+
+
+def resolve_model_dir(model: str, revision: str | None = None) -> Path:
+    """A local directory as is; ``demo`` → the built-in demo model; else a hub download.
+
+    Hub downloads fetch only what serving needs (configs, safetensors, tokenizer files, chat
+    templates), never ``*.bin``/``*.pt`` pickles.
+    """
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    if model == "demo":
+        # Lazy: the demo module builds a model on first use and is not needed otherwise.
+        from vserve.demo import build_demo_model
+
+        return build_demo_model()
+    try:
+        from huggingface_hub import snapshot_download
+
+        local = snapshot_download(repo_id=model, revision=revision, allow_patterns=_HUB_PATTERNS)
+    except Exception as exc:
+        raise ValueError(
+            f"Model {model!r} is neither a local directory nor downloadable from the Hugging "
+            f"Face hub (offline?): {exc}"
+        ) from exc
+    return Path(local)
+
+
+def resolve_dtype(arch: ModelArchConfig, requested: str, device: torch.device) -> torch.dtype:
+    """The dtype to run in.
+
+    ``auto`` is the checkpoint's ``torch_dtype``, float32 when the checkpoint does not say.
+    An explicit request is honoured as is, on CPU too: PyTorch runs float16 matmuls on CPU
+    (slowly on CPUs without native half support), and silently switching dtype would make
+    CPU and GPU runs of the same request disagree; pass ``float32``/``bfloat16`` for speed.
+    On CUDA, bfloat16 on a GPU without bf16 support is an error rather than a silent switch.
+    """
+    name = requested
+    if requested == "auto":
+        name = arch.torch_dtype or "float32"
+    name = _DTYPE_ALIASES.get(name, name)
+    if name not in _DTYPES:
+        source = "the checkpoint's torch_dtype" if requested == "auto" else "dtype"
+        raise ValueError(
+            f"Unsupported {source} {name!r}; vserve supports: {', '.join(_DTYPES)}"
+        )
+    dtype = _DTYPES[name]
+    if (
+        dtype == torch.bfloat16
+        and device.type == "cuda"
+        and not torch.cuda.is_bf16_supported(including_emulation=False)
+    ):
+        raise ValueError("This GPU does not support bfloat16; pass dtype float16 or float32")
+    return dtype
+
+
+def _safetensors_files(model_dir: Path) -> list[Path]:
+    single = model_dir / "model.safetensors"
+    if single.is_file():
+        return [single]
+    index = model_dir / _INDEX_FILE
+    if index.is_file():
+        with index.open(encoding="utf-8") as f:
+            weight_map: dict[str, str] = json.load(f)["weight_map"]
+        files = [model_dir / name for name in sorted(set(weight_map.values()))]
+        for file in files:
+            if not file.is_file():
+                raise FileNotFoundError(f"Shard {file.name} listed in {index} is missing")
+        return files
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"No *.safetensors weights in {model_dir}")
+    return files
+
+
+def iterate_weights(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(name, tensor)`` for every tensor of the checkpoint, on CPU, in file order.
+
+    Sources, first match wins: ``model.safetensors``; the shards listed by
+    ``model.safetensors.index.json``; every ``*.safetensors`` file. Missing files are
+    reported before any tensor is yielded.
+    """
+    files = _safetensors_files(Path(model_dir))
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                yield name, f.get_tensor(name)
+
+
+def load_model(
+    model_dir: Path,
+    arch: ModelArchConfig,
+    dtype: torch.dtype,
+    device: torch.device,
+    attn_backend: AttentionBackend,
+) -> nn.Module:
+    """Build the model directly on ``device`` in ``dtype``, load its weights, set eval mode.
+
+    Parameters are allocated where they will live (no float32 CPU copy first); the RoPE cache
+    stays float32 by construction. Callers run the model under ``torch.inference_mode()``.
+    """
+    cls = get_model_class(arch.architecture)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = cls(arch, attn_backend)
+    finally:
+        torch.set_default_dtype(previous)
+    load_weights = getattr(model, "load_weights", None)
+    if load_weights is None:
+        raise TypeError(f"{cls.__name__} has no load_weights")
+    load_weights(iterate_weights(Path(model_dir)))
+    model.requires_grad_(False)
+    return model.eval()

@@ -1,0 +1,183 @@
+"""Sampling: penalties, logit bias, min_tokens, temperature, top-k/top-p/min-p, seeds, logprobs.
+
+Works on a ``[batch, vocab]`` float32 logits tensor on any device. Logprobs are those of the
+model's raw distribution (before penalties and temperature), as vLLM returns by default.
+
+Seeded requests draw their noise from their own ``torch.Generator``, advanced exactly once
+per sampled token, so the same seed gives the same output whatever the batch holds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from vserve.core.request import Request
+from vserve.engine.messages import Logprobs
+
+
+@dataclass
+class SamplerOutput:
+    sampled: list[int]
+    logprobs: list[Logprobs | None]  # per row: one-row Logprobs when the request asked
+
+
+class Sampler:
+    """Stateless but for the per-request generators it keeps for seeded requests."""
+
+    def __init__(self, device: torch.device, base_seed: int = 0) -> None:
+        self.device = device
+        self._generators: dict[str, torch.Generator] = {}
+        self._global = torch.Generator(device=device)
+        self._global.manual_seed(base_seed)
+
+    def forget(self, request_ids: set[str] | list[str]) -> None:
+        for rid in request_ids:
+            self._generators.pop(rid, None)
+
+    def _generator(self, request: Request) -> torch.Generator:
+        gen = self._generators.get(request.request_id)
+        if gen is None:
+            gen = torch.Generator(device=self.device)
+            assert request.sampling_params.seed is not None
+            gen.manual_seed(request.sampling_params.seed & 0xFFFF_FFFF_FFFF_FFFF)
+            self._generators[request.request_id] = gen
+        return gen
+
+    @torch.inference_mode()
+    def __call__(self, logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
+        assert logits.dim() == 2 and logits.shape[0] == len(requests)
+        logits = logits.float()
+        params = [r.sampling_params for r in requests]
+        want_logprobs = [p.logprobs is not None for p in params]
+        raw_logprobs = torch.log_softmax(logits, dim=-1) if any(want_logprobs) else None
+
+        logits = self._apply_constraints(logits.clone(), requests)
+        sampled = self._sample(logits, requests)
+        sampled_list = sampled.tolist()
+
+        logprob_rows: list[Logprobs | None] = [None] * len(requests)
+        if raw_logprobs is not None:
+            logprob_rows = _gather_logprobs(raw_logprobs, sampled, [p.logprobs for p in params])
+        return SamplerOutput(sampled=sampled_list, logprobs=logprob_rows)
+
+    def _apply_constraints(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+        vocab = logits.shape[1]
+        for i, req in enumerate(requests):
+            p = req.sampling_params
+            if p.logit_bias:
+                ids = [t for t in p.logit_bias if t < vocab]
+                if ids:
+                    bias = torch.tensor([p.logit_bias[t] for t in ids], device=logits.device)
+                    logits[i, ids] += bias
+            if req.num_output_tokens < p.min_tokens:
+                banned = set(p.stop_token_ids or ())
+                if not p.ignore_eos:
+                    banned |= req.eos_token_ids
+                ids = [t for t in banned if t < vocab]
+                if ids:
+                    logits[i, ids] = float("-inf")
+            if p.repetition_penalty != 1.0 and req.all_token_ids:
+                seen = torch.tensor(sorted(set(req.all_token_ids)), device=logits.device)
+                seen = seen[seen < vocab]
+                vals = logits[i, seen]
+                pen = p.repetition_penalty
+                logits[i, seen] = torch.where(vals > 0, vals / pen, vals * pen)
+            if (p.presence_penalty or p.frequency_penalty) and req.output_token_ids:
+                out = torch.tensor(req.output_token_ids, device=logits.device)
+                out = out[out < vocab]
+                counts = torch.zeros(vocab, device=logits.device)
+                counts.scatter_add_(0, out, torch.ones_like(out, dtype=counts.dtype))
+                logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)
+        return logits
+
+    def _sample(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+        params = [r.sampling_params for r in requests]
+        greedy = torch.tensor([p.greedy for p in params], device=logits.device)
+        argmax = logits.argmax(dim=-1)
+        if bool(greedy.all()):
+            return argmax
+        temps = torch.tensor(
+            [1.0 if p.greedy else p.temperature for p in params], device=logits.device
+        )
+        scaled = logits / temps.unsqueeze(1)
+        probs = _filtered_probs(scaled, params)
+        # Exponential-race sampling: argmax(p / q) with q ~ Exp(1) draws from p, and lets each
+        # seeded row use its own generator without a per-row multinomial call.
+        noise = torch.empty_like(probs)
+        for i, req in enumerate(requests):
+            if params[i].greedy:
+                noise[i].fill_(1.0)
+            elif params[i].seed is not None:
+                noise[i].exponential_(generator=self._generator(req))
+            else:
+                noise[i].exponential_(generator=self._global)
+        drawn = (probs / noise).argmax(dim=-1)
+        return torch.where(greedy, argmax, drawn)
+
+
+def _filtered_probs(logits: torch.Tensor, params: list) -> torch.Tensor:
+    """Softmax after top-k, top-p and min-p; rows without filters skip the sort."""
+    vocab = logits.shape[1]
+    top_k = [p.top_k if 0 < p.top_k < vocab else 0 for p in params]
+    top_p = [p.top_p for p in params]
+    min_p = [p.min_p for p in params]
+    if any(top_k) or any(tp < 1.0 for tp in top_p):
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        ranks = torch.arange(vocab, device=logits.device).unsqueeze(0)
+        k = torch.tensor([k or vocab for k in top_k], device=logits.device).unsqueeze(1)
+        sorted_logits = sorted_logits.masked_fill(ranks >= k, float("-inf"))
+        sorted_probs = sorted_logits.softmax(dim=-1)
+        before = sorted_probs.cumsum(dim=-1) - sorted_probs  # mass strictly before each rank
+        tp = torch.tensor(top_p, device=logits.device).unsqueeze(1)
+        sorted_logits = sorted_logits.masked_fill(before >= tp, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
+    probs = logits.softmax(dim=-1)
+    if any(mp > 0.0 for mp in min_p):
+        mp = torch.tensor(min_p, device=logits.device).unsqueeze(1)
+        keep = probs >= mp * probs.max(dim=-1, keepdim=True).values
+        probs = probs * keep
+        probs = probs / probs.sum(dim=-1, keepdim=True)
+    return probs
+
+
+def _gather_logprobs(
+    logprobs: torch.Tensor, token_ids: torch.Tensor, num_top: list[int | None]
+) -> list[Logprobs | None]:
+    """One-row Logprobs per row that asked: the given token first, then its top-k."""
+    k_max = max((k for k in num_top if k is not None), default=0)
+    chosen = logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1)
+    ranks = (logprobs > chosen.unsqueeze(1)).sum(dim=-1) + 1
+    top_vals, top_ids = (
+        logprobs.topk(k_max, dim=-1) if k_max > 0 else (logprobs[:, :0], token_ids[:, None][:, :0])
+    )
+    chosen_l, ranks_l = chosen.tolist(), ranks.tolist()
+    ids_l, tok_l, vals_l = top_ids.tolist(), token_ids.tolist(), top_vals.tolist()
+    rows: list[Logprobs | None] = []
+    for i, k in enumerate(num_top):
+        if k is None:
+            rows.append(None)
+            continue
+        rows.append(
+            Logprobs(
+                token_ids=[[tok_l[i], *ids_l[i][:k]]],
+                logprobs=[[chosen_l[i], *vals_l[i][:k]]],
+                ranks=[ranks_l[i]],
+            )
+        )
+    return rows
+
+
+def gather_logprobs(
+    logprobs: torch.Tensor, token_ids: torch.Tensor, num_top: int
+) -> Logprobs:
+    """Logprobs for many positions of one request (prompt logprobs), stacked in one struct."""
+    rows = _gather_logprobs(logprobs, token_ids, [num_top] * logprobs.shape[0])
+    out = Logprobs(token_ids=[], logprobs=[], ranks=[])
+    for r in rows:
+        assert r is not None
+        out.token_ids.extend(r.token_ids)
+        out.logprobs.extend(r.logprobs)
+        out.ranks.extend(r.ranks)
+    return out
