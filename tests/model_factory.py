@@ -17,8 +17,29 @@ from safetensors.torch import load_file, save_file
 from vserve.worker.attention.backend import AttentionMetadata
 
 ARCHS = ("llama", "llama3", "mistral", "qwen2", "qwen3")
-BOS_TOKEN_ID = 1
-EOS_TOKEN_ID = 2
+
+
+def _demo_module() -> Any:
+    try:
+        import vserve.demo as demo
+    except ImportError:
+        return None
+    return demo
+
+
+def special_token_ids() -> tuple[int, list[int]]:
+    """``(bos, eos_ids)`` of the tiny models: the demo tokenizer's when it exists.
+
+    The tokenizer written next to the weights must agree with the config about which ids
+    are BOS/EOS, or an engine stopping on the config's EOS would stop on an ordinary byte.
+    """
+    demo = _demo_module()
+    if demo is not None and hasattr(demo, "BOS_TOKEN_ID") and hasattr(demo, "EOS_TOKEN_ID"):
+        eos = [int(demo.EOS_TOKEN_ID)]
+        if hasattr(demo, "EOT_TOKEN_ID"):
+            eos.append(int(demo.EOT_TOKEN_ID))
+        return int(demo.BOS_TOKEN_ID), eos
+    return 1, [2]
 
 
 def _config(arch: str, **kwargs: Any) -> Any:
@@ -84,12 +105,16 @@ def make_tiny_model(
 ) -> Path:
     """Write a tiny random HF checkpoint of ``arch`` into ``directory`` and return it.
 
-    Hidden 64, 2 layers, 4 heads, 2 KV heads, intermediate 128. ``generation_config.json``
-    lists EOS ``[2, *extra_eos_token_ids]``. A tokenizer is added when ``vserve.demo``
+    Hidden 64, 2 layers, 4 heads, 2 KV heads, intermediate 128. BOS/EOS ids are
+    :func:`special_token_ids`; ``config.json`` names the first EOS, ``generation_config.json``
+    all of them plus ``extra_eos_token_ids``. A tokenizer is added when ``vserve.demo``
     provides ``write_demo_tokenizer``.
     """
     import transformers
 
+    bos, eos = special_token_ids()
+    if max(bos, *eos) >= vocab_size:
+        raise ValueError(f"vocab_size {vocab_size} cannot hold BOS {bos} / EOS {eos}")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     kwargs: dict[str, Any] = {
@@ -103,8 +128,8 @@ def make_tiny_model(
         "tie_word_embeddings": tie_word_embeddings,
         "initializer_range": 0.15,  # spread logits: greedy ties would make tests flaky
         "rms_norm_eps": 1e-6,
-        "bos_token_id": BOS_TOKEN_ID,
-        "eos_token_id": EOS_TOKEN_ID,
+        "bos_token_id": bos,
+        "eos_token_id": eos[0],
     }
     kwargs.update(config_overrides)
     config = _config(arch, **kwargs)
@@ -122,16 +147,9 @@ def make_tiny_model(
     model.save_pretrained(directory, safe_serialization=True)
     if num_shards > 1:
         _shard(directory, num_shards)
-    generation = {
-        "bos_token_id": BOS_TOKEN_ID,
-        "eos_token_id": [EOS_TOKEN_ID, *extra_eos_token_ids],
-    }
+    generation = {"bos_token_id": bos, "eos_token_id": [*eos, *extra_eos_token_ids]}
     (directory / "generation_config.json").write_text(json.dumps(generation, indent=2))
-    try:
-        import vserve.demo as demo
-    except ImportError:
-        demo = None  # type: ignore[assignment]
-    write_tokenizer = getattr(demo, "write_demo_tokenizer", None)
+    write_tokenizer = getattr(_demo_module(), "write_demo_tokenizer", None)
     if write_tokenizer is not None:
         write_tokenizer(directory)
     return directory
@@ -155,7 +173,9 @@ def make_attn_metadata(
         total = ctx + new
         if len(table) * block_size < total:
             raise ValueError(f"block table {table} too short for {total} tokens")
-        slots.extend(table[p // block_size] * block_size + p % block_size for p in range(ctx, total))
+        slots.extend(
+            table[p // block_size] * block_size + p % block_size for p in range(ctx, total)
+        )
         starts.append(starts[-1] + new)
         seq_lens.append(total)
     width = max(len(t) for t in block_tables)

@@ -56,7 +56,8 @@ def test_greedy_matches_transformers(tmp_path, arch, kw):
     expected = [hf_greedy(model_dir, p, NEW_TOKENS) for p in prompts]
     params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=2)
     # A small block size so prompts span several blocks and the batch shares none.
-    with LLM(str(model_dir), dtype="float32", block_size=4, num_kv_blocks=256) as llm:
+    with LLM(str(model_dir), dtype="float32", block_size=4, num_kv_blocks=256,
+             max_model_len=512) as llm:
         alone = [llm.generate([{"prompt_token_ids": p}], params, use_tqdm=False)[0]
                  for p in prompts]
         batched = llm.generate([{"prompt_token_ids": p} for p in prompts], params,
@@ -79,13 +80,14 @@ def test_preemption_keeps_tokens(tmp_path):
     rng = random.Random(7)
     prompts = [random_prompt(rng, rng.randrange(10, 30)) for _ in range(6)]
     params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
-    with LLM(str(model_dir), dtype="float32", block_size=4, num_kv_blocks=400) as roomy:
+    with LLM(str(model_dir), dtype="float32", block_size=4, num_kv_blocks=400,
+             max_model_len=128) as roomy:
         expected = [o.outputs[0].token_ids for o in
                     roomy.generate([{"prompt_token_ids": p} for p in prompts], params,
                                    use_tqdm=False)]
     # 40 blocks of 4 tokens cannot hold six sequences of up to 70 tokens: some are preempted
     # and recomputed.
-    with LLM(str(model_dir), dtype="float32", block_size=4, num_kv_blocks=40,
+    with LLM(str(model_dir), dtype="float32", block_size=4, num_kv_blocks=40, max_model_len=128,
              enable_prefix_caching=False) as tight:
         got = [o.outputs[0].token_ids for o in
                tight.generate([{"prompt_token_ids": p} for p in prompts], params,

@@ -94,3 +94,72 @@ class EngineConfig:
     @staticmethod
     def from_msgpack(data: bytes) -> EngineConfig:
         return msgspec.msgpack.decode(data, type=EngineConfig)
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    data_parallel_size: int = 1
+    data_parallel_size_local: int | None = None  # engines on this node (default: all)
+    data_parallel_start_rank: int = 0  # first rank on this node
+    data_parallel_address: str = "127.0.0.1"  # the head node, for --headless engines
+    data_parallel_rpc_port: int = 13345  # the head node's handshake port (multi-node only)
+    headless: bool = False  # engines only, joining a head node
+
+    def __post_init__(self) -> None:
+        if self.data_parallel_size < 1:
+            raise ValueError("data_parallel_size must be at least 1")
+        local = self.local_size
+        if local < 0 or self.data_parallel_start_rank + local > self.data_parallel_size:
+            raise ValueError(
+                f"data_parallel_start_rank ({self.data_parallel_start_rank}) + "
+                f"data_parallel_size_local ({local}) exceeds data_parallel_size "
+                f"({self.data_parallel_size})"
+            )
+        if self.headless and local == 0:
+            raise ValueError("--headless needs at least one local engine")
+
+    @property
+    def local_size(self) -> int:
+        if self.data_parallel_size_local is None:
+            return self.data_parallel_size - self.data_parallel_start_rank
+        return self.data_parallel_size_local
+
+    @property
+    def local_ranks(self) -> list[int]:
+        start = self.data_parallel_start_rank
+        return list(range(start, start + self.local_size))
+
+    @property
+    def multi_node(self) -> bool:
+        return self.headless or self.local_size < self.data_parallel_size
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """The HTTP side of ``vserve serve``."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    uds: str | None = None
+    api_server_count: int = 1
+    api_keys: tuple[str, ...] = ()
+    allowed_origins: tuple[str, ...] = ()
+    allowed_methods: tuple[str, ...] = ("*",)
+    allowed_headers: tuple[str, ...] = ("*",)
+    allow_credentials: bool = False
+    max_num_queued_reqs: int | None = None  # whole-server bound on waiting requests
+    shutdown_timeout: float = 30.0
+    max_request_body_bytes: int = 8 << 20
+    log_level: str = "info"
+    log_stats_interval: float = 10.0  # 0 turns the periodic stats line off
+    uvicorn_log_level: str = "warning"
+
+    def __post_init__(self) -> None:
+        if self.api_server_count < 1:
+            raise ValueError("api_server_count must be at least 1")
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"port must be in 0..65535, got {self.port}")
+        if self.shutdown_timeout < 0:
+            raise ValueError("shutdown_timeout must be non-negative")
+        if self.max_num_queued_reqs is not None and self.max_num_queued_reqs < 0:
+            raise ValueError("max_num_queued_reqs must be non-negative")

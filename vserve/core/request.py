@@ -63,7 +63,7 @@ class Request:
         self.stop_reason: int | str | None = None
         # Chained block hashes of this request's full blocks (filled by the KV cache manager).
         self.block_hashes: list[int] = []
-        # Prompt logprobs are produced for positions up to here (exclusive).
+        # The last prompt position whose logprob was sent (inclusive; 0 = none yet).
         self.num_prompt_logprobs_done = 0
         self.max_tokens = sampling_params.max_tokens
 

@@ -247,7 +247,7 @@ class LoadTracker:
             self._updated_at = None
 
     def _pick_locked(self) -> int:
-        scores = [4 * w + r for w, r in zip(self._waiting, self._running)]
+        scores = [4 * w + r for w, r in zip(self._waiting, self._running, strict=True)]
         best = min(scores)
         n = self.num_engines
         # Round-robin among ties: deterministic, yet equal engines take turns.
@@ -278,7 +278,7 @@ class LoadTracker:
     def loads(self) -> list[tuple[int, int]]:
         """(waiting, running) per engine, bumps included; for metrics and tests."""
         with self._lock:
-            return list(zip(self._waiting, self._running))
+            return list(zip(self._waiting, self._running, strict=True))
 
 
 def main(argv: list[str] | None = None) -> int:

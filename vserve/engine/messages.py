@@ -77,9 +77,10 @@ class SchedulerStats(msgspec.Struct, array_like=True, omit_defaults=True, gc=Fal
     num_running_reqs: int = 0
     num_waiting_reqs: int = 0
     kv_cache_usage: float = 0.0
-    prefix_cache_queries: int = 0  # tokens looked up since the last report
-    prefix_cache_hits: int = 0  # tokens found since the last report
-    num_preemptions: int = 0  # since the last report
+    # Counters are cumulative since the engine started (Prometheus-counter friendly).
+    prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache
+    prefix_cache_hits: int = 0  # prompt tokens found there
+    num_preemptions: int = 0
     num_scheduled_tokens: int = 0  # in the step that produced this report
 
 

@@ -21,6 +21,7 @@ Invariants:
 
 from __future__ import annotations
 
+import array
 import contextlib
 import os
 import select
@@ -166,6 +167,20 @@ def _connect(path: str, deadline: float) -> socket.socket:
             raise
 
 
+def _recv_fds(conn: socket.socket, bufsize: int, maxfds: int) -> tuple[bytes, list[int], int]:
+    """Like ``socket.recv_fds`` with MSG_CMSG_CLOEXEC, which CPython's helper drops (it
+    accepts a ``flags`` argument and ignores it), leaving the port inheritable by children."""
+    int_size = array.array("i").itemsize
+    data, ancdata, flags, _ = conn.recvmsg(
+        bufsize, socket.CMSG_LEN(maxfds * int_size), socket.MSG_CMSG_CLOEXEC
+    )
+    fds = array.array("i")
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(payload[: len(payload) - len(payload) % int_size])
+    return data, list(fds), flags
+
+
 def receive_listen_socket(path: str, timeout: float = 10.0) -> socket.socket:
     """Receive the supervisor's listening socket from the hand-off server at ``path``.
 
@@ -179,7 +194,7 @@ def receive_listen_socket(path: str, timeout: float = 10.0) -> socket.socket:
     try:
         conn.settimeout(max(0.01, deadline - time.monotonic()))
         try:
-            data, fds, flags, _ = socket.recv_fds(conn, _MAX_HEADER, 4, socket.MSG_CMSG_CLOEXEC)
+            data, fds, flags = _recv_fds(conn, _MAX_HEADER, 4)
             chunks = [data]
             while data:  # read to EOF: the server closes after one hand-off
                 data = conn.recv(_MAX_HEADER)

@@ -67,9 +67,7 @@ class ModelArchConfig:
 
     def kv_cache_bytes_per_token(self, dtype_bytes: int) -> int:
         """Bytes of K and V cache one token occupies over all layers."""
-        return (
-            2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim * dtype_bytes
-        )
+        return 2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim * dtype_bytes
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -90,7 +88,9 @@ def _token_ids(value: object) -> list[int]:
     raise ValueError(f"token id must be an int or a list of ints, got {value!r}")
 
 
-def _parse_rope(cfg: dict[str, Any], max_position_embeddings: int) -> tuple[float, RopeScaling | None]:
+def _parse_rope(
+    cfg: dict[str, Any], max_position_embeddings: int
+) -> tuple[float, RopeScaling | None]:
     """``(rope_theta, rope_scaling)`` from either the v4 or the v5 spelling of the config."""
     merged: dict[str, Any] = {}
     # v4: rope_theta at top level, scaling in rope_scaling (with "type" in old checkpoints);

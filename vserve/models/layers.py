@@ -128,25 +128,26 @@ class RotaryEmbedding(nn.Module):
         """
         return self.cos_cache[positions], self.sin_cache[positions]
 
-    @staticmethod
-    def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Rotate ``x`` ``[T, heads, head_dim]`` by the angles of ``cos``/``sin`` ``[T, D/2]``.
-
-        Equals HF's ``x * cat(cos, cos) + rotate_half(x) * cat(sin, sin)`` term by term.
-        """
-        cos = cos.to(x.dtype)[:, None, :]
-        sin = sin.to(x.dtype)[:, None, :]
-        x1, x2 = x.chunk(2, dim=-1)
-        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         cos, sin = self.cos_sin(positions)
-        return self.apply(q, cos, sin), self.apply(k, cos, sin)
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
     def extra_repr(self) -> str:
         return f"head_dim={self.head_dim}, max_position={self.max_position}"
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` ``[T, heads, head_dim]`` by the angles of ``cos``/``sin`` ``[T, D/2]``.
+
+    Equals HF's ``x * cat(cos, cos) + rotate_half(x) * sin`` term by term (``a + (-b)`` and
+    ``a - b`` round identically), after casting cos/sin to ``x.dtype`` as HF does.
+    """
+    cos = cos.to(x.dtype)[:, None, :]
+    sin = sin.to(x.dtype)[:, None, :]
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
 class SiluAndMul(nn.Module):

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vserve.models.arch import ModelArchConfig
-from vserve.models.layers import RMSNorm, RotaryEmbedding, SiluAndMul
+from vserve.models.layers import RMSNorm, RotaryEmbedding, SiluAndMul, apply_rotary
 from vserve.worker.attention.backend import AttentionBackend, AttentionMetadata
 
 # (merged parameter, checkpoint name, shard index): shards are stacked along dim 0.
@@ -43,6 +43,12 @@ def _checkpoint_name(name: str, shard: int | None) -> str:
         if index == shard and f".{merged}." in name:
             return name.replace(f".{merged}.", f".{part}.")
     raise AssertionError(f"no shard {shard} of {name}")
+
+
+def _name_list(names: list[str], sep: str = ", ", limit: int = 20) -> str:
+    """The first ``limit`` names; a wrong checkpoint can mismatch thousands of tensors."""
+    more = f"{sep}... ({len(names) - limit} more)" if len(names) > limit else ""
+    return sep.join(names[:limit]) + more
 
 
 class LlamaAttention(nn.Module):
@@ -66,9 +72,6 @@ class LlamaAttention(nn.Module):
         # A plain attribute, not a submodule: the backend holds no parameters.
         self.attn_backend = attn_backend
 
-    def shard_sizes(self) -> list[int]:
-        return [self.q_size, self.kv_size, self.kv_size]
-
     def forward(
         self,
         hidden: torch.Tensor,
@@ -78,15 +81,15 @@ class LlamaAttention(nn.Module):
         attn_metadata: AttentionMetadata,
     ) -> torch.Tensor:
         num_tokens = hidden.shape[0]
-        q, k, v = self.qkv_proj(hidden).split(self.shard_sizes(), dim=-1)
+        q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.reshape(num_tokens, self.num_heads, self.head_dim)
         k = k.reshape(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.reshape(num_tokens, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None and self.k_norm is not None:
             q = self.q_norm(q)
             k = self.k_norm(k)
-        q = RotaryEmbedding.apply(q, cos, sin)
-        k = RotaryEmbedding.apply(k, cos, sin)
+        q = apply_rotary(q, cos, sin)
+        k = apply_rotary(k, cos, sin)
         k_cache, v_cache = kv_cache
         out = self.attn_backend.forward(q, k, v, k_cache, v_cache, attn_metadata, self.scale)
         return self.o_proj(out.reshape(num_tokens, self.q_size))
@@ -95,15 +98,11 @@ class LlamaAttention(nn.Module):
 class LlamaMLP(nn.Module):
     def __init__(self, arch: ModelArchConfig) -> None:
         super().__init__()
-        self.intermediate_size = arch.intermediate_size
         self.gate_up_proj = nn.Linear(
             arch.hidden_size, 2 * arch.intermediate_size, bias=arch.mlp_bias
         )
         self.down_proj = nn.Linear(arch.intermediate_size, arch.hidden_size, bias=arch.mlp_bias)
         self.act_fn = SiluAndMul()
-
-    def shard_sizes(self) -> list[int]:
-        return [self.intermediate_size, self.intermediate_size]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act_fn(self.gate_up_proj(x)))
@@ -187,6 +186,13 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head: nn.Linear | None = None
         if not arch.tie_word_embeddings:
             self.lm_head = nn.Linear(arch.hidden_size, arch.vocab_size, bias=False)
+        q_size = arch.num_attention_heads * arch.head_dim
+        kv_size = arch.num_key_value_heads * arch.head_dim
+        # Row counts of the shards stacked in each merged parameter, in _STACKED_PARAMS order.
+        self._shard_sizes: dict[str, list[int]] = {
+            "qkv_proj": [q_size, kv_size, kv_size],
+            "gate_up_proj": [arch.intermediate_size, arch.intermediate_size],
+        }
 
     def forward(
         self,
@@ -203,14 +209,6 @@ class LlamaForCausalLM(nn.Module):
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(hidden, weight).float()
 
-    def _shard_sizes(self, layer: int, merged: str) -> list[int]:
-        decoder = self.model.layers[layer]
-        if merged == "qkv_proj":
-            sizes: list[int] = decoder.self_attn.shard_sizes()
-        else:
-            sizes = decoder.mlp.shard_sizes()
-        return sizes
-
     @torch.no_grad()
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy HF-named checkpoint tensors into the (merged) parameters.
@@ -224,7 +222,7 @@ class LlamaForCausalLM(nn.Module):
         pending: dict[str, set[int | None]] = {}
         for name in params:
             merged = next((m for m, _, _ in _STACKED_PARAMS if f".{m}." in name), None)
-            pending[name] = set(range(3 if merged == "qkv_proj" else 2)) if merged else {None}
+            pending[name] = set(range(len(self._shard_sizes[merged]))) if merged else {None}
         unexpected: list[str] = []
         mismatched: list[str] = []
         for ckpt_name, tensor in weights:
@@ -243,8 +241,7 @@ class LlamaForCausalLM(nn.Module):
                 continue
             target = param.data
             if shard is not None:
-                layer = int(name.split(".")[2])  # model.layers.N....
-                sizes = self._shard_sizes(layer, name.split(".")[-2])
+                sizes = self._shard_sizes[name.split(".")[-2]]  # ...<merged>.weight
                 target = target.narrow(0, sum(sizes[:shard]), sizes[shard])
             if tuple(target.shape) != tuple(tensor.shape):
                 mismatched.append(
@@ -260,10 +257,10 @@ class LlamaForCausalLM(nn.Module):
         ]
         problems = []
         if unexpected:
-            problems.append(f"unexpected checkpoint tensors: {', '.join(unexpected)}")
+            problems.append(f"unexpected checkpoint tensors: {_name_list(unexpected)}")
         if mismatched:
-            problems.append(f"shape mismatches: {'; '.join(mismatched)}")
+            problems.append(f"shape mismatches: {_name_list(mismatched, '; ')}")
         if missing:
-            problems.append(f"parameters left unloaded: {', '.join(missing)}")
+            problems.append(f"parameters left unloaded: {_name_list(missing)}")
         if problems:
             raise ValueError("Cannot load weights: " + " | ".join(problems))

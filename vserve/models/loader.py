@@ -66,9 +66,7 @@ def resolve_dtype(arch: ModelArchConfig, requested: str, device: torch.device) -
     name = _DTYPE_ALIASES.get(name, name)
     if name not in _DTYPES:
         source = "the checkpoint's torch_dtype" if requested == "auto" else "dtype"
-        raise ValueError(
-            f"Unsupported {source} {name!r}; vserve supports: {', '.join(_DTYPES)}"
-        )
+        raise ValueError(f"Unsupported {source} {name!r}; vserve supports: {', '.join(_DTYPES)}")
     dtype = _DTYPES[name]
     if (
         dtype == torch.bfloat16
@@ -108,7 +106,7 @@ def iterate_weights(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
     files = _safetensors_files(Path(model_dir))
     for file in files:
         with safe_open(str(file), framework="pt") as f:
-            for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+            for name in f.keys():
                 yield name, f.get_tensor(name)
 
 
