@@ -193,26 +193,38 @@ def test_concurrent_builds_in_threads(tmp_path: Path, monkeypatch: pytest.Monkey
 
 
 def test_concurrent_builds_in_processes(tmp_path: Path) -> None:
+    root, signals = tmp_path / "cache", tmp_path / "signals"
+    signals.mkdir()
+    # Weights are stubbed (written elsewhere in this file): the race, not torch, is under test.
     code = (
-        "import sys, time\nfrom pathlib import Path\nimport torch\nfrom vserve import demo\n"
-        "time.sleep(max(0.0, float(sys.argv[2]) - time.time()))\n"
-        "print(demo.build_demo_model(cache_root=Path(sys.argv[1])))\n"
+        "import sys, time\nfrom pathlib import Path\nfrom vserve import demo\n"
+        "demo._write_weights = lambda path: path.write_bytes(b'stub')\n"
+        "built = []\noriginal = demo._write_model\n"
+        "def slow(d):\n    built.append(d); original(d); time.sleep(0.5)\n"
+        "demo._write_model = slow\n"
+        "signals = Path(sys.argv[2])\n(signals / sys.argv[3]).touch()\n"
+        "while not (signals / 'go').exists():\n    time.sleep(0.005)\n"
+        "print(demo.build_demo_model(cache_root=Path(sys.argv[1])), len(built))\n"
     )
-    start_at = str(time.time() + 3.0)  # after both have imported torch
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", code, str(tmp_path), start_at],
+            [sys.executable, "-c", code, str(root), str(signals), f"ready{i}"],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
         )
-        for _ in range(2)
+        for i in range(2)
     ]
+    deadline = time.time() + 60
+    while len(list(signals.iterdir())) < 2 and time.time() < deadline:
+        time.sleep(0.01)
+    (signals / "go").touch()  # both start building together
     outs = [p.communicate(timeout=60) for p in procs]
     assert all(p.returncode == 0 for p in procs), [err for _, err in outs]
-    paths = {Path(out.strip()) for out, _ in outs}
-    assert len(paths) == 1 and demo.is_complete(paths.pop())
-    assert len(list(tmp_path.iterdir())) == 1
+    paths = {out.split()[0] for out, _ in outs}
+    assert [out.split()[1] for out, _ in outs] == ["1", "1"]  # both built; one rename won
+    assert len(paths) == 1 and demo.is_complete(Path(paths.pop()))
+    assert len(list(root.iterdir())) == 1  # no temp dirs left
 
 
 def test_existing_targets(tmp_path: Path) -> None:

@@ -105,7 +105,9 @@ def test_random_streams_with_stop_strings(tok: Tokenizer, include: bool) -> None
         want_text, want_stop = expected_stop(final, stops, include)
         max_hold = max(map(len, stops)) - 1
 
-        d = IncrementalDetokenizer(tok, [BOS_TOKEN_ID], stop=stops, include_stop_str_in_output=include)
+        d = IncrementalDetokenizer(
+            tok, [BOS_TOKEN_ID], stop=stops, include_stop_str_in_output=include
+        )
         emitted, fed = "", []
         for chunk in chunks(rng, out):
             delta = d.update(chunk)

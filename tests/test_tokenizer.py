@@ -31,7 +31,7 @@ CONVERSATIONS: list[list[dict[str, Any]]] = [
         {"role": "system", "content": "You are terse."},
         {"role": "user", "content": "  What is 2+2? 🙂 "},
         {"role": "assistant", "content": "4"},
-        {"role": "user", "content": "And <b>3+3</b> & \"quotes\"?"},
+        {"role": "user", "content": 'And <b>3+3</b> & "quotes"?'},
     ],
 ]
 
@@ -243,7 +243,9 @@ def test_named_templates_and_tools(tokenizer_dirs: dict[str, Path]) -> None:
     conv = CONVERSATIONS[0]
     got = ours.apply_chat_template(conv, tools=tools)
     assert got.startswith("TOOLS ")
-    assert got == hf.apply_chat_template(conv, tools=tools, tokenize=False, add_generation_prompt=True)
+    assert got == hf.apply_chat_template(
+        conv, tools=tools, tokenize=False, add_generation_prompt=True
+    )
     assert ours.apply_chat_template(conv, chat_template="tool_use", tools=None).startswith("TOOLS")
     assert ours.special_tokens["pad_token"] == "[PAD]"  # filled in from special_tokens_map.json
     assert ours.special_tokens["cls_token"] == "[CLS]"  # an AddedToken dict there
@@ -286,7 +288,9 @@ def test_sandbox_rejects(tokenizer_dirs: dict[str, Path], template: str) -> None
         tok.apply_chat_template([{"role": "user", "content": "x"}], chat_template=template)
 
 
-def test_chat_template_override_and_missing(tokenizer_dirs: dict[str, Path], tmp_path: Path) -> None:
+def test_chat_template_override_and_missing(
+    tokenizer_dirs: dict[str, Path], tmp_path: Path
+) -> None:
     d = tokenizer_dirs["demo"]
     path = tmp_path / "t.jinja"
     path.write_text("FILE {{ messages | length }}", encoding="utf-8")
@@ -307,7 +311,9 @@ def test_chat_template_override_and_missing(tokenizer_dirs: dict[str, Path], tmp
         tok.apply_chat_template([{"role": "user", "content": "x"}])
 
 
-def test_add_bos_token_without_post_processor(tokenizer_dirs: dict[str, Path], tmp_path: Path) -> None:
+def test_add_bos_token_without_post_processor(
+    tokenizer_dirs: dict[str, Path], tmp_path: Path
+) -> None:
     raw = json.loads((tokenizer_dirs["demo"] / "tokenizer.json").read_text())
     raw["post_processor"] = None
     (tmp_path / "tokenizer.json").write_text(json.dumps(raw))
@@ -348,7 +354,9 @@ def test_transformers_fallback_without_tokenizer_json(
     assert ours.decode([ord("a"), 10**6]) == "a"
 
 
-def test_normal_path_imports_neither_torch_nor_transformers(tokenizer_dirs: dict[str, Path]) -> None:
+def test_normal_path_imports_neither_torch_nor_transformers(
+    tokenizer_dirs: dict[str, Path],
+) -> None:
     code = (
         "import sys\n"
         "from vserve.tokenizer import Tokenizer\n"

@@ -37,12 +37,12 @@ from vserve.engine.messages import (
     EngineStartupError,
     EngineStartupInfo,
     RequestType,
-    SchedulerStats,
     UtilityOutput,
     UtilityRequest,
     engine_identity,
 )
-from vserve.launch.lifetime import exit_when_parent_dies
+from vserve.engine.coordinator import EngineLoad, encode_load
+from vserve.launch.lifetime import exit_when_parent_dies, set_process_title
 from vserve.logging_utils import get_logger, init_logging
 
 logger = get_logger(__name__)
@@ -140,8 +140,14 @@ class EngineCoreProc:
                 return
             client, data = item  # type: ignore[misc]
             sock = self._stats_sock if client < 0 else self._outputs[client]
-            if sock is not None:
-                sock.send(data, copy=False)
+            if sock is None:
+                continue
+            try:
+                # Never block: a dead front end's queue fills up, and one slow peer must not
+                # stall the outputs of all others. Its requests are dropped on client_died.
+                sock.send(data, flags=zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                logger.warning("output to client %d dropped: its queue is full", client)
 
     def _send(self, client: int, outputs: EngineCoreOutputs) -> None:
         if 0 <= client < len(self._outputs):
@@ -192,7 +198,7 @@ class EngineCoreProc:
     def run(self) -> None:
         self._input_thread.start()
         self._output_thread.start()
-        last_stats: SchedulerStats | None = None
+        last_load: EngineLoad | None = None
         last_stats_time = 0.0
         try:
             running = True
@@ -210,9 +216,11 @@ class EngineCoreProc:
                 if self._stats_sock is not None:
                     now = time.monotonic()
                     stats = self.core.stats()
-                    if stats != last_stats or now - last_stats_time > 1.0:
-                        self.output_queue.put((-1, _encoder.encode(stats)))
-                        last_stats, last_stats_time = stats, now
+                    load = EngineLoad(self.engine_index, stats.num_waiting_reqs,
+                                      stats.num_running_reqs, stats.kv_cache_usage)
+                    if load != last_load or now - last_stats_time > 1.0:
+                        self.output_queue.put((-1, encode_load(load)))
+                        last_load, last_stats_time = load, now
         except BaseException as e:
             logger.exception("engine %d failed", self.engine_index)
             dead = EngineCoreOutputs(self.engine_index, [], time.time(),
@@ -228,6 +236,7 @@ class EngineCoreProc:
 
 def run_engine(handshake_addr: str, engine_index: int) -> int:
     init_logging(f"EngineCore_DP{engine_index}")
+    set_process_title(f"EngineCore_DP{engine_index}")
     exit_when_parent_dies()
     ctx = zmq.Context()
     hs = ctx.socket(zmq.DEALER)
