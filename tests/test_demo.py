@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from safetensors import safe_open
@@ -151,7 +152,8 @@ def test_loads_with_transformers(model_dir: Path) -> None:
 
     from vserve.tokenizer import Tokenizer
 
-    model, info = AutoModelForCausalLM.from_pretrained(str(model_dir), output_loading_info=True)
+    loaded: Any = AutoModelForCausalLM.from_pretrained(str(model_dir), output_loading_info=True)
+    model, info = loaded
     assert not any(info.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
     hf_tok = AutoTokenizer.from_pretrained(str(model_dir))
     ours = Tokenizer.from_pretrained(model_dir)

@@ -205,7 +205,7 @@ def test_long_output_keeps_a_small_window(tok: Tokenizer) -> None:
 
     d = IncrementalDetokenizer(tok, tok.encode("prompt " * 100), stop=["never"])
     ids = tok.encode("the river and the forest " * 200, add_special_tokens=False)
-    tok.decode = counting_decode  # type: ignore[method-assign]
+    tok.decode = counting_decode  # type: ignore[method-assign,assignment]
     try:
         text = "".join(d.update([i]) for i in ids) + d.finish()
     finally:

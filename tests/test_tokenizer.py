@@ -87,7 +87,10 @@ def _build_spm_like(directory: Path) -> None:
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2} | {f"<0x{b:02X}>": 3 + b for b in range(256)}
     for piece in sorted(trained["vocab"], key=trained["vocab"].__getitem__):
         vocab.setdefault(piece, len(vocab))
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in trained["merges"]]
+    merges: list[tuple[str, str]] = []
+    for m in trained["merges"]:
+        a, b = m.split(" ") if isinstance(m, str) else m
+        merges.append((a, b))
     tok = RawTokenizer(models.BPE(vocab, merges, unk_token="<unk>", byte_fallback=True))
     tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
     tok.decoder = decoders.Sequence(
@@ -213,7 +216,7 @@ def test_demo_chat_template_and_encoding(tokenizer_dirs: dict[str, Path]) -> Non
         "<|start_header_id|>assistant<|end_header_id|>\n\n"
     )
     ids = tok.encode(text, add_special_tokens=False)
-    assert ids.count(tok.bos_token_id) == 1 and EOT_TOKEN_ID in ids
+    assert tok.bos_token_id is not None and ids.count(tok.bos_token_id) == 1 and EOT_TOKEN_ID in ids
     assert tok.encode("hi")[0] == tok.bos_token_id
     assert len(tok.encode("the river and the forest", add_special_tokens=False)) < 15  # merges
 
@@ -239,7 +242,7 @@ def test_named_templates_and_tools(tokenizer_dirs: dict[str, Path]) -> None:
 
     d = tokenizer_dirs["wordpiece"]
     ours, hf = Tokenizer.from_pretrained(d), AutoTokenizer.from_pretrained(str(d))
-    tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+    tools: list[Any] = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
     conv = CONVERSATIONS[0]
     got = ours.apply_chat_template(conv, tools=tools)
     assert got.startswith("TOOLS ")

@@ -292,7 +292,7 @@ def build_demo_model(directory: Path | None = None, *, cache_root: Path | None =
     target is reused without rebuilding. An existing target that is not a complete build is
     replaced when empty and refused (``FileExistsError``) otherwise: it is not ours to delete.
     """
-    target = directory if directory is not None else default_demo_dir(cache_root)
+    target = Path(directory) if directory is not None else default_demo_dir(cache_root)
     target = target.expanduser()
     if is_complete(target):
         return target

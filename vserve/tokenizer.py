@@ -22,7 +22,6 @@ keys dropped). Deliberate differences:
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from collections.abc import Mapping, Sequence
 from datetime import datetime
@@ -38,14 +37,9 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as _HFTokenizersTokenizer
 from tokenizers import processors
 
-_SPECIAL_TOKEN_NAMES = (
-    "bos_token",
-    "eos_token",
-    "unk_token",
-    "sep_token",
-    "pad_token",
-    "cls_token",
-    "mask_token",
+# HF's named special tokens: the chat template sees each one the config sets.
+_SPECIAL_TOKEN_NAMES = tuple(
+    f"{name}_token" for name in ("bos", "eos", "unk", "sep", "pad", "cls", "mask")
 )
 # Message fields a reasoning trace may come under; templates read the first (HF v5 aliases them).
 _REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
@@ -174,7 +168,10 @@ def load_chat_template(value: str | Path) -> str:
 class Tokenizer:
     """Encode, decode and render chat templates for one model.
 
-    Thread-safe for concurrent use (the state is read-only after construction).
+    Attributes: ``bos_token``/``eos_token`` (str or None) and their ``*_id``; ``special_tokens``
+    (the named ones, e.g. ``{"bos_token": "<s>"}``); ``all_special_ids``; ``chat_template`` and
+    ``named_chat_templates``; ``model_max_length`` (None when the config has none or HF's
+    "unlimited" sentinel). Read-only after construction, so safe to share between threads.
     """
 
     def __init__(
@@ -260,7 +257,7 @@ class Tokenizer:
             chat_template=template if isinstance(template, str) else None,
             named_chat_templates=named,
             clean_up_tokenization_spaces=bool(config.get("clean_up_tokenization_spaces", False)),
-            model_max_length=max_len if isinstance(max_len, int) else None,
+            model_max_length=max_len if isinstance(max_len, int) and max_len < 1 << 40 else None,
             name_or_path=str(path),
         )
 
@@ -270,16 +267,18 @@ class Tokenizer:
 
         hf = AutoTokenizer.from_pretrained(str(directory))
         template = hf.chat_template
-        named = dict(template) if isinstance(template, dict) else {}
+        if chat_template is not None or not isinstance(template, str):
+            template = chat_template
+        special = hf.special_tokens_map.items()
         return cls(
             _TransformersBackend(hf),
-            special_tokens={str(k): str(v) for k, v in hf.special_tokens_map.items()},
-            chat_template=chat_template
-            if chat_template is not None
-            else (template if isinstance(template, str) else None),
-            named_chat_templates=named,
+            special_tokens={k: str(v) for k, v in special if k in _SPECIAL_TOKEN_NAMES},
+            chat_template=template,
+            named_chat_templates=dict(hf.chat_template)
+            if isinstance(hf.chat_template, dict)
+            else {},
             clean_up_tokenization_spaces=bool(hf.clean_up_tokenization_spaces),
-            model_max_length=hf.model_max_length if hf.model_max_length < 10**12 else None,
+            model_max_length=hf.model_max_length if hf.model_max_length < 1 << 40 else None,
             name_or_path=str(directory),
         )
 
@@ -384,6 +383,9 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
+# -- chat template rendering: self-contained below this line (a candidate for its own module) --
+
+
 def _plain(value: Any) -> Any:
     """A copy made of plain JSON-like types, so the template sees no methods but builtins'."""
     if value is None or type(value) in (str, int, float, bool):
@@ -401,8 +403,6 @@ def _plain(value: Any) -> Any:
         return {_plain(k): _plain(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [_plain(v) for v in value]
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
     if callable(getattr(value, "model_dump", None)):  # pydantic models
         return _plain(value.model_dump())
     return f"<{type(value).__name__}>"
@@ -419,11 +419,13 @@ def _normalize_message(index: int, message: object) -> dict[str, Any]:
         texts = []
         for part in content:
             kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-            if kind != "text" or not isinstance(part.get("text"), str):
+            if kind != "text":
                 raise ValueError(
                     f"messages[{index}]: content part of type {kind!r} is not supported "
                     "(only text parts are)"
                 )
+            if not isinstance(part.get("text"), str):
+                raise ValueError(f"messages[{index}]: a text part needs a string 'text'")
             texts.append(part["text"])
         msg["content"] = "\n".join(texts)
     reasoning = next((msg[k] for k in _REASONING_FIELDS if msg.get(k) is not None), None)
