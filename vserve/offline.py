@@ -110,8 +110,8 @@ class LLM:
         self.launcher = EngineLauncher(
             ctx=self.ctx, config=self.config, model_dir=self.model_dir,
             handshake_addr=ipc_endpoint(self.run_dir, "handshake"),
-            input_addrs=[self._input.getsockopt(zmq.LAST_ENDPOINT).decode()],
-            output_addrs=[self._output.getsockopt(zmq.LAST_ENDPOINT).decode()],
+            input_addrs=[_endpoint(self._input)],
+            output_addrs=[_endpoint(self._output)],
             engine_ranks=[0], num_engines=1,
         )
         self._finalizer = weakref.finalize(self, _cleanup, self.launcher, self.ctx,
@@ -247,7 +247,7 @@ class LLM:
             if pbar is not None:
                 pbar.close()
 
-        for child_id, (i, st) in states.items():
+        for i, st in states.values():
             res = results[i]
             res.outputs.append(CompletionOutput(
                 index=st.index, text=st.text, token_ids=st.token_ids,
@@ -296,6 +296,10 @@ class LLM:
 
     def __exit__(self, *exc: object) -> None:
         self.shutdown()
+
+
+def _endpoint(sock: zmq.Socket) -> str:
+    return str(sock.getsockopt_string(zmq.LAST_ENDPOINT))
 
 
 def _cleanup(launcher: EngineLauncher, ctx: zmq.Context, run_dir: Path) -> None:

@@ -28,6 +28,7 @@ import msgspec
 import zmq
 
 from vserve.config import EngineConfig
+from vserve.engine.coordinator import EngineLoad, encode_load
 from vserve.engine.messages import (
     EngineControl,
     EngineCoreOutputs,
@@ -41,7 +42,6 @@ from vserve.engine.messages import (
     UtilityRequest,
     engine_identity,
 )
-from vserve.engine.coordinator import EngineLoad, encode_load
 from vserve.launch.lifetime import exit_when_parent_dies, set_process_title
 from vserve.logging_utils import get_logger, init_logging
 
@@ -138,6 +138,8 @@ class EngineCoreProc:
             item = self.output_queue.get()
             if item is _SHUTDOWN:
                 return
+            client: int
+            data: bytes
             client, data = item  # type: ignore[misc]
             sock = self._stats_sock if client < 0 else self._outputs[client]
             if sock is None:

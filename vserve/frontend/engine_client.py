@@ -80,8 +80,8 @@ class AsyncEngineClient:
         self.output.setsockopt(zmq.LINGER, 0)
         self.output.bind(output_addr)
         # The real endpoints (a tcp port-0 bind picks its port here).
-        self.input_addr = self.input.getsockopt(zmq.LAST_ENDPOINT).decode()
-        self.output_addr = self.output.getsockopt(zmq.LAST_ENDPOINT).decode()
+        self.input_addr = str(self.input.getsockopt_string(zmq.LAST_ENDPOINT))
+        self.output_addr = str(self.output.getsockopt_string(zmq.LAST_ENDPOINT))
         self.snapshot: zmq.asyncio.Socket | None = None
         if snapshot_addr:
             self.snapshot = self.ctx.socket(zmq.SUB)

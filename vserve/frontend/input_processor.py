@@ -44,7 +44,7 @@ def tokenize_prompt(prompt: PromptInput, tokenizer: Tokenizer) -> tuple[str | No
             return prompt["prompt"], tokenizer.encode(prompt["prompt"])
         raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
     if isinstance(prompt, Sequence) and all(isinstance(t, int) for t in prompt):
-        return None, list(prompt)
+        return None, [int(t) for t in prompt]
     raise TypeError(f"unsupported prompt type {type(prompt).__name__}")
 
 

@@ -60,7 +60,7 @@ class EngineLauncher:
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.sock.bind(self.handshake_addr)
         # The real endpoint (a tcp port 0 bind picks the port here, not ahead of time).
-        self.handshake_addr = self.sock.getsockopt(zmq.LAST_ENDPOINT).decode()
+        self.handshake_addr = str(self.sock.getsockopt_string(zmq.LAST_ENDPOINT))
         self._peer_ids: dict[int, bytes] = {}
 
     def start_processes(self) -> None:

@@ -10,11 +10,12 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from vserve.config import EngineConfig
-from vserve.core.sched_output import ModelRunnerOutput, SchedulerOutput, ScheduledRequest
+from vserve.core.sched_output import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
 from vserve.engine.messages import Logprobs
 from vserve.models.arch import ModelArchConfig, load_arch_config
 from vserve.models.loader import load_model, resolve_dtype
@@ -49,7 +50,7 @@ class ModelRunner:
         self.block_size = config.cache.block_size
         self.max_model_len = self._max_model_len()
         self.attn_backend = select_attention_backend(self.device)
-        self.model = load_model(model_dir, self.arch, self.dtype, self.device, self.attn_backend)
+        self.model: Any = load_model(model_dir, self.arch, self.dtype, self.device, self.attn_backend)
         self.sampler = Sampler(self.device, config.model.seed)
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.num_blocks = 0
