@@ -241,11 +241,17 @@ def test_existing_targets(tmp_path: Path) -> None:
         demo.build_demo_model(foreign)
     assert (foreign / "notes.txt").read_text() == "mine"
 
+    old = demo.build_demo_model(tmp_path / "old")
+    (old / demo.MARKER_FILE).write_text("another version")  # a build by other code: replaced
+    (old / "model.safetensors").write_bytes(b"stale")
+    assert demo.build_demo_model(old) == old and demo.is_complete(old)
+    assert (old / "model.safetensors").read_bytes() != b"stale"
+
     # A crashed build's temp dir is removed once stale; a fresh one (a live builder's) is kept.
     stale, live = tmp_path / ".target.tmp-stale", tmp_path / ".target.tmp-live"
     stale.mkdir()
     live.mkdir()
-    old = time.time() - 2 * 3600
-    os.utime(stale, (old, old))
+    long_ago = time.time() - 2 * 3600
+    os.utime(stale, (long_ago, long_ago))
     demo.build_demo_model(tmp_path / "target")
     assert not stale.exists() and live.exists()

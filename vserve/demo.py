@@ -24,6 +24,7 @@ import os
 import shutil
 import tempfile
 import time
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +49,7 @@ EOT_TOKEN_ID = BOS_TOKEN_ID + 4
 MODEL_MAX_LENGTH = 4096
 SEED = 0
 MARKER_FILE = ".vserve-demo-complete"
-# Bump when the meaning of the files changes in a way the content hash cannot see.
+# Part of the content hash (which covers this file's source); bump to force a rebuild.
 _FORMAT_VERSION = 1
 # Temp build directories older than this are leftovers of a crashed build (a build takes < 1 s).
 _STALE_TMP_SECONDS = 3600.0
@@ -230,21 +231,12 @@ def _write_weights(path: Path) -> None:
     save_file(tensors, str(path), metadata={"format": "pt"})
 
 
+@lru_cache(maxsize=1)
 def content_version() -> str:
-    """A short hash of everything that determines the demo model's files."""
-    h = hashlib.sha256()
-    for part in (
-        str(_FORMAT_VERSION),
-        json.dumps(_CONFIG, sort_keys=True),
-        json.dumps(_GENERATION_CONFIG, sort_keys=True),
-        _TRAINING_TEXT,
-        CHAT_TEMPLATE,
-        "|".join(SPECIAL_TOKENS),
-        f"{NUM_MERGES}:{SEED}",
-    ):
-        h.update(part.encode())
-        h.update(b"\0")
-    return h.hexdigest()[:12]
+    """A short hash of this module's source: everything that determines the files is in it, so
+    any change to it (config, training text, seed, weight layout) names a fresh directory."""
+    source = Path(__file__).read_bytes()
+    return hashlib.sha256(b"%d\0" % _FORMAT_VERSION + source).hexdigest()[:12]
 
 
 def default_demo_dir(cache_root: Path | None = None) -> Path:
@@ -289,14 +281,16 @@ def build_demo_model(directory: Path | None = None, *, cache_root: Path | None =
     Safe under concurrency: each caller builds in its own temp directory beside the target and
     renames it into place; ``rename`` is atomic, so readers never see a partial directory and
     exactly one build wins (a loser finds the target complete and discards its own). A complete
-    target is reused without rebuilding. An existing target that is not a complete build is
-    replaced when empty and refused (``FileExistsError``) otherwise: it is not ours to delete.
+    target is reused without rebuilding; an empty one, or a build of another version (it has a
+    marker), is replaced. Any other existing target raises ``FileExistsError``: not ours to
+    delete.
     """
     target = Path(directory) if directory is not None else default_demo_dir(cache_root)
     target = target.expanduser()
     if is_complete(target):
         return target
-    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+    replace_old = (target / MARKER_FILE).is_file()
+    if target.exists() and not replace_old and (not target.is_dir() or any(target.iterdir())):
         raise FileExistsError(f"{target} exists and is not a complete vserve demo model")
     target.parent.mkdir(parents=True, exist_ok=True)
     prefix = f".{target.name}.tmp-"
@@ -305,6 +299,12 @@ def build_demo_model(directory: Path | None = None, *, cache_root: Path | None =
     os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; the result is an ordinary directory
     try:
         _write_model(tmp)
+        old = tmp.with_name(tmp.name + "-old")  # the temp prefix: a crash leaves it to cleanup
+        if replace_old and not is_complete(target):
+            try:
+                os.rename(target, old)
+            except FileNotFoundError:
+                pass  # another builder moved it first
         try:
             # POSIX rename replaces an empty directory and fails on a non-empty one.
             os.rename(tmp, target)
@@ -313,6 +313,7 @@ def build_demo_model(directory: Path | None = None, *, cache_root: Path | None =
                 raise
             # Another process won the race; its build is identical to ours.
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        for leftover in (tmp, old):
+            if leftover.exists():
+                shutil.rmtree(leftover, ignore_errors=True)
     return target

@@ -108,6 +108,9 @@ class Coordinator:
         try:
             self._pull.bind(stats_in_addr)
             self._pub.bind(snapshot_out_addr)
+            # The real endpoints: a tcp port-0 bind picks its port here, not ahead of time.
+            self.stats_in_addr = str(self._pull.getsockopt_string(zmq.LAST_ENDPOINT))
+            self.snapshot_out_addr = str(self._pub.getsockopt_string(zmq.LAST_ENDPOINT))
         except zmq.ZMQError:
             self._close_sockets()
             raise

@@ -12,6 +12,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,12 +26,12 @@ from vserve.engine.messages import (
     EngineReady,
     EngineStartupError,
     EngineStartupInfo,
-    HandshakeMessage,
 )
+from vserve.launch.messages import ToSupervisor
 from vserve.logging_utils import get_logger
 
 logger = get_logger(__name__)
-_decoder = msgspec.msgpack.Decoder(HandshakeMessage)
+_decoder = msgspec.msgpack.Decoder(ToSupervisor)
 
 
 class EngineStartupFailed(RuntimeError):
@@ -62,6 +63,7 @@ class EngineLauncher:
         # The real endpoint (a tcp port 0 bind picks the port here, not ahead of time).
         self.handshake_addr = str(self.sock.getsockopt_string(zmq.LAST_ENDPOINT))
         self._peer_ids: dict[int, bytes] = {}
+        self._others: list[tuple[bytes, msgspec.Struct]] = []
 
     def start_processes(self) -> None:
         for rank in self.engine_ranks:
@@ -70,7 +72,11 @@ class EngineLauncher:
             self.procs[rank] = subprocess.Popen(cmd)
             logger.info("started EngineCore_DP%d (pid %d)", rank, self.procs[rank].pid)
 
-    def wait_ready(self, timeout: float = 600.0) -> dict[int, EngineReady]:
+    def wait_ready(self, timeout: float = 600.0,
+                   on_poll: Callable[[], None] | None = None) -> dict[int, EngineReady]:
+        """Answer HELLOs and wait for every READY; ``on_poll`` runs ~10 times a second
+        (the supervisor checks its other children there). Messages from non-engines are
+        kept for ``poll_other``."""
         info = EngineStartupInfo(self.config.to_msgpack(), str(self.model_dir),
                                  self.input_addrs, self.output_addrs, self.stats_addr)
         info_bytes = msgspec.msgpack.encode(info)
@@ -84,14 +90,12 @@ class EngineLauncher:
             if time.monotonic() > deadline:
                 missing = sorted(set(range(self.num_engines)) - set(self.ready))
                 raise EngineStartupFailed(missing[0], f"no READY within {timeout:.0f}s")
-            if not self.sock.poll(100):
+            if on_poll is not None:
+                on_poll()
+            received = self._recv(100)
+            if received is None:
                 continue
-            peer, payload = self.sock.recv_multipart()
-            try:
-                msg = _decoder.decode(payload)
-            except msgspec.DecodeError as e:
-                logger.warning("dropped a malformed handshake frame: %s", e)
-                continue
+            peer, msg = received
             if isinstance(msg, EngineHello):
                 self._peer_ids[msg.engine_index] = peer
                 self.sock.send_multipart([peer, info_bytes])
@@ -99,7 +103,33 @@ class EngineLauncher:
                 self.ready[msg.engine_index] = msg
             elif isinstance(msg, EngineStartupError):
                 raise EngineStartupFailed(msg.engine_index, msg.error)
+            else:
+                self._others.append((peer, msg))
         return self.ready
+
+    def _recv(self, timeout_ms: int) -> tuple[bytes, msgspec.Struct] | None:
+        if not self.sock.poll(timeout_ms):
+            return None
+        frames = self.sock.recv_multipart()
+        try:
+            if len(frames) != 2:
+                raise msgspec.DecodeError(f"expected 2 frames, got {len(frames)}")
+            return frames[0], _decoder.decode(frames[1])
+        except msgspec.DecodeError as e:
+            logger.warning("dropped a malformed handshake frame: %s", e)
+            return None
+
+    def poll_other(self, timeout_ms: int) -> list[tuple[bytes, msgspec.Struct]]:
+        """Messages from non-engine peers (API servers), waiting up to ``timeout_ms``."""
+        if not self._others:
+            received = self._recv(timeout_ms)
+            if received is not None:
+                if isinstance(received[1], (EngineHello, EngineReady, EngineStartupError)):
+                    logger.warning("late engine handshake message ignored: %r", received[1])
+                else:
+                    self._others.append(received)
+        out, self._others = self._others, []
+        return out
 
     def send_control(self, control: EngineControl) -> None:
         data = msgspec.msgpack.encode(control)

@@ -1,0 +1,169 @@
+"""One API-server process: ``python -m vserve.api.server --index I --args-file F``.
+
+Started by the supervisor in a clean interpreter. It binds its ZMQ links, says hello to the
+supervisor, waits until every engine is ready, receives the shared listening socket over
+SCM_RIGHTS and serves HTTP on it with uvicorn. It imports no torch.
+
+Signals: SIGTERM starts a drain (readiness 503, no new requests, in-flight requests finish up
+to --shutdown-timeout, then exit); SIGINT is ignored because a terminal's Ctrl-C reaches the
+whole process group and the supervisor orders the shutdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+import time
+from collections.abc import Generator
+from pathlib import Path
+
+import msgspec
+import uvicorn
+import zmq
+import zmq.asyncio
+
+from vserve.api.state import ServerState
+from vserve.frontend.engine_client import AsyncEngineClient
+from vserve.frontend.input_processor import load_eos_token_ids
+from vserve.launch.fd_passing import receive_listen_socket
+from vserve.launch.lifetime import exit_when_parent_dies, set_process_title
+from vserve.launch.messages import (
+    ApiServerArgs,
+    ApiServerControl,
+    ApiServerGo,
+    ApiServerHello,
+    ToApiServer,
+)
+from vserve.logging_utils import get_logger, init_logging
+from vserve.tokenizer import Tokenizer
+
+logger = get_logger(__name__)
+_control_decoder = msgspec.msgpack.Decoder(ToApiServer)
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handlers: this process decides what signals mean."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+
+def served_model_names(args: ApiServerArgs) -> list[str]:
+    names = list(args.engine.model.served_model_name)
+    return names or [args.engine.model.model]
+
+
+async def serve(index: int, args: ApiServerArgs) -> None:
+    model_dir = Path(args.model_dir)
+    tok_dir = Path(args.engine.model.tokenizer) if args.engine.model.tokenizer else model_dir
+    tokenizer = Tokenizer.from_pretrained(tok_dir, chat_template=args.engine.model.chat_template)
+    import json
+
+    vocab_size = int(json.loads((model_dir / "config.json").read_text())["vocab_size"])
+    num_engines = args.parallel.data_parallel_size
+    client = AsyncEngineClient(index, num_engines, args.input_addrs[index],
+                               args.output_addrs[index], args.snapshot_addr)
+    control = client.ctx.socket(zmq.DEALER)
+    control.setsockopt(zmq.LINGER, 0)
+    control.connect(args.handshake_addr)
+    await control.send(msgspec.msgpack.encode(
+        ApiServerHello(index, os.getpid(), client.input_addr, client.output_addr)))
+    client.start()
+    go = _control_decoder.decode(await control.recv())
+    assert isinstance(go, ApiServerGo)
+    state = ServerState(
+        client_index=index, engine_config=args.engine, server_config=args.server,
+        engine_client=client, tokenizer=tokenizer, model_names=served_model_names(args),
+        max_model_len=go.max_model_len, vocab_size=vocab_size,
+        eos_token_ids=load_eos_token_ids(model_dir, tokenizer),
+    )
+    await client.wait_for_engines()
+    sock = receive_listen_socket(args.fd_socket_path)
+
+    from vserve.api.app import build_app
+
+    app = build_app(state)
+    config = uvicorn.Config(app, http="httptools", lifespan="off", access_log=False,
+                            log_level=args.server.uvicorn_log_level,
+                            timeout_graceful_shutdown=5)
+    server = _Server(config)
+    loop = asyncio.get_running_loop()
+    drain_task: asyncio.Task[None] | None = None
+
+    def start_drain() -> None:
+        nonlocal drain_task
+        if drain_task is None:
+            drain_task = asyncio.create_task(drain(state, server))
+
+    loop.add_signal_handler(signal.SIGTERM, start_drain)
+    loop.add_signal_handler(signal.SIGINT, lambda: None)
+    control_task = asyncio.create_task(control_loop(control, client, start_drain))
+    state.ready = True
+    logger.info("serving on the shared socket (engines: %d)", num_engines)
+    try:
+        await server.serve(sockets=[sock])
+    finally:
+        control_task.cancel()
+        client.close()
+    logger.info("stopped")
+
+
+async def control_loop(control: zmq.asyncio.Socket, client: AsyncEngineClient,
+                       start_drain: object) -> None:
+    while True:
+        frame = await control.recv()
+        try:
+            msg = _control_decoder.decode(frame)
+        except msgspec.DecodeError as e:
+            logger.warning("dropped a malformed control frame: %s", e)
+            continue
+        if isinstance(msg, ApiServerControl):
+            if msg.kind == "drain":
+                start_drain()  # type: ignore[operator]
+            elif msg.kind == "engine_died":
+                client.engine_died(msg.engine_index, msg.reason)
+
+
+async def drain(state: ServerState, server: uvicorn.Server) -> None:
+    state.draining = True
+    timeout = state.server_config.shutdown_timeout
+    logger.info("draining: %d requests in flight, waiting up to %.0fs",
+                state.engine_client.num_in_flight, timeout)
+    deadline = time.monotonic() + timeout
+    while state.engine_client.num_in_flight and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    left = state.engine_client.num_in_flight
+    if left:
+        logger.warning("shutdown timeout: aborting %d requests still in flight", left)
+        state.engine_client.abort(list(state.engine_client.streams))
+        state.engine_client.fail_all(RuntimeError("the server shut down before it finished"))
+    await asyncio.sleep(0.05)  # let the last responses flush
+    server.should_exit = True
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m vserve.api.server")
+    parser.add_argument("--index", type=int, required=True)
+    parser.add_argument("--args-file", required=True)
+    ns = parser.parse_args(argv)
+    args = msgspec.msgpack.decode(Path(ns.args_file).read_bytes(), type=ApiServerArgs)
+    name = f"ApiServer_{ns.index}"
+    init_logging(name, args.server.log_level.upper())
+    set_process_title(name)
+    exit_when_parent_dies(parent_pid=args.supervisor_pid)
+    try:
+        import uvloop
+
+        uvloop.run(serve(ns.index, args))
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        asyncio.run(serve(ns.index, args))
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

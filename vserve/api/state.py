@@ -1,0 +1,41 @@
+"""What every route of one API server can reach: built once at startup, then read-only
+except for the lifecycle flags."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from vserve.config import EngineConfig, ServerConfig
+from vserve.frontend.engine_client import AsyncEngineClient
+from vserve.tokenizer import Tokenizer
+
+
+@dataclass
+class ServerState:
+    client_index: int
+    engine_config: EngineConfig
+    server_config: ServerConfig
+    engine_client: AsyncEngineClient
+    tokenizer: Tokenizer
+    model_names: list[str]  # served names; the first is the one reported in responses
+    max_model_len: int
+    vocab_size: int
+    eos_token_ids: list[int]
+    created: int = field(default_factory=lambda: int(time.time()))
+    ready: bool = False  # every engine connected and the socket is being served
+    draining: bool = False  # SIGTERM: finish what is in flight, take nothing new
+
+    @property
+    def model_name(self) -> str:
+        return self.model_names[0]
+
+    @property
+    def healthy(self) -> bool:
+        """Liveness: the engines are alive (an engine death makes this False for good)."""
+        return self.engine_client.healthy
+
+    @property
+    def accepting(self) -> bool:
+        """Readiness: ready, alive and not draining."""
+        return self.ready and self.healthy and not self.draining

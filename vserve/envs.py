@@ -1,0 +1,33 @@
+"""The one place vserve reads environment variables.
+
+Everything else gets configuration passed down; modules never call ``os.environ`` on their
+own. Names are listed here so that users (and docs) find them all in one place.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Set by the supervisor for its children (prometheus_client's multiprocess mode reads it).
+PROMETHEUS_MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"
+# Accepted as an API key in addition to --api-key.
+VSERVE_API_KEY = "VSERVE_API_KEY"
+
+
+def api_key() -> str | None:
+    return os.environ.get(VSERVE_API_KEY) or None
+
+
+def engine_ready_timeout() -> float:
+    """Seconds to wait for every engine's READY (loading a large model takes a while)."""
+    return float(os.environ.get("VSERVE_ENGINE_READY_TIMEOUT", "1800"))
+
+
+def engine_death_grace() -> float:
+    """Seconds between failing a dead engine's requests and stopping everything, so that
+    clients receive their errors and /health reports 503 before the port closes."""
+    return float(os.environ.get("VSERVE_ENGINE_DEATH_GRACE", "2"))
+
+
+def prometheus_multiproc_dir() -> str | None:
+    return os.environ.get(PROMETHEUS_MULTIPROC_DIR) or None

@@ -1,0 +1,276 @@
+"""The `vserve serve` parent process: sockets, run dir, children, signals, shutdown order.
+
+It never serves HTTP. Startup: run dir → listening socket → handshake ROUTER → coordinator
+(a thread here; it binds where it lives) → N API servers (each binds its links and reports
+the real endpoints) → D engines (told those endpoints on HELLO) → every engine READY → GO to
+the API servers, which then take the listening socket over SCM_RIGHTS and serve.
+
+Then it watches: an API server that dies is replaced on the same socket (the engines drop
+its requests); an engine that dies fails its requests through the API servers, after which
+everything stops with a non-zero exit so an orchestrator restarts the pod. SIGTERM/SIGINT
+drains: API servers stop taking requests, finish what is in flight (up to
+--shutdown-timeout), exit; then engines stop; exit 0.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import msgspec
+import zmq
+
+from vserve import envs
+from vserve.config import EngineConfig, ParallelConfig, ServerConfig
+from vserve.engine.coordinator import Coordinator
+from vserve.engine.messages import EngineControl, EngineReady
+from vserve.launch.engines import EngineLauncher, EngineStartupFailed
+from vserve.launch.fd_passing import ListenSocketServer
+from vserve.launch.lifetime import set_process_title, spawn_child, terminate_children
+from vserve.launch.listen import bind_listen_socket, describe
+from vserve.launch.messages import (
+    ApiServerArgs,
+    ApiServerControl,
+    ApiServerGo,
+    ApiServerHello,
+)
+from vserve.launch.rundir import ipc_endpoint, make_run_dir, remove_run_dir
+from vserve.logging_utils import get_logger
+
+logger = get_logger(__name__)
+_MAX_RESTARTS_PER_MINUTE = 5
+
+
+class Supervisor:
+    def __init__(self, engine: EngineConfig, server: ServerConfig, parallel: ParallelConfig,
+                 model_dir: Path) -> None:
+        self.engine_config = engine
+        self.server = server
+        self.parallel = parallel
+        self.model_dir = model_dir
+        self.ctx = zmq.Context()
+        self.run_dir = make_run_dir()
+        self.api_procs: dict[int, subprocess.Popen[bytes]] = {}
+        self.api_peers: dict[int, bytes] = {}
+        self.restarts: list[float] = []
+        self.stop_requested = threading.Event()
+        self.exit_code = 0
+        self.go: ApiServerGo | None = None
+        self.coordinator: Coordinator | None = None
+        self.launcher: EngineLauncher | None = None
+        self.listen_server: ListenSocketServer | None = None
+
+    # ---- addresses ---------------------------------------------------------------------
+    def _addr(self, name: str) -> str:
+        if self.parallel.multi_node:
+            return f"tcp://{self.parallel.data_parallel_address}:0"
+        return ipc_endpoint(self.run_dir, name)
+
+    def _handshake_addr(self) -> str:
+        if self.parallel.multi_node:
+            p = self.parallel
+            return f"tcp://{p.data_parallel_address}:{p.data_parallel_rpc_port}"
+        return ipc_endpoint(self.run_dir, "handshake")
+
+    # ---- main --------------------------------------------------------------------------
+    def run(self) -> int:
+        set_process_title("vserve-supervisor")
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        try:
+            if self.parallel.headless:
+                return self._run_headless()
+            return self._run_head()
+        finally:
+            self._shutdown()
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        if not self.stop_requested.is_set():
+            logger.info("received %s: draining", signal.Signals(signum).name)
+        self.stop_requested.set()
+
+    def _run_head(self) -> int:
+        server, n = self.server, self.server.api_server_count
+        sock = bind_listen_socket(server.host, server.port, server.uds)
+        self.listen_server = ListenSocketServer(sock, str(self.run_dir / "listen.sock"))
+        self.launcher = EngineLauncher(
+            ctx=self.ctx, config=self.engine_config, model_dir=self.model_dir,
+            handshake_addr=self._handshake_addr(), input_addrs=[], output_addrs=[],
+            engine_ranks=self.parallel.local_ranks,
+            num_engines=self.parallel.data_parallel_size,
+        )
+        snapshot_addr = None
+        if n > 1 or self.parallel.data_parallel_size > 1:
+            self.coordinator = Coordinator(self._addr("stats"), self._addr("snapshots"),
+                                           self.parallel.data_parallel_size)
+            threading.Thread(target=self.coordinator.run, name="coordinator",
+                             daemon=True).start()
+            self.launcher.stats_addr = self.coordinator.stats_in_addr
+            snapshot_addr = self.coordinator.snapshot_out_addr
+        self.api_args = ApiServerArgs(
+            engine=self.engine_config, server=server, parallel=self.parallel,
+            model_dir=str(self.model_dir), handshake_addr=self.launcher.handshake_addr,
+            fd_socket_path=self.listen_server.path,
+            input_addrs=[self._addr(f"input-{i}") for i in range(n)],
+            output_addrs=[self._addr(f"output-{i}") for i in range(n)],
+            snapshot_addr=snapshot_addr, supervisor_pid=os.getpid())
+        self._write_api_args()
+        for i in range(n):
+            self._start_api_server(i)
+        # Each API server reports its real endpoints before any engine is told where to go.
+        hellos = self._collect_api_hellos(n)
+        self.api_args.input_addrs = [hellos[i].input_addr for i in range(n)]
+        self.api_args.output_addrs = [hellos[i].output_addr for i in range(n)]
+        self._write_api_args()  # replacements rebind the same endpoints
+        self.launcher.input_addrs = self.api_args.input_addrs
+        self.launcher.output_addrs = self.api_args.output_addrs
+        self.launcher.start_processes()
+        try:
+            ready = self._wait_engines_ready()
+        except EngineStartupFailed as e:
+            logger.error("%s", e)
+            return 1
+        self.go = ApiServerGo(max_model_len=min(r.max_model_len for r in ready.values()),
+                              num_kv_blocks=[ready[r].num_kv_blocks for r in sorted(ready)])
+        for i in range(n):
+            self._send_api(i, self.go)
+        logger.info("vserve is serving %s on %s with %d API servers and %d engines",
+                    self.engine_config.model.model, describe(sock), n,
+                    self.parallel.data_parallel_size)
+        return self._watch()
+
+    def _run_headless(self) -> int:
+        """Engines only, joining the head node's handshake over TCP."""
+        addr = self._handshake_addr()
+        procs = {}
+        for rank in self.parallel.local_ranks:
+            procs[rank] = spawn_child("vserve.engine.core_proc",
+                                      ["--handshake", addr, "--engine-index", str(rank)],
+                                      f"EngineCore_DP{rank}")
+        logger.info("headless: started engines %s joining %s", self.parallel.local_ranks, addr)
+        self.headless_procs = procs
+        while not self.stop_requested.wait(0.2):
+            for rank, p in procs.items():
+                if p.poll() is not None:
+                    logger.error("EngineCore_DP%d exited with code %s", rank, p.returncode)
+                    return 1
+        return 0
+
+    # ---- API servers -------------------------------------------------------------------
+    def _write_api_args(self) -> None:
+        path = self.run_dir / "api_server_args.msgpack"
+        path.write_bytes(msgspec.msgpack.encode(self.api_args))
+        self.api_args_path = path
+
+    def _start_api_server(self, index: int) -> None:
+        env = {envs.PROMETHEUS_MULTIPROC_DIR: str(self.run_dir / "prometheus")}
+        self.api_procs[index] = spawn_child(
+            "vserve.api.server", ["--index", str(index), "--args-file", str(self.api_args_path)],
+            f"ApiServer_{index}", env=env)
+
+    def _send_api(self, index: int, msg: msgspec.Struct) -> None:
+        peer = self.api_peers.get(index)
+        if peer is None or self.launcher is None:
+            return
+        try:
+            self.launcher.sock.send_multipart([peer, msgspec.msgpack.encode(msg)], zmq.NOBLOCK)
+        except zmq.ZMQError as e:
+            logger.warning("message to ApiServer_%d not delivered: %s", index, e)
+
+    def _collect_api_hellos(self, n: int, timeout: float = 120.0) -> dict[int, ApiServerHello]:
+        assert self.launcher is not None
+        hellos: dict[int, ApiServerHello] = {}
+        deadline = time.monotonic() + timeout
+        while len(hellos) < n:
+            self._check_api_alive_during_startup()
+            if time.monotonic() > deadline:
+                raise RuntimeError("API servers did not start in time")
+            for peer, msg in self.launcher.poll_other(100):
+                if isinstance(msg, ApiServerHello):
+                    hellos[msg.client_index] = msg
+                    self.api_peers[msg.client_index] = peer
+        return hellos
+
+    def _check_api_alive_during_startup(self) -> None:
+        for i, p in self.api_procs.items():
+            if p.poll() is not None:
+                raise RuntimeError(f"ApiServer_{i} exited with code {p.returncode} at startup")
+        if self.stop_requested.is_set():
+            raise RuntimeError("interrupted during startup")
+
+    def _wait_engines_ready(self) -> dict[int, EngineReady]:
+        assert self.launcher is not None
+        launcher = self.launcher
+
+        def check() -> None:
+            self._check_api_alive_during_startup()
+
+        return launcher.wait_ready(timeout=envs.engine_ready_timeout(), on_poll=check)
+
+    # ---- watching ----------------------------------------------------------------------
+    def _watch(self) -> int:
+        assert self.launcher is not None
+        launcher = self.launcher
+        while True:
+            if self.stop_requested.is_set():
+                return self._drain()
+            for peer, msg in launcher.poll_other(100):
+                if isinstance(msg, ApiServerHello):  # a replacement came up
+                    self.api_peers[msg.client_index] = peer
+                    if self.go is not None:
+                        self._send_api(msg.client_index, self.go)
+            dead = launcher.dead_engines()
+            if dead:
+                rank, code = dead[0]
+                reason = f"EngineCore_DP{rank} exited with code {code}"
+                logger.error("%s: failing its requests and stopping", reason)
+                for i in self.api_procs:
+                    self._send_api(i, ApiServerControl("engine_died", rank, reason))
+                time.sleep(envs.engine_death_grace())
+                return 1
+            for i, p in list(self.api_procs.items()):
+                if p.poll() is not None:
+                    self._replace_api_server(i, p.returncode)
+
+    def _replace_api_server(self, index: int, code: int | None) -> None:
+        assert self.launcher is not None
+        logger.error("ApiServer_%d exited with code %s: starting a replacement", index, code)
+        self.launcher.send_control(EngineControl("client_died", index))
+        self.api_peers.pop(index, None)
+        now = time.monotonic()
+        self.restarts = [t for t in self.restarts if now - t < 60] + [now]
+        if len(self.restarts) > _MAX_RESTARTS_PER_MINUTE:
+            logger.error("API servers keep dying; stopping")
+            self.exit_code = 1
+            self.stop_requested.set()
+            return
+        self._start_api_server(index)
+
+    def _drain(self) -> int:
+        for i in self.api_procs:
+            self._send_api(i, ApiServerControl("drain"))
+        deadline = time.monotonic() + self.server.shutdown_timeout + 10
+        for p in self.api_procs.values():
+            try:
+                p.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        return self.exit_code
+
+    def _shutdown(self) -> None:
+        terminate_children(self.api_procs.values(), timeout=5)
+        if self.launcher is not None:
+            self.launcher.shutdown(timeout=5)
+        if getattr(self, "headless_procs", None):
+            terminate_children(self.headless_procs.values(), timeout=5)
+        if self.coordinator is not None:
+            self.coordinator.stop()
+        if self.listen_server is not None:
+            self.listen_server.close()
+        self.ctx.destroy(linger=0)
+        remove_run_dir(self.run_dir)
+        logger.info("stopped")
