@@ -103,14 +103,13 @@ class Supervisor:
             engine_ranks=self.parallel.local_ranks,
             num_engines=self.parallel.data_parallel_size,
         )
-        snapshot_addr = None
-        if n > 1 or self.parallel.data_parallel_size > 1:
-            self.coordinator = Coordinator(self._addr("stats"), self._addr("snapshots"),
-                                           self.parallel.data_parallel_size)
-            threading.Thread(target=self.coordinator.run, name="coordinator",
-                             daemon=True).start()
-            self.launcher.stats_addr = self.coordinator.stats_in_addr
-            snapshot_addr = self.coordinator.snapshot_out_addr
+        # Always on, even for one engine: routing and the server-wide queue bound
+        # (--max-num-queued-reqs) both read its snapshots.
+        self.coordinator = Coordinator(self._addr("stats"), self._addr("snapshots"),
+                                       self.parallel.data_parallel_size)
+        threading.Thread(target=self.coordinator.run, name="coordinator", daemon=True).start()
+        self.launcher.stats_addr = self.coordinator.stats_in_addr
+        snapshot_addr = self.coordinator.snapshot_out_addr
         self.api_args = ApiServerArgs(
             engine=self.engine_config, server=server, parallel=self.parallel,
             model_dir=str(self.model_dir), handshake_addr=self.launcher.handshake_addr,
