@@ -25,12 +25,13 @@ import msgspec
 import uvicorn
 import zmq
 import zmq.asyncio
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from vserve.api.state import ServerState
 from vserve.frontend.engine_client import AsyncEngineClient
 from vserve.frontend.input_processor import load_eos_token_ids
 from vserve.launch.fd_passing import receive_listen_socket
-from vserve.launch.lifetime import exit_when_parent_dies, set_process_title
+from vserve.launch.lifetime import exit_when_parent_dies, on_parent_death, set_process_title
 from vserve.launch.messages import (
     ApiServerArgs,
     ApiServerControl,
@@ -38,6 +39,7 @@ from vserve.launch.messages import (
     ApiServerHello,
     ToApiServer,
 )
+from vserve.launch.rundir import remove_run_dir
 from vserve.logging_utils import get_logger, init_logging
 from vserve.tokenizer import Tokenizer
 
@@ -51,6 +53,29 @@ class _Server(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self) -> Generator[None, None, None]:
         yield
+
+
+def with_server_header(app: ASGIApp, index: int) -> ASGIApp:
+    """Tag every HTTP response with the API server that produced it.
+
+    Operators see which process answered (logs, traces), and tests prove that the N servers
+    share the load of one socket.
+    """
+    header = (b"x-vserve-api-server", str(index).encode())
+
+    async def wrapped(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await app(scope, receive, send)
+            return
+
+        async def send_with_header(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), header]
+            await send(message)
+
+        await app(scope, receive, send_with_header)
+
+    return wrapped
 
 
 def served_model_names(args: ApiServerArgs) -> list[str]:
@@ -87,7 +112,7 @@ async def serve(index: int, args: ApiServerArgs) -> None:
 
     from vserve.api.app import build_app
 
-    app = build_app(state)
+    app = with_server_header(build_app(state), index)
     config = uvicorn.Config(app, http="httptools", lifespan="off", access_log=False,
                             log_level=args.server.uvicorn_log_level,
                             timeout_graceful_shutdown=5)
@@ -155,6 +180,8 @@ def main(argv: list[str] | None = None) -> None:
     name = f"ApiServer_{ns.index}"
     init_logging(name, args.server.log_level.upper())
     set_process_title(name)
+    run_dir = Path(ns.args_file).parent
+    on_parent_death(lambda: remove_run_dir(run_dir))
     exit_when_parent_dies(parent_pid=args.supervisor_pid)
     try:
         import uvloop

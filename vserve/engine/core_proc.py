@@ -236,7 +236,8 @@ class EngineCoreProc:
             self._output_thread.join(timeout=5)
 
 
-def run_engine(handshake_addr: str, engine_index: int) -> int:
+def run_engine(handshake_addr: str, engine_index: int, model_dir: str | None = None) -> int:
+    """``model_dir`` overrides the head's path (a headless node resolves its own copy)."""
     init_logging(f"EngineCore_DP{engine_index}")
     set_process_title(f"EngineCore_DP{engine_index}")
     exit_when_parent_dies()
@@ -254,7 +255,7 @@ def run_engine(handshake_addr: str, engine_index: int) -> int:
         from vserve.engine.core import EngineCore
 
         config = EngineConfig.from_msgpack(info.config)
-        core = EngineCore(config, Path(info.model_dir), engine_index)
+        core = EngineCore(config, Path(model_dir or info.model_dir), engine_index)
         proc = EngineCoreProc(core, info, ctx, hs)
     except BaseException as e:  # noqa: BLE001 - reported to the supervisor, then exit
         logger.error("engine %d failed to start: %s", engine_index, e)
@@ -277,8 +278,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="vserve-engine-core")
     parser.add_argument("--handshake", required=True)
     parser.add_argument("--engine-index", type=int, default=0)
+    parser.add_argument("--model-dir", default=None)
     args = parser.parse_args(argv)
-    sys.exit(run_engine(args.handshake, args.engine_index))
+    sys.exit(run_engine(args.handshake, args.engine_index, args.model_dir))
 
 
 if __name__ == "__main__":

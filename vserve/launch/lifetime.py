@@ -24,7 +24,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from vserve.logging_utils import get_logger
 
@@ -37,6 +37,16 @@ PARENT_DIED_EXIT_CODE = 1
 
 _watch_lock = threading.Lock()
 _watching = False
+_on_parent_death: list[Callable[[], None]] = []
+
+
+def on_parent_death(fn: Callable[[], None]) -> None:
+    """Run ``fn`` (best effort, never raising) just before exiting because the parent died.
+
+    API servers use it to remove the run dir: a SIGKILLed supervisor cannot clean up, and
+    no file of a dead server may be left behind.
+    """
+    _on_parent_death.append(fn)
 
 
 def _prctl(option: int, arg: int | bytes) -> bool:
@@ -51,6 +61,9 @@ def _prctl(option: int, arg: int | bytes) -> bool:
 
 
 def _flush_and_exit(code: int) -> None:
+    for fn in _on_parent_death:
+        with contextlib.suppress(Exception):
+            fn()
     # Best effort only: a wedged stream must not keep the orphan alive.
     with contextlib.suppress(Exception):
         for handler in logging.getLogger("vserve").handlers:

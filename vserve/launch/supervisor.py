@@ -148,7 +148,8 @@ class Supervisor:
         procs = {}
         for rank in self.parallel.local_ranks:
             procs[rank] = spawn_child("vserve.engine.core_proc",
-                                      ["--handshake", addr, "--engine-index", str(rank)],
+                                      ["--handshake", addr, "--engine-index", str(rank),
+                                       "--model-dir", str(self.model_dir)],
                                       f"EngineCore_DP{rank}")
         logger.info("headless: started engines %s joining %s", self.parallel.local_ranks, addr)
         self.headless_procs = procs
