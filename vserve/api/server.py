@@ -35,6 +35,7 @@ from vserve.launch.lifetime import exit_when_parent_dies, on_parent_death, set_p
 from vserve.launch.messages import (
     ApiServerArgs,
     ApiServerControl,
+    ApiServerDrained,
     ApiServerGo,
     ApiServerHello,
     ToApiServer,
@@ -120,14 +121,16 @@ async def serve(index: int, args: ApiServerArgs) -> None:
     loop = asyncio.get_running_loop()
     drain_task: asyncio.Task[None] | None = None
 
+    exit_now = asyncio.Event()
+
     def start_drain() -> None:
         nonlocal drain_task
         if drain_task is None:
-            drain_task = asyncio.create_task(drain(state, server))
+            drain_task = asyncio.create_task(drain(state, server, control, exit_now))
 
     loop.add_signal_handler(signal.SIGTERM, start_drain)
     loop.add_signal_handler(signal.SIGINT, lambda: None)
-    control_task = asyncio.create_task(control_loop(control, client, start_drain))
+    control_task = asyncio.create_task(control_loop(control, client, start_drain, exit_now))
     state.ready = True
     logger.info("serving on the shared socket (engines: %d)", num_engines)
     try:
@@ -139,7 +142,7 @@ async def serve(index: int, args: ApiServerArgs) -> None:
 
 
 async def control_loop(control: zmq.asyncio.Socket, client: AsyncEngineClient,
-                       start_drain: object) -> None:
+                       start_drain: object, exit_now: asyncio.Event) -> None:
     while True:
         frame = await control.recv()
         try:
@@ -150,11 +153,18 @@ async def control_loop(control: zmq.asyncio.Socket, client: AsyncEngineClient,
         if isinstance(msg, ApiServerControl):
             if msg.kind == "drain":
                 start_drain()  # type: ignore[operator]
+            elif msg.kind == "exit":
+                start_drain()  # type: ignore[operator]
+                exit_now.set()
             elif msg.kind == "engine_died":
                 client.engine_died(msg.engine_index, msg.reason)
 
 
-async def drain(state: ServerState, server: uvicorn.Server) -> None:
+async def drain(state: ServerState, server: uvicorn.Server, control: zmq.asyncio.Socket,
+                exit_now: asyncio.Event) -> None:
+    """Refuse new work, let in-flight requests finish, then keep answering 503 until the
+    supervisor says every server has drained: a server that left early would reset the
+    connections the kernel had already queued for it on the shared socket."""
     state.draining = True
     timeout = state.server_config.shutdown_timeout
     logger.info("draining: %d requests in flight, waiting up to %.0fs",
@@ -168,6 +178,10 @@ async def drain(state: ServerState, server: uvicorn.Server) -> None:
         state.engine_client.abort(list(state.engine_client.streams))
         state.engine_client.fail_all(RuntimeError("the server shut down before it finished"))
     await asyncio.sleep(0.05)  # let the last responses flush
+    await control.send(msgspec.msgpack.encode(ApiServerDrained(state.client_index)))
+    # The supervisor answers "exit" once all servers drained; don't wait on it forever.
+    with contextlib.suppress(asyncio.TimeoutError):
+        await asyncio.wait_for(exit_now.wait(), timeout=10.0)
     server.should_exit = True
 
 

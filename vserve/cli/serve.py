@@ -136,6 +136,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
     from vserve.launch.supervisor import Supervisor
     from vserve.logging_utils import get_logger
+    from vserve.models.arch import load_arch_config
     from vserve.models.loader import resolve_model_dir
     from vserve.tokenizer import Tokenizer
 
@@ -143,10 +144,14 @@ def run_serve(args: argparse.Namespace) -> int:
     try:
         engine, server, parallel = build_configs(args)
         model_dir: Path = resolve_model_dir(engine.model.model, engine.model.revision)
+        # Fail fast, in the supervisor, on what can be checked without loading weights.
+        load_arch_config(model_dir)
         if not parallel.headless:
-            # Fail fast, in the supervisor, on a tokenizer or chat template that cannot load.
             tok_dir = engine.model.tokenizer or model_dir
-            Tokenizer.from_pretrained(tok_dir, chat_template=engine.model.chat_template)
+            try:
+                Tokenizer.from_pretrained(tok_dir, chat_template=engine.model.chat_template)
+            except Exception as e:  # noqa: BLE001 - transformers raises many kinds
+                raise ValueError(f"cannot load the tokenizer from {tok_dir}: {e}") from e
     except (ValueError, FileNotFoundError, OSError) as e:
         logger.error("%s", e)
         return 2

@@ -130,6 +130,11 @@ class EngineCoreProc:
             self.input_queue.put(_SHUTDOWN)
         elif msg.kind == "client_died":
             self.input_queue.put(("client_died", msg.client_index))
+            if 0 <= msg.client_index < len(self._inputs):
+                # Announce ourselves again: the DEALER queues this until the replacement
+                # binds the same endpoint, whose ROUTER then knows we are there.
+                self._inputs[msg.client_index].send_multipart(
+                    [RequestType.HELLO.value, _encoder.encode(self.engine_index)])
         else:
             logger.warning("unknown control message %r", msg.kind)
 

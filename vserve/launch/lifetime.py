@@ -11,6 +11,10 @@ Invariants:
   (immediate, but it fires on the death of the parent *thread* that spawned the child, and is
   skipped if the signal is ignored or handled slowly) and a polling thread (0.5 s, works
   whatever the child does with SIGTERM) that ``os._exit``s once the parent is gone.
+- PR_SET_PDEATHSIG fires when the *thread* that forked the child exits. So :func:`spawn_child`
+  forks only from the main thread or from one spawner thread that lives as long as the
+  process; a child started from a short-lived worker thread would otherwise get SIGTERM the
+  moment that worker finished (seen in practice with a ThreadPoolExecutor).
 """
 
 from __future__ import annotations
@@ -19,12 +23,15 @@ import contextlib
 import ctypes
 import logging
 import os
+import queue
 import signal
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import Future
+from typing import Any
 
 from vserve.logging_utils import get_logger
 
@@ -37,6 +44,7 @@ PARENT_DIED_EXIT_CODE = 1
 
 _watch_lock = threading.Lock()
 _watching = False
+_spawn_queue: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]]] | None = None
 _on_parent_death: list[Callable[[], None]] = []
 
 
@@ -124,6 +132,45 @@ def spawn_child(
     stdin is /dev/null (children never read the terminal); stdout and stderr are inherited
     so that their log lines reach the user. Only ``pass_fds`` are inherited beyond 0-2.
     """
+    if threading.current_thread() is threading.main_thread():
+        return _popen(module, args, name, env, tuple(pass_fds))
+    fut: Future[subprocess.Popen[bytes]] = Future()
+    fds = tuple(pass_fds)
+    _spawner().put((lambda: _popen(module, args, name, env, fds), fut))
+    return fut.result()
+
+
+def _spawner() -> queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]]]:
+    """The queue of the one daemon thread that forks children for callers off the main thread.
+
+    A daemon thread (not an executor, whose workers are joined at interpreter exit) so that
+    the children's PDEATHSIG "parent thread" dies only with the process.
+    """
+    global _spawn_queue
+    with _watch_lock:
+        if _spawn_queue is None:
+            jobs: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]]] = queue.SimpleQueue()
+
+            def serve() -> None:
+                while True:
+                    fn, fut = jobs.get()
+                    try:
+                        fut.set_result(fn())
+                    except BaseException as exc:  # handed to the caller, not lost
+                        fut.set_exception(exc)
+
+            threading.Thread(target=serve, name="vserve-spawner", daemon=True).start()
+            _spawn_queue = jobs
+        return _spawn_queue
+
+
+def _popen(
+    module: str,
+    args: Sequence[str],
+    name: str,
+    env: Mapping[str, str] | None,
+    pass_fds: tuple[int, ...],
+) -> subprocess.Popen[bytes]:
     child_env: dict[str, str] | None = None
     if env:
         child_env = dict(os.environ)
@@ -133,7 +180,7 @@ def spawn_child(
         cmd,
         stdin=subprocess.DEVNULL,
         env=child_env,
-        pass_fds=tuple(pass_fds),
+        pass_fds=pass_fds,
         close_fds=True,
         start_new_session=False,  # see the module docstring: share the terminal's group
     )

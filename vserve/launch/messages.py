@@ -21,6 +21,12 @@ class ApiServerHello(msgspec.Struct, array_like=True, gc=False, tag=True):
     output_addr: str
 
 
+class ApiServerDrained(msgspec.Struct, array_like=True, gc=False, tag=True):
+    """API server → supervisor: nothing of mine is in flight any more (draining)."""
+
+    client_index: int
+
+
 class ApiServerGo(msgspec.Struct, array_like=True, gc=False, tag=True):
     """Supervisor → API server: every engine is ready; take the socket and serve."""
 
@@ -29,7 +35,8 @@ class ApiServerGo(msgspec.Struct, array_like=True, gc=False, tag=True):
 
 
 class ApiServerControl(msgspec.Struct, array_like=True, gc=False, tag=True):
-    """Supervisor → API server. kinds: ``drain``, ``engine_died``."""
+    """Supervisor → API server. kinds: ``drain``, ``exit`` (after every server drained),
+    ``engine_died``."""
 
     kind: str
     engine_index: int = -1
@@ -51,5 +58,5 @@ class ApiServerArgs(msgspec.Struct, gc=False):
     supervisor_pid: int
 
 
-ToSupervisor = EngineHello | EngineReady | EngineStartupError | ApiServerHello
+ToSupervisor = EngineHello | EngineReady | EngineStartupError | ApiServerHello | ApiServerDrained
 ToApiServer = ApiServerGo | ApiServerControl

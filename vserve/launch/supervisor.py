@@ -35,6 +35,7 @@ from vserve.launch.listen import bind_listen_socket, describe
 from vserve.launch.messages import (
     ApiServerArgs,
     ApiServerControl,
+    ApiServerDrained,
     ApiServerGo,
     ApiServerHello,
 )
@@ -251,9 +252,19 @@ class Supervisor:
         self._start_api_server(index)
 
     def _drain(self) -> int:
+        assert self.launcher is not None
         for i in self.api_procs:
             self._send_api(i, ApiServerControl("drain"))
-        deadline = time.monotonic() + self.server.shutdown_timeout + 10
+        deadline = time.monotonic() + self.server.shutdown_timeout + 5
+        drained: set[int] = set()
+        while len(drained) < len(self.api_procs) and time.monotonic() < deadline:
+            for _, msg in self.launcher.poll_other(50):
+                if isinstance(msg, ApiServerDrained):
+                    drained.add(msg.client_index)
+            drained |= {i for i, p in self.api_procs.items() if p.poll() is not None}
+        for i in self.api_procs:
+            self._send_api(i, ApiServerControl("exit"))
+        deadline = time.monotonic() + 15
         for p in self.api_procs.values():
             try:
                 p.wait(max(0.1, deadline - time.monotonic()))
