@@ -64,6 +64,9 @@ class EngineLauncher:
         self.handshake_addr = str(self.sock.getsockopt_string(zmq.LAST_ENDPOINT))
         self._peer_ids: dict[int, bytes] = {}
         self._others: list[tuple[bytes, msgspec.Struct]] = []
+        # Engine messages that arrived while someone else was polling (a remote engine may
+        # say HELLO before the head is ready to answer it).
+        self._engine_msgs: list[tuple[bytes, msgspec.Struct]] = []
 
     def start_processes(self) -> None:
         for rank in self.engine_ranks:
@@ -92,10 +95,13 @@ class EngineLauncher:
                 raise EngineStartupFailed(missing[0], f"no READY within {timeout:.0f}s")
             if on_poll is not None:
                 on_poll()
-            received = self._recv(100)
-            if received is None:
-                continue
-            peer, msg = received
+            if self._engine_msgs:
+                peer, msg = self._engine_msgs.pop(0)
+            else:
+                received = self._recv(100)
+                if received is None:
+                    continue
+                peer, msg = received
             if isinstance(msg, EngineHello):
                 self._peer_ids[msg.engine_index] = peer
                 self.sock.send_multipart([peer, info_bytes])
@@ -124,10 +130,12 @@ class EngineLauncher:
         if not self._others:
             received = self._recv(timeout_ms)
             if received is not None:
-                if isinstance(received[1], (EngineHello, EngineReady, EngineStartupError)):
-                    logger.warning("late engine handshake message ignored: %r", received[1])
-                else:
+                if not isinstance(received[1], (EngineHello, EngineReady, EngineStartupError)):
                     self._others.append(received)
+                elif len(self.ready) < self.num_engines:
+                    self._engine_msgs.append(received)  # for wait_ready
+                else:
+                    logger.warning("late engine handshake message ignored: %r", received[1])
         out, self._others = self._others, []
         return out
 

@@ -8,13 +8,13 @@ Invariants:
   forwards SIGTERM/SIGINT to them anyway for signals sent to it alone (e.g. by Kubernetes).
   A child that must survive the group's SIGINT handles it (uvicorn does: graceful shutdown).
 - A child never outlives the supervisor: :func:`exit_when_parent_dies` arms PR_SET_PDEATHSIG
-  (immediate, but it fires on the death of the parent *thread* that spawned the child, and is
-  skipped if the signal is ignored or handled slowly) and a polling thread (0.5 s, works
-  whatever the child does with SIGTERM) that ``os._exit``s once the parent is gone.
-- PR_SET_PDEATHSIG fires when the *thread* that forked the child exits. So :func:`spawn_child`
-  forks only from the main thread or from one spawner thread that lives as long as the
-  process; a child started from a short-lived worker thread would otherwise get SIGTERM the
-  moment that worker finished (seen in practice with a ThreadPoolExecutor).
+  (immediate, but useless if the child ignores SIGTERM or handles it slowly) and a polling
+  thread (0.5 s, works whatever the child does with SIGTERM) that ``os._exit``s once the
+  parent is gone.
+- PR_SET_PDEATHSIG fires when the *thread* that forked the child exits, not the process. So
+  :func:`spawn_child` forks only from the main thread or from one daemon spawner thread that
+  lives as long as the process; a child started from a short-lived worker thread would
+  otherwise get SIGTERM the moment that worker finished (seen with a ThreadPoolExecutor).
 """
 
 from __future__ import annotations

@@ -157,6 +157,9 @@ class Supervisor:
         while not self.stop_requested.wait(0.2):
             for rank, p in procs.items():
                 if p.poll() is not None:
+                    if p.returncode == 0:  # the head told it to shut down
+                        logger.info("EngineCore_DP%d stopped; headless node exits", rank)
+                        return 0
                     logger.error("EngineCore_DP%d exited with code %s", rank, p.returncode)
                     return 1
         return 0

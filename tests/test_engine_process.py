@@ -1,0 +1,143 @@
+"""The engine-core process on its own: real process, real ZMQ, hostile frames."""
+
+from __future__ import annotations
+
+import time
+
+import msgspec
+import pytest
+import zmq
+
+from vserve.config import CacheConfig, EngineConfig, ModelConfig
+from vserve.demo import build_demo_model
+from vserve.engine.messages import (
+    EngineCoreOutputs,
+    EngineCoreRequest,
+    FinishReason,
+    RequestType,
+    engine_identity,
+)
+from vserve.launch.engines import EngineLauncher, EngineStartupFailed
+from vserve.launch.rundir import ipc_endpoint, make_run_dir, remove_run_dir
+from vserve.sampling_params import SamplingParams
+
+_decoder = msgspec.msgpack.Decoder(EngineCoreOutputs)
+
+
+@pytest.fixture()
+def engine(tmp_path):
+    model_dir = build_demo_model(tmp_path / "demo")
+    run_dir = make_run_dir()
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    router.bind(ipc_endpoint(run_dir, "in"))
+    pull = ctx.socket(zmq.PULL)
+    pull.bind(ipc_endpoint(run_dir, "out"))
+    config = EngineConfig(model=ModelConfig(max_model_len=1024),
+                          cache=CacheConfig(num_kv_blocks=64))
+    launcher = EngineLauncher(ctx=ctx, config=config,
+                              model_dir=model_dir, handshake_addr=ipc_endpoint(run_dir, "hs"),
+                              input_addrs=[ipc_endpoint(run_dir, "in")],
+                              output_addrs=[ipc_endpoint(run_dir, "out")],
+                              engine_ranks=[0], num_engines=1)
+    try:
+        launcher.start_processes()
+        launcher.wait_ready(120)
+        assert router.poll(30_000)
+        peer, kind, _ = router.recv_multipart()
+        assert peer == engine_identity(0) and kind == RequestType.HELLO.value
+        yield router, pull, launcher
+    finally:
+        launcher.shutdown()
+        ctx.destroy(linger=0)
+        remove_run_dir(run_dir)
+
+
+def _run(router, pull, rid: str, max_tokens: int = 4) -> list[int]:
+    req = EngineCoreRequest(rid, [1, 2, 3, 4, 5], SamplingParams(temperature=0,
+                                                                 max_tokens=max_tokens),
+                            [296], time.time())
+    router.send_multipart([engine_identity(0), RequestType.ADD.value,
+                           msgspec.msgpack.encode(req)])
+    tokens: list[int] = []
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if not pull.poll(1000):
+            continue
+        for out in _decoder.decode(pull.recv()).outputs:
+            assert out.request_id == rid
+            tokens += out.new_token_ids
+            if out.finished:
+                assert out.finish_reason in (FinishReason.LENGTH, FinishReason.STOP)
+                return tokens
+    raise TimeoutError(rid)
+
+
+def test_malformed_frames_are_dropped_and_the_engine_keeps_serving(engine):
+    router, pull, launcher = engine
+    before = _run(router, pull, "before")
+    target = engine_identity(0)
+    garbage = [
+        [b"\x00", b"not msgpack at all \xff\xfe"],  # ADD with junk
+        [b"\x00", msgspec.msgpack.encode({"request_id": 5})],  # wrong shape
+        [b"\x00", msgspec.msgpack.encode(["id", [1, 2], {"temperature": -5}, [2], 0.0])],
+        [b"\x01", msgspec.msgpack.encode(12345)],  # ABORT with a non-list
+        [b"\x09", b"unknown type"],
+        [b"only one frame"],
+        [b"\x00", b"a", b"three frames"],
+        [b"\x02", b"\x93\x01\x02"],  # UTILITY junk
+    ]
+    for frames in garbage:
+        router.send_multipart([target, *frames])
+    # An invalid request that decodes fine is answered with an error, not a crash.
+    bad = EngineCoreRequest("bad", [10**7], SamplingParams(), [296], time.time())
+    router.send_multipart([target, RequestType.ADD.value, msgspec.msgpack.encode(bad)])
+    assert pull.poll(10_000)
+    outs = _decoder.decode(pull.recv()).outputs
+    assert outs[0].request_id == "bad" and outs[0].finish_reason == FinishReason.ERROR
+    assert "vocabulary" in (outs[0].error or "")
+    after = _run(router, pull, "after")
+    assert after == before  # greedy: same prompt, same tokens
+    assert launcher.dead_engines() == []
+
+
+def test_abort_frees_the_request(engine):
+    router, pull, launcher = engine
+    req = EngineCoreRequest("long", [1, 2, 3], SamplingParams(max_tokens=3000, ignore_eos=True),
+                            [296], time.time())
+    router.send_multipart([engine_identity(0), RequestType.ADD.value,
+                           msgspec.msgpack.encode(req)])
+    assert pull.poll(10_000)
+    router.send_multipart([engine_identity(0), RequestType.ABORT.value,
+                           msgspec.msgpack.encode(["long"])])
+    deadline = time.monotonic() + 10
+    finished = None
+    while finished is None and time.monotonic() < deadline:
+        if pull.poll(1000):
+            for out in _decoder.decode(pull.recv()).outputs:
+                if out.finished:
+                    finished = out.finish_reason
+    assert finished == FinishReason.ABORT
+    # 64 blocks of 16 tokens: a request needing most of the cache runs only if the aborted
+    # one gave its blocks back.
+    assert len(_run(router, pull, "big", max_tokens=900)) == 900
+
+
+def test_startup_error_names_the_cause(tmp_path):
+    model_dir = build_demo_model(tmp_path / "demo")
+    run_dir = make_run_dir()
+    ctx = zmq.Context()
+    launcher = EngineLauncher(ctx=ctx, config=EngineConfig(cache=CacheConfig(num_kv_blocks=2)),
+                              model_dir=model_dir, handshake_addr=ipc_endpoint(run_dir, "hs"),
+                              input_addrs=[ipc_endpoint(run_dir, "in")],
+                              output_addrs=[ipc_endpoint(run_dir, "out")],
+                              engine_ranks=[0], num_engines=1)
+    try:
+        launcher.start_processes()
+        with pytest.raises(EngineStartupFailed, match="KV cache capacity"):
+            launcher.wait_ready(120)
+    finally:
+        launcher.shutdown()
+        ctx.destroy(linger=0)
+        remove_run_dir(run_dir)
