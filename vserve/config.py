@@ -73,6 +73,9 @@ class SchedulerConfig:
 class DeviceConfig:
     device: str = "auto"  # auto: cuda when available, else cpu
     enforce_eager: bool = False  # no CUDA graphs
+    # Benchmarking tool only, never a default: engines skip the model's arithmetic and emit
+    # tokens as fast as the scheduler runs, so that the front end is the bottleneck.
+    benchmark_skip_compute: bool = False
 
     def __post_init__(self) -> None:
         if self.device not in ("auto", "cpu", "cuda"):

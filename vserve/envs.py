@@ -29,5 +29,10 @@ def engine_death_grace() -> float:
     return float(os.environ.get("VSERVE_ENGINE_DEATH_GRACE", "2"))
 
 
+def set_prometheus_multiproc_dir(path: os.PathLike[str] | str) -> None:
+    """The supervisor sets it for itself and every child it starts afterwards."""
+    os.environ[PROMETHEUS_MULTIPROC_DIR] = str(path)
+
+
 def prometheus_multiproc_dir() -> str | None:
     return os.environ.get(PROMETHEUS_MULTIPROC_DIR) or None

@@ -56,6 +56,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     d = p.add_argument_group("device")
     d.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     d.add_argument("--enforce-eager", action="store_true")
+    d.add_argument("--benchmark-skip-compute", action="store_true",
+                   help="BENCHMARKING ONLY: engines skip the model's arithmetic and emit fake "
+                        "tokens, so the front end is what gets measured")
     par = p.add_argument_group("parallelism")
     par.add_argument("--data-parallel-size", "-dp", type=int, default=1)
     par.add_argument("--data-parallel-size-local", type=int, default=None)
@@ -110,7 +113,8 @@ def build_configs(args: argparse.Namespace) -> tuple[EngineConfig, ServerConfig,
                                   max_num_seqs=args.max_num_seqs,
                                   enable_chunked_prefill=args.enable_chunked_prefill,
                                   policy=args.scheduling_policy),
-        device=DeviceConfig(device=args.device, enforce_eager=args.enforce_eager),
+        device=DeviceConfig(device=args.device, enforce_eager=args.enforce_eager,
+                            benchmark_skip_compute=args.benchmark_skip_compute),
     )
     server = ServerConfig(
         host=args.host, port=args.port, uds=args.uds, api_server_count=args.api_server_count,

@@ -55,6 +55,8 @@ class Supervisor:
         self.model_dir = model_dir
         self.ctx = zmq.Context()
         self.run_dir = make_run_dir()
+        # Before any child starts: prometheus_client's multiprocess mode reads it at import.
+        envs.set_prometheus_multiproc_dir(self.run_dir / "prometheus")
         self.api_procs: dict[int, subprocess.Popen[bytes]] = {}
         self.api_peers: dict[int, bytes] = {}
         self.restarts: list[float] = []
@@ -86,6 +88,9 @@ class Supervisor:
             if self.parallel.headless:
                 return self._run_headless()
             return self._run_head()
+        except (RuntimeError, OSError, ValueError) as e:
+            logger.error("%s", e)
+            return 1
         finally:
             self._shutdown()
 
@@ -171,10 +176,9 @@ class Supervisor:
         self.api_args_path = path
 
     def _start_api_server(self, index: int) -> None:
-        env = {envs.PROMETHEUS_MULTIPROC_DIR: str(self.run_dir / "prometheus")}
         self.api_procs[index] = spawn_child(
             "vserve.api.server", ["--index", str(index), "--args-file", str(self.api_args_path)],
-            f"ApiServer_{index}", env=env)
+            f"ApiServer_{index}")
 
     def _send_api(self, index: int, msg: msgspec.Struct) -> None:
         peer = self.api_peers.get(index)

@@ -50,7 +50,14 @@ class ModelRunner:
         self.block_size = config.cache.block_size
         self.max_model_len = self._max_model_len()
         self.attn_backend = select_attention_backend(self.device)
-        self.model: Any = load_model(model_dir, self.arch, self.dtype, self.device, self.attn_backend)
+        self.skip_compute = config.device.benchmark_skip_compute
+        self.model: Any = None
+        if self.skip_compute:
+            logger.warning("BENCHMARK MODE: the model is not loaded and outputs are fake "
+                           "tokens; use this only to measure the front end")
+        else:
+            self.model = load_model(model_dir, self.arch, self.dtype, self.device,
+                                    self.attn_backend)
         self.sampler = Sampler(self.device, config.model.seed)
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.num_blocks = 0
@@ -101,6 +108,9 @@ class ModelRunner:
         return int(num) + 1
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
+        self.num_blocks = num_blocks
+        if self.skip_compute:
+            return  # nothing reads or writes the cache in benchmark mode
         shape = (num_blocks, self.block_size, self.arch.num_key_value_heads, self.arch.head_dim)
         self.kv_caches = [
             (
@@ -156,6 +166,8 @@ class ModelRunner:
         out = ModelRunnerOutput()
         if sched.is_empty:
             return out
+        if self.skip_compute:
+            return self._fake_step(sched)
         ids, pos, meta = self._prepare(sched.scheduled)
         hidden = self.model(ids, pos, self.kv_caches, meta)
 
@@ -176,6 +188,25 @@ class ModelRunner:
                 lp = self._prompt_logprobs(s, hidden, meta.query_start_loc_cpu[i])
                 if lp is not None:
                     out.prompt_logprobs[s.request.request_id] = lp
+        return out
+
+    def _fake_step(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        """Benchmark mode: a deterministic token per sampling request, never an EOS or
+        special id below 32, and logprob rows of 0.0 where asked, with no arithmetic."""
+        out = ModelRunnerOutput()
+        vocab = self.arch.vocab_size
+        for s in sched.scheduled:
+            req = s.request
+            if not s.samples:
+                continue
+            tok = min(vocab - 1, 32 + (req.num_tokens * 7) % 64)
+            while tok in req.eos_token_ids and tok > 0:
+                tok -= 1
+            out.sampled_token_ids[req.request_id] = tok
+            k = req.sampling_params.logprobs
+            if k is not None:
+                out.logprobs[req.request_id] = Logprobs([[tok] * (k + 1)], [[0.0] * (k + 1)],
+                                                        [1])
         return out
 
     def _prompt_logprobs(
