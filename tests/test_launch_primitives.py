@@ -84,19 +84,29 @@ def _wait_line(proc: subprocess.Popen[bytes], timeout: float = 15.0) -> str:
             return line.decode().strip()
 
 
-def _start_http_child(handoff_path: str, loop: str = "uvloop") -> subprocess.Popen[bytes]:
-    proc = subprocess.Popen(
-        [sys.executable, "-c", HTTP_CHILD, handoff_path, loop],
-        stdout=subprocess.PIPE,
-        stdin=subprocess.DEVNULL,
-        cwd=REPO,
-    )
+def _start_http_children(handoff_path: str, loop: str, n: int) -> list[subprocess.Popen[bytes]]:
+    """Start ``n`` API-server stand-ins at once (imports dominate) and wait until each serves.
+
+    Started from the calling (main) thread on purpose: PR_SET_PDEATHSIG would fire when a
+    short-lived thread that forked them exited (vserve's spawn_child guards against that).
+    """
+    procs: list[subprocess.Popen[bytes]] = []
     try:
-        assert _wait_line(proc) == "READY"
+        for _ in range(n):
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-c", HTTP_CHILD, handoff_path, loop],
+                    stdout=subprocess.PIPE,
+                    stdin=subprocess.DEVNULL,
+                    cwd=REPO,
+                )
+            )
+        for proc in procs:
+            assert _wait_line(proc) == "READY"
     except BaseException:
-        terminate_children([proc], timeout=2.0)
+        terminate_children(procs, timeout=2.0)
         raise
-    return proc
+    return procs
 
 
 def _get(port: int, timeout: float = 5.0) -> int:
@@ -142,11 +152,14 @@ class Cluster:
         self.port = self.sock.getsockname()[1]
         self.server = ListenSocketServer(self.sock, ipc_path(run_dir, "listen"))
         self.children: list[subprocess.Popen[bytes]] = []
-        with ThreadPoolExecutor(n) as pool:  # start in parallel: imports dominate
-            self.children = list(pool.map(lambda _: self.start_child(), range(n)))
+        try:
+            self.children = _start_http_children(self.server.path, loop, n)
+        except BaseException:
+            self.close()
+            raise
 
     def start_child(self) -> subprocess.Popen[bytes]:
-        return _start_http_child(self.server.path, self.loop)
+        return _start_http_children(self.server.path, self.loop, 1)[0]
 
     def close(self) -> None:
         terminate_children(self.children, timeout=3.0)
@@ -332,16 +345,20 @@ def test_replacement_child_gets_the_socket_while_port_keeps_answering(cluster: C
     stop = threading.Event()
     refused: list[BaseException] = []
     other_errors: list[BaseException] = []
-    answered: list[int] = []
+    answered: list[tuple[float, int]] = []  # (when the request started, pid that answered)
 
     def poll() -> None:
         while not stop.is_set():
+            started = time.monotonic()
             try:
-                answered.append(_get(cluster.port, timeout=5.0))
+                answered.append((started, _get(cluster.port, timeout=5.0)))
             except ConnectionRefusedError as exc:
                 refused.append(exc)
             except (OSError, http.client.HTTPException) as exc:
                 other_errors.append(exc)
+
+    def pids_since(t: float) -> set[int]:
+        return {pid for started, pid in list(answered) if started >= t}
 
     poller = threading.Thread(target=poll, daemon=True)
     poller.start()
@@ -350,11 +367,11 @@ def test_replacement_child_gets_the_socket_while_port_keeps_answering(cluster: C
         victim = cluster.children.pop(0)
         victim.send_signal(signal.SIGKILL)
         victim.wait(timeout=5.0)
-        killed_at = len(answered)
+        reaped_at = time.monotonic()
         replacement = cluster.start_child()
         cluster.children.append(replacement)
         deadline = time.monotonic() + 10.0
-        while replacement.pid not in answered[killed_at:] and time.monotonic() < deadline:
+        while replacement.pid not in pids_since(reaped_at) and time.monotonic() < deadline:
             time.sleep(0.05)
     finally:
         stop.set()
@@ -362,8 +379,9 @@ def test_replacement_child_gets_the_socket_while_port_keeps_answering(cluster: C
     assert not refused, "the port closed while an API server was replaced"
     # Only a request the victim had already accepted can fail (the poller is sequential).
     assert len(other_errors) <= 1, other_errors
-    assert victim.pid not in answered[killed_at:]
-    assert replacement.pid in answered[killed_at:]
+    after = pids_since(reaped_at)
+    assert victim.pid not in after
+    assert replacement.pid in after, (after, replacement.pid, len(answered))
     assert _listening_inodes(cluster.port) == [os.fstat(cluster.sock.fileno()).st_ino]
 
 
@@ -443,7 +461,11 @@ def test_spawn_child_clean_interpreter_same_group_and_env() -> None:
         "http.server", ["0", "--bind", "127.0.0.1"], "probe", env={"VSERVE_PROBE": "42"}
     )
     try:
-        assert psutil.Process(proc.pid).cmdline()[:3] == [sys.executable, "-m", "http.server"]
+        # Popen returns once exec has begun; the new argv shows up in /proc a moment later.
+        deadline = time.monotonic() + 5.0
+        while not (cmdline := psutil.Process(proc.pid).cmdline()) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert cmdline[:3] == [sys.executable, "-m", "http.server"]
         assert os.getpgid(proc.pid) == os.getpgid(0)  # terminal SIGINT reaches it too
         environ = Path(f"/proc/{proc.pid}/environ").read_bytes().split(b"\0")
         assert b"VSERVE_PROBE=42" in environ
@@ -452,6 +474,34 @@ def test_spawn_child_clean_interpreter_same_group_and_env() -> None:
     finally:
         assert terminate_children([proc], timeout=3.0) == []
     assert proc.returncode is not None
+
+
+def test_spawn_child_from_short_lived_thread_survives_that_thread() -> None:
+    # PR_SET_PDEATHSIG fires when the forking *thread* exits; spawn_child forks from a
+    # long-lived thread, so the child (the coordinator arms PDEATHSIG) must stay up.
+    run_dir = make_run_dir()
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        args = ["--stats-in", ipc_endpoint(run_dir, "in"), "--num-engines", "1"]
+        args += ["--snapshot-out", ipc_endpoint(run_dir, "out"), "--log-level", "WARNING"]
+
+        def start_and_wait_armed() -> None:
+            procs.append(spawn_child("vserve.engine.coordinator", args, "c"))
+            # The coordinator binds after arming PDEATHSIG: once the socket file is there, the
+            # signal would fire when this thread exits.
+            deadline = time.monotonic() + 10.0
+            while not os.path.exists(ipc_path(run_dir, "out")) and time.monotonic() < deadline:
+                time.sleep(0.02)
+
+        worker = threading.Thread(target=start_and_wait_armed)
+        worker.start()
+        worker.join()
+        assert os.path.exists(ipc_path(run_dir, "out"))
+        time.sleep(0.5)
+        assert procs[0].poll() is None, "the child died with the thread that started it"
+    finally:
+        terminate_children(procs, timeout=3.0)
+        remove_run_dir(run_dir)
 
 
 def test_terminate_children_kills_stragglers_and_never_raises() -> None:

@@ -114,7 +114,9 @@ async def serve(index: int, args: ApiServerArgs) -> None:
     from vserve.api.app import build_app
 
     app = with_server_header(build_app(state), index)
+    # log_config=None keeps our process-named log format on uvicorn's lines too.
     config = uvicorn.Config(app, http="httptools", lifespan="off", access_log=False,
+                            log_config=None, backlog=2048,
                             log_level=args.server.uvicorn_log_level,
                             timeout_graceful_shutdown=5)
     server = _Server(config)
@@ -192,7 +194,7 @@ def main(argv: list[str] | None = None) -> None:
     ns = parser.parse_args(argv)
     args = msgspec.msgpack.decode(Path(ns.args_file).read_bytes(), type=ApiServerArgs)
     name = f"ApiServer_{ns.index}"
-    init_logging(name, args.server.log_level.upper())
+    init_logging(name, args.server.log_level.upper(), extra_loggers=("uvicorn",))
     set_process_title(name)
     run_dir = Path(ns.args_file).parent
     on_parent_death(lambda: remove_run_dir(run_dir))

@@ -66,6 +66,10 @@ class Request:
         # The last prompt position whose logprob was sent (inclusive; 0 = none yet).
         self.num_prompt_logprobs_done = 0
         self.max_tokens = sampling_params.max_tokens
+        # Engine-clock timestamps for the request's metrics (0.0 = not yet).
+        self.received_time = time.time()
+        self.first_scheduled_time = 0.0
+        self.first_token_time = 0.0
 
     @classmethod
     def from_engine_core_request(cls, req: EngineCoreRequest) -> Request:

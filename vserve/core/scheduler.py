@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import time
 from collections import deque
 from collections.abc import Iterable, Iterator
 
@@ -23,7 +24,7 @@ from vserve.config import CacheConfig, SchedulerConfig
 from vserve.core.kv_cache_manager import KVCacheManager
 from vserve.core.request import Request, RequestStatus
 from vserve.core.sched_output import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
-from vserve.engine.messages import EngineCoreOutput, SchedulerStats
+from vserve.engine.messages import EngineCoreOutput, RequestTiming, SchedulerStats
 
 
 class _WaitingQueue:
@@ -288,6 +289,8 @@ class Scheduler:
                 break  # keep the order: nobody overtakes the head for lack of blocks
             self.waiting.pop()
             request.status = RequestStatus.RUNNING
+            if not request.first_scheduled_time:
+                request.first_scheduled_time = time.time()
             request.num_computed_tokens = num_hit
             if request.num_cached_tokens < 0:
                 request.num_cached_tokens = num_hit
@@ -335,10 +338,16 @@ class Scheduler:
             if samples:
                 token = runner_output.sampled_token_ids[rid]
                 request.append_output_token(token)
+                if not request.first_token_time:
+                    request.first_token_time = time.time()
                 status = self._check_stop(request, token)
+                timing = None
                 if status is not None:
                     self._finish(request, status)
                     any_finished = True
+                    timing = RequestTiming(request.received_time, request.first_scheduled_time,
+                                           request.first_token_time, time.time(),
+                                           request.num_preemptions)
                 out = EngineCoreOutput(
                     rid,
                     [token],
@@ -347,6 +356,7 @@ class Scheduler:
                     finish_reason=request.status.finish_reason(),
                     stop_reason=request.stop_reason,
                     num_cached_tokens=max(request.num_cached_tokens, 0),
+                    timing=timing,
                 )
             elif prompt_lps is not None and prompt_lps.ranks:
                 out = EngineCoreOutput(

@@ -56,6 +56,17 @@ class Logprobs(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
     ranks: list[int]
 
 
+class RequestTiming(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
+    """Engine-side timestamps (time.time()) of a finished request, for the front end's
+    queue / prefill / decode time metrics."""
+
+    received: float  # the engine took the request in
+    first_scheduled: float  # first step that computed any of it
+    first_token: float  # its first output token was sampled
+    finished: float
+    num_preemptions: int = 0
+
+
 class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
     request_id: str
     new_token_ids: list[int]
@@ -67,6 +78,7 @@ class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True, gc=F
     stop_reason: int | str | None = None
     num_cached_tokens: int = 0
     error: str | None = None
+    timing: RequestTiming | None = None  # on the finishing output only
 
     @property
     def finished(self) -> bool:
