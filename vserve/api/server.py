@@ -42,6 +42,7 @@ from vserve.launch.messages import (
 )
 from vserve.launch.rundir import remove_run_dir
 from vserve.logging_utils import get_logger, init_logging
+from vserve.metrics.exposition import add_metrics_route, with_http_metrics
 from vserve.tokenizer import Tokenizer
 
 logger = get_logger(__name__)
@@ -113,7 +114,9 @@ async def serve(index: int, args: ApiServerArgs) -> None:
 
     from vserve.api.app import build_app
 
-    app = with_server_header(build_app(state), index)
+    fastapi_app = build_app(state)
+    add_metrics_route(fastapi_app, args.supervisor_pid)
+    app = with_server_header(with_http_metrics(fastapi_app), index)
     # log_config=None keeps our process-named log format on uvicorn's lines too.
     config = uvicorn.Config(app, http="httptools", lifespan="off", access_log=False,
                             log_config=None, backlog=2048,

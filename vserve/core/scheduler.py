@@ -126,6 +126,8 @@ class Scheduler:
         self._num_preemptions = 0  # cumulative
         self._prefix_queries_total = 0  # tokens looked up, cumulative
         self._prefix_hits_total = 0  # tokens found, cumulative
+        self._prompt_tokens_total = 0  # prompt tokens computed, cumulative
+        self._generation_tokens_total = 0  # tokens sampled, cumulative
         self._last_num_scheduled_tokens = 0
 
     # ---- queue management -------------------------------------------------------------
@@ -198,6 +200,8 @@ class Scheduler:
             prefix_cache_hits=self._prefix_hits_total,
             num_preemptions=self._num_preemptions,
             num_scheduled_tokens=self._last_num_scheduled_tokens,
+            prompt_tokens_total=self._prompt_tokens_total,
+            generation_tokens_total=self._generation_tokens_total,
         )
         return stats
 
@@ -332,6 +336,10 @@ class Scheduler:
             if request.is_finished:  # aborted after the step was built
                 continue
             samples = sched.samples  # must be read before advancing num_computed_tokens
+            start = request.num_computed_tokens
+            self._prompt_tokens_total += max(
+                0, min(start + sched.num_new_tokens, request.num_prompt_tokens) - start)
+            self._generation_tokens_total += int(samples)
             request.num_computed_tokens += sched.num_new_tokens
             rid = request.request_id
             prompt_lps = runner_output.prompt_logprobs.get(rid)

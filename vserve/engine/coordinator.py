@@ -47,6 +47,11 @@ class EngineLoad(msgspec.Struct, array_like=True, gc=False):
     num_waiting: int
     num_running: int
     kv_cache_usage: float
+    # Cumulative counters, for the supervisor's periodic stats line.
+    prompt_tokens_total: int = 0
+    generation_tokens_total: int = 0
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
 
 
 class LoadSnapshot(msgspec.Struct, array_like=True, gc=False):

@@ -27,6 +27,7 @@ from typing import Any
 import msgspec
 import zmq
 
+from vserve import envs
 from vserve.config import EngineConfig
 from vserve.engine.coordinator import EngineLoad, encode_load
 from vserve.engine.messages import (
@@ -86,6 +87,13 @@ class EngineCoreProc:
             self._stats_sock = ctx.socket(zmq.PUSH)
             self._stats_sock.setsockopt(zmq.LINGER, 0)
             self._stats_sock.connect(info.stats_addr)
+        self.metrics = None
+        if envs.prometheus_multiproc_dir():  # served: one API server exposes every process
+            from vserve.metrics.engine_metrics import EngineMetrics
+
+            model = core.config.model
+            name = model.served_model_name[0] if model.served_model_name else model.model
+            self.metrics = EngineMetrics(name, self.engine_index)
         self._input_thread = threading.Thread(target=self._input_loop, name="engine-input",
                                               daemon=True)
         self._output_thread = threading.Thread(target=self._output_loop, name="engine-output",
@@ -205,7 +213,7 @@ class EngineCoreProc:
     def run(self) -> None:
         self._input_thread.start()
         self._output_thread.start()
-        last_load: EngineLoad | None = None
+        last_key: tuple[int, int, float] | None = None
         last_stats_time = 0.0
         try:
             running = True
@@ -217,17 +225,26 @@ class EngineCoreProc:
                         running = self._handle(self.input_queue.get_nowait())
                     except queue.Empty:
                         break
+                stepped = False
                 if running and self.core.has_unfinished_requests():
                     for client, outs in self.core.step().items():
                         self._send(client, outs)
+                    stepped = True
+                stats = self.core.stats()
+                if self.metrics is not None:
+                    self.metrics.update(stats, stepped)
                 if self._stats_sock is not None:
                     now = time.monotonic()
-                    stats = self.core.stats()
                     load = EngineLoad(self.engine_index, stats.num_waiting_reqs,
-                                      stats.num_running_reqs, stats.kv_cache_usage)
-                    if load != last_load or now - last_stats_time > 1.0:
+                                      stats.num_running_reqs, stats.kv_cache_usage,
+                                      stats.prompt_tokens_total,
+                                      stats.generation_tokens_total,
+                                      stats.prefix_cache_queries, stats.prefix_cache_hits)
+                    # Routing needs fresh queue depths; the counters can ride along.
+                    key = (load.num_waiting, load.num_running, round(load.kv_cache_usage, 3))
+                    if key != last_key or now - last_stats_time > 1.0:
                         self.output_queue.put((-1, encode_load(load)))
-                        last_load, last_stats_time = load, now
+                        last_key, last_stats_time = key, now
         except BaseException as e:
             logger.exception("engine %d failed", self.engine_index)
             dead = EngineCoreOutputs(self.engine_index, [], time.time(),

@@ -94,6 +94,8 @@ class SchedulerStats(msgspec.Struct, array_like=True, omit_defaults=True, gc=Fal
     prefix_cache_hits: int = 0  # prompt tokens found there
     num_preemptions: int = 0
     num_scheduled_tokens: int = 0  # in the step that produced this report
+    prompt_tokens_total: int = 0  # prompt tokens computed (prefix-cache hits excluded)
+    generation_tokens_total: int = 0  # tokens sampled
 
 
 class UtilityOutput(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):

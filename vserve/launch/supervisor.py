@@ -41,6 +41,8 @@ from vserve.launch.messages import (
 )
 from vserve.launch.rundir import ipc_endpoint, make_run_dir, remove_run_dir
 from vserve.logging_utils import get_logger
+from vserve.metrics.exposition import mark_process_dead
+from vserve.metrics.stats_logger import StatsLogger
 
 logger = get_logger(__name__)
 _MAX_RESTARTS_PER_MINUTE = 5
@@ -66,6 +68,7 @@ class Supervisor:
         self.coordinator: Coordinator | None = None
         self.launcher: EngineLauncher | None = None
         self.listen_server: ListenSocketServer | None = None
+        self.stats_logger: StatsLogger | None = None
 
     # ---- addresses ---------------------------------------------------------------------
     def _addr(self, name: str) -> str:
@@ -139,6 +142,10 @@ class Supervisor:
         except EngineStartupFailed as e:
             logger.error("%s", e)
             return 1
+        coordinator = self.coordinator
+        self.stats_logger = StatsLogger(lambda: list(coordinator.loads),
+                                        self.server.log_stats_interval)
+        self.stats_logger.start()
         self.go = ApiServerGo(max_model_len=min(r.max_model_len for r in ready.values()),
                               num_kv_blocks=[ready[r].num_kv_blocks for r in sorted(ready)])
         for i in range(n):
@@ -247,6 +254,7 @@ class Supervisor:
     def _replace_api_server(self, index: int, code: int | None) -> None:
         assert self.launcher is not None
         logger.error("ApiServer_%d exited with code %s: starting a replacement", index, code)
+        mark_process_dead(self.api_procs[index].pid)
         self.launcher.send_control(EngineControl("client_died", index))
         self.api_peers.pop(index, None)
         now = time.monotonic()
@@ -280,6 +288,8 @@ class Supervisor:
         return self.exit_code
 
     def _shutdown(self) -> None:
+        if self.stats_logger is not None:
+            self.stats_logger.stop()
         terminate_children(self.api_procs.values(), timeout=5)
         if self.launcher is not None:
             self.launcher.shutdown(timeout=5)

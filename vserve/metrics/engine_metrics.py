@@ -1,0 +1,63 @@
+"""Engine metrics, written by each engine process itself (label ``engine``).
+
+In multiprocess mode every process writes its own files and the API server that answers
+``/metrics`` merges them; since exactly one process writes each engine's series, every
+engine appears exactly once, whichever API server is scraped. Gauges are ``livemostrecent``:
+the supervisor marks a dead process's files dead so its gauges disappear.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+from vserve.engine.messages import SchedulerStats
+
+_LABELS = ["model_name", "engine"]
+
+NUM_RUNNING = Gauge("vserve_num_requests_running", "Requests in the running batch.",
+                    _LABELS, multiprocess_mode="livemostrecent")
+NUM_WAITING = Gauge("vserve_num_requests_waiting", "Requests waiting to be scheduled.",
+                    _LABELS, multiprocess_mode="livemostrecent")
+KV_USAGE = Gauge("vserve_kv_cache_usage_ratio", "Fraction of KV-cache blocks in use (0..1).",
+                 _LABELS, multiprocess_mode="livemostrecent")
+PREFIX_QUERIES = Counter("vserve_prefix_cache_queries",
+                         "Prompt tokens looked up in the prefix cache.", _LABELS)
+PREFIX_HITS = Counter("vserve_prefix_cache_hits", "Prompt tokens found in the prefix cache.",
+                      _LABELS)
+PREEMPTIONS = Counter("vserve_num_preemptions", "Requests preempted (recomputed later).",
+                      _LABELS)
+ITERATION_TOKENS = Histogram(
+    "vserve_iteration_tokens", "Tokens computed per engine step.", _LABELS,
+    buckets=[1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384])
+
+
+class EngineMetrics:
+    """Turns the scheduler's cumulative stats into Prometheus series for one engine."""
+
+    def __init__(self, model_name: str, engine_index: int) -> None:
+        labels = {"model_name": model_name, "engine": str(engine_index)}
+        self.running = NUM_RUNNING.labels(**labels)
+        self.waiting = NUM_WAITING.labels(**labels)
+        self.kv_usage = KV_USAGE.labels(**labels)
+        self.prefix_queries = PREFIX_QUERIES.labels(**labels)
+        self.prefix_hits = PREFIX_HITS.labels(**labels)
+        self.preemptions = PREEMPTIONS.labels(**labels)
+        self.iteration_tokens = ITERATION_TOKENS.labels(**labels)
+        self._last = SchedulerStats()
+        self.update(SchedulerStats(), stepped=False)
+
+    def update(self, stats: SchedulerStats, stepped: bool) -> None:
+        self.running.set(stats.num_running_reqs)
+        self.waiting.set(stats.num_waiting_reqs)
+        self.kv_usage.set(stats.kv_cache_usage)
+        last = self._last
+        # The stats' counters are cumulative; Prometheus counters take increments.
+        if stats.prefix_cache_queries > last.prefix_cache_queries:
+            self.prefix_queries.inc(stats.prefix_cache_queries - last.prefix_cache_queries)
+        if stats.prefix_cache_hits > last.prefix_cache_hits:
+            self.prefix_hits.inc(stats.prefix_cache_hits - last.prefix_cache_hits)
+        if stats.num_preemptions > last.num_preemptions:
+            self.preemptions.inc(stats.num_preemptions - last.num_preemptions)
+        if stepped and stats.num_scheduled_tokens:
+            self.iteration_tokens.observe(stats.num_scheduled_tokens)
+        self._last = stats
