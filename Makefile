@@ -9,7 +9,7 @@ PORT ?= 8000
 API_SERVERS ?= 2
 PYTEST_ARGS ?=
 
-.PHONY: setup serve test lint clean
+.PHONY: setup serve test lint clean helm helm-lint hadolint deploy-lint docker-test
 
 setup: $(STAMP)
 
@@ -29,6 +29,24 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check vserve tests benchmarks
 	$(VENV)/bin/mypy vserve
+
+# Deployment (Dockerfile, helm/vserve). `make test` already runs these checks through
+# tests/test_helm_chart.py and tests/test_dockerfile.py; these targets run them on their own.
+helm: $(STAMP)
+	scripts/get-helm.sh $(VENV)/bin
+
+helm-lint: helm
+	HELM=$(VENV)/bin/helm PYTHON=$(PY) scripts/helm-validate.sh
+
+hadolint: $(STAMP)
+	$(VENV)/bin/hadolint Dockerfile
+
+deploy-lint: helm-lint hadolint
+
+# Builds the CPU image, serves the demo model with 2 API servers in it, checks /v1/models and a
+# completion. Needs a running Docker engine (skips with a message otherwise).
+docker-test:
+	scripts/docker-test.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info
