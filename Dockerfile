@@ -4,7 +4,8 @@
 #   CUDA          : docker build --build-arg VARIANT=cuda -t vserve:0.1.0-cuda .
 #
 # Run:  docker run -p 8000:8000 vserve:0.1.0 demo --host 0.0.0.0 --api-server-count 2
-# (ENTRYPOINT is `vserve serve`; arguments replace CMD, so pass --host 0.0.0.0 yourself.)
+# (ENTRYPOINT is `vserve serve`; arguments replace CMD — VSERVE_HOST=0.0.0.0 keeps the
+# server reachable from outside the container even then.)
 #
 # Build arguments (see docs/design/deployment.md):
 #   VARIANT          cpu | cuda: picks the base image and the default torch index.
@@ -90,6 +91,7 @@ RUN groupadd --system --gid 10001 vserve \
         --shell /usr/sbin/nologin vserve
 COPY --from=builder /opt/venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH \
+    VSERVE_HOST=0.0.0.0 \
     VIRTUAL_ENV=/opt/venv \
     HOME=/home/vserve \
     HF_HOME=/home/vserve/.cache/huggingface \

@@ -14,6 +14,12 @@ PROMETHEUS_MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"
 VSERVE_API_KEY = "VSERVE_API_KEY"
 
 
+def default_host() -> str:
+    """`vserve serve --host` default: loopback, unless the environment (e.g. the container
+    image, where arguments replace the default command) says otherwise."""
+    return os.environ.get("VSERVE_HOST") or "127.0.0.1"
+
+
 def api_key() -> str | None:
     return os.environ.get(VSERVE_API_KEY) or None
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import re
 
+from vserve import envs
 from vserve.config import (
     CacheConfig,
     DeviceConfig,
@@ -69,7 +70,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     par.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
     par.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1)
     h = p.add_argument_group("HTTP")
-    h.add_argument("--host", default="127.0.0.1")
+    h.add_argument("--host", default=envs.default_host(),
+                   help="address to bind (default: $VSERVE_HOST, else 127.0.0.1)")
     h.add_argument("--port", type=int, default=8000)
     h.add_argument("--uds", default=None, help="serve on a Unix-domain socket instead")
     h.add_argument("--api-server-count", "-asc", type=int, default=1)
@@ -88,8 +90,6 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_configs(args: argparse.Namespace) -> tuple[EngineConfig, ServerConfig, ParallelConfig]:
-    from vserve import envs
-
     if args.tensor_parallel_size != 1:
         raise ValueError(f"--tensor-parallel-size {args.tensor_parallel_size}: tensor "
                          "parallelism is not implemented yet; use --data-parallel-size")
