@@ -141,3 +141,25 @@ def test_startup_error_names_the_cause(tmp_path):
         launcher.shutdown()
         ctx.destroy(linger=0)
         remove_run_dir(run_dir)
+
+
+def test_duplicate_request_id_is_refused_not_fatal(engine):
+    router, pull, launcher = engine
+    req = EngineCoreRequest("dup", [1, 2, 3], SamplingParams(max_tokens=200, ignore_eos=True),
+                            [296], time.time())
+    for _ in range(2):
+        router.send_multipart([engine_identity(0), RequestType.ADD.value,
+                               msgspec.msgpack.encode(req)])
+    errors, finished = [], 0
+    deadline = time.monotonic() + 30
+    while finished < 2 and time.monotonic() < deadline:
+        if pull.poll(1000):
+            for out in _decoder.decode(pull.recv()).outputs:
+                if out.finish_reason == FinishReason.ERROR:
+                    errors.append(out.error)
+                if out.finished:
+                    finished += 1
+    assert len(errors) == 1 and "dup" in (errors[0] or "")
+    assert finished == 2  # the first one ran to completion
+    assert _run(router, pull, "still-alive")
+    assert launcher.dead_engines() == []

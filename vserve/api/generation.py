@@ -202,10 +202,8 @@ class Generation:
                 req = EngineCoreRequest(child.engine_id, prompt.token_ids, child.state.params,
                                         self.server.eos_token_ids, now,
                                         self.server.client_index, self.priority)
-                stream = client.add_request(req)
-                # Every child feeds this request's one queue (nothing can arrive between
-                # add_request and this line: no await in between).
-                stream.queue = self._queue
+                # Every child feeds this request's one queue.
+                client.add_request(req, self._queue)
         except (EngineDeadError, EngineUnavailableError) as e:
             self.close()
             raise APIError(503, f"no engine can take the request: {e}") from None

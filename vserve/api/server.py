@@ -28,7 +28,7 @@ import zmq.asyncio
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from vserve.api.state import ServerState
-from vserve.frontend.engine_client import AsyncEngineClient
+from vserve.frontend.engine_client import AsyncEngineClient, EngineUnavailableError
 from vserve.frontend.input_processor import load_eos_token_ids
 from vserve.launch.fd_passing import receive_listen_socket
 from vserve.launch.lifetime import exit_when_parent_dies, on_parent_death, set_process_title
@@ -180,8 +180,8 @@ async def drain(state: ServerState, server: uvicorn.Server, control: zmq.asyncio
     left = state.engine_client.num_in_flight
     if left:
         logger.warning("shutdown timeout: aborting %d requests still in flight", left)
-        state.engine_client.abort(list(state.engine_client.streams))
-        state.engine_client.fail_all(RuntimeError("the server shut down before it finished"))
+        state.engine_client.fail_all(
+            EngineUnavailableError("the server shut down before the request finished"))
     await asyncio.sleep(0.05)  # let the last responses flush
     await control.send(msgspec.msgpack.encode(ApiServerDrained(state.client_index)))
     # The supervisor answers "exit" once all servers drained; don't wait on it forever.

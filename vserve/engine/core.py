@@ -72,7 +72,11 @@ class EngineCore:
         if error is not None:
             return EngineCoreOutput(req.request_id, [], finish_reason=FinishReason.ERROR,
                                     error=error)
-        self.scheduler.add_request(Request.from_engine_core_request(req))
+        try:
+            self.scheduler.add_request(Request.from_engine_core_request(req))
+        except ValueError as e:  # e.g. a duplicate id: refuse it, never die of it
+            return EngineCoreOutput(req.request_id, [], finish_reason=FinishReason.ERROR,
+                                    error=str(e))
         return None
 
     def abort_requests(self, request_ids: list[str]) -> dict[int, list[EngineCoreOutput]]:

@@ -127,13 +127,21 @@ class AsyncEngineClient:
         return len(self.streams)
 
     # ---- requests --------------------------------------------------------------------
-    def add_request(self, request: EngineCoreRequest) -> RequestStream:
+    def add_request(
+        self,
+        request: EngineCoreRequest,
+        queue: asyncio.Queue[EngineCoreOutput | BaseException] | None = None,
+    ) -> RequestStream:
+        """Route and send one request. Its outputs (and a failure, if its engine dies) go to
+        ``queue`` — pass one queue for several requests to wait on all of them at once."""
         if self.dead_engines:
             raise EngineDeadError(self._dead_reason())
         if request.request_id in self.streams:
             raise ValueError(f"request id {request.request_id!r} is already in flight")
         engine = self.load.pick_and_bump()
         stream = RequestStream(request.request_id, engine)
+        if queue is not None:
+            stream.queue = queue
         self._send(engine, RequestType.ADD, _encoder.encode(request))
         self.streams[request.request_id] = stream
         return stream
@@ -187,7 +195,10 @@ class AsyncEngineClient:
                 stream.queue.put_nowait(EngineDeadError(f"engine {engine} died: {reason}"))
 
     def fail_all(self, error: BaseException) -> None:
-        for stream in self.streams.values():
+        """End every stream in flight with ``error`` and abort them in their engines."""
+        streams = list(self.streams.values())
+        self.abort([s.request_id for s in streams])
+        for stream in streams:
             stream.queue.put_nowait(error)
         self.streams.clear()
 
