@@ -16,12 +16,17 @@ def main(argv: list[str] | None = None) -> None:
 
     serve = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
     add_serve_args(serve)
+    from vserve.bench.cli import add_bench_args, run_bench
+
+    add_bench_args(sub.add_parser("bench", help="benchmark a server (vserve bench serve …)"))
     args = parser.parse_args(argv)
     from vserve.logging_utils import init_logging
 
     init_logging("vserve", getattr(args, "log_level", "info").upper())
     if args.command == "serve":
         sys.exit(run_serve(args))
+    if args.command == "bench":
+        sys.exit(run_bench(args))
 
 
 if __name__ == "__main__":

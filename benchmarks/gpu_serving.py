@@ -1,0 +1,633 @@
+"""GPU end-to-end benchmark: a Llama-3.2-1B-shaped bf16 model on one GPU.
+
+In one run, on the same random weights (written to local disk with safetensors; nothing is
+downloaded):
+
+1. the card's copy bandwidth: a 1 GiB device-to-device copy, bytes read + written over the
+   median time (the ceiling for a memory-bound decode step);
+2. the engine in this process (``EngineCore``, no HTTP): single-request decode tokens/s
+   (128-token prompt, ``--decode-tokens`` greedy tokens), the GPU time of one decode step
+   (the CUDA graph replayed alone, events), and achieved GB/s = bytes a step must read
+   (weights + the KV cache of the context) / step time, next to the copy bandwidth, as
+   gpt-fast reports; host overhead per step = engine step time - GPU step time;
+   a torch.profiler table of decode steps at batch 1 and 256 (``--profile``);
+3. ``vserve serve`` over HTTP (``vserve bench serve``, streaming, ``ignore_eos``): output
+   tokens/s at concurrency 1, 16, 64 and 256 with 128 prompt / 128 output tokens, TTFT and
+   TPOT; the TTFT at concurrency 1 is that of a 128-token prompt on an idle server. With
+   ``--offline`` (or when the server cannot start) the sweep goes through ``vserve.LLM``
+   instead (engine process + ZMQ, no HTTP), and the report says so;
+4. HF transformers ``generate`` on the same weights (bf16, SDPA): 1 request and a batch of
+   ``--hf-batch`` (128 prompt / 128 output tokens).
+
+    python benchmarks/gpu_serving.py --out /tmp/gpu-bench              # everything
+    python benchmarks/gpu_serving.py --out /tmp/gpu-bench --skip-hf --profile
+
+Results: ``OUT/summary.json`` and a table on stdout (docs/design/gpu.md records them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+LLAMA_3_2_1B = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 2048,
+    "intermediate_size": 8192,
+    "num_hidden_layers": 16,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "head_dim": 64,
+    "vocab_size": 128256,
+    "max_position_embeddings": 131072,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 500000.0,
+    "rope_scaling": {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                     "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+    "tie_word_embeddings": True,
+    "hidden_act": "silu",
+    "attention_bias": False,
+    "mlp_bias": False,
+    "torch_dtype": "bfloat16",
+}
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ---- 1. the card -------------------------------------------------------------------------
+def copy_bandwidth(gib: float = 1.0, reps: int = 30) -> float:
+    """Device-to-device copy, bytes read + written per second (median of ``reps``)."""
+    n = int(gib * 2**30) // 2
+    src = torch.randn(n, device="cuda", dtype=torch.float32).to(torch.bfloat16)
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        dst.copy_(src)
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3)
+    times.sort()
+    bw = 2 * src.numel() * src.element_size() / times[len(times) // 2]
+    del src, dst
+    torch.cuda.empty_cache()
+    return bw
+
+
+# ---- the model ---------------------------------------------------------------------------
+def make_model(directory: Path, seed: int = 0) -> tuple[Path, int]:
+    """Write the Llama-3.2-1B-shaped checkpoint (random bf16 weights, the demo tokenizer);
+    returns ``(dir, bytes of weights)``."""
+    from safetensors.torch import save_file
+
+    from vserve.demo import BOS_TOKEN_ID, EOS_TOKEN_ID, EOT_TOKEN_ID, write_demo_tokenizer
+
+    directory.mkdir(parents=True, exist_ok=True)
+    cfg = dict(LLAMA_3_2_1B, bos_token_id=BOS_TOKEN_ID, eos_token_id=EOS_TOKEN_ID)
+    h, i, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    hd, nh, nkv = cfg["head_dim"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    g = torch.Generator(device="cuda").manual_seed(seed)
+
+    def rand(*shape: int, std: float = 0.02) -> torch.Tensor:
+        t = torch.randn(*shape, generator=g, device="cuda", dtype=torch.float32) * std
+        return t.to(torch.bfloat16).cpu()
+
+    def norm(n: int) -> torch.Tensor:
+        return (1 + 0.1 * torch.randn(n, generator=g, device="cuda")).to(torch.bfloat16).cpu()
+
+    tensors = {"model.embed_tokens.weight": rand(v, h, std=1.0), "model.norm.weight": norm(h)}
+    for layer in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{layer}."
+        tensors |= {
+            p + "self_attn.q_proj.weight": rand(nh * hd, h),
+            p + "self_attn.k_proj.weight": rand(nkv * hd, h),
+            p + "self_attn.v_proj.weight": rand(nkv * hd, h),
+            p + "self_attn.o_proj.weight": rand(h, nh * hd),
+            p + "mlp.gate_proj.weight": rand(i, h),
+            p + "mlp.up_proj.weight": rand(i, h),
+            p + "mlp.down_proj.weight": rand(h, i),
+            p + "input_layernorm.weight": norm(h),
+            p + "post_attention_layernorm.weight": norm(h),
+        }
+    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    (directory / "config.json").write_text(json.dumps(cfg, indent=2))
+    (directory / "generation_config.json").write_text(json.dumps(
+        {"bos_token_id": BOS_TOKEN_ID, "eos_token_id": [EOS_TOKEN_ID, EOT_TOKEN_ID]}))
+    write_demo_tokenizer(directory)
+    nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    return directory, nbytes
+
+
+def random_prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    # Ids above the demo tokenizer's 300 are fine for the engine (they decode to "").
+    return torch.randint(400, vocab, (n, length), generator=g).tolist()
+
+
+# ---- 2. the engine in this process ---------------------------------------------------------
+def _engine(model_dir: Path, max_num_seqs: int, enforce_eager: bool = False) -> Any:
+    from vserve.config import CacheConfig, DeviceConfig, EngineConfig, ModelConfig, SchedulerConfig
+    from vserve.engine.core import EngineCore
+
+    config = EngineConfig(
+        model=ModelConfig(model=str(model_dir), dtype="bfloat16", max_model_len=4096),
+        cache=CacheConfig(gpu_memory_utilization=0.9),
+        scheduler=SchedulerConfig(max_num_seqs=max_num_seqs),
+        device=DeviceConfig(device="cuda", enforce_eager=enforce_eager),
+    )
+    return EngineCore(config, model_dir)
+
+
+def _add(core: Any, prompts: list[list[int]], max_tokens: int) -> None:
+    from vserve.engine.messages import EngineCoreRequest
+    from vserve.sampling_params import SamplingParams
+
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    for p in prompts:
+        rid = f"b{time.perf_counter_ns()}-{len(p)}-{id(p)}"
+        core.add_request(EngineCoreRequest(rid, p, params, [], time.time()))
+
+
+def engine_decode(model_dir: Path, weight_bytes: int, copy_bw: float, args: argparse.Namespace,
+                  out: Path) -> dict[str, Any]:
+    import numpy as np
+
+    cfg = LLAMA_3_2_1B
+    core = _engine(model_dir, 256)
+    runner = core.runner
+    res: dict[str, Any] = {"num_kv_blocks": core.num_kv_blocks - 1,
+                           "max_concurrency_at_4096": core.max_concurrency}
+    vocab = cfg["vocab_size"]
+    # Warm-up (prefill kernels for these shapes, eager sizes).
+    for n in (2, 1):
+        _add(core, random_prompts(n, 128, vocab, n), 8)
+        while core.has_unfinished_requests():
+            core.step()
+    # The prefill step of a 128-token prompt on an idle engine (its TTFT, less HTTP).
+    prefill = []
+    for i in range(5):
+        _add(core, random_prompts(1, 128, vocab, 100 + i), 1)
+        torch.cuda.synchronize()
+        a = time.perf_counter()
+        while core.has_unfinished_requests():
+            core.step()
+        prefill.append(time.perf_counter() - a)
+    res["engine_prefill_128_ms_all"] = [x * 1e3 for x in prefill]
+
+    # Single request: TTFT of the prefill step, then per-token decode steps.
+    _add(core, random_prompts(1, 128, vocab, 2), args.decode_tokens)
+    torch.cuda.synchronize()
+    core.step()  # the prefill step (samples the first token)
+    t1 = time.perf_counter()
+    steps = []
+    while core.has_unfinished_requests():
+        a = time.perf_counter()
+        core.step()
+        steps.append(time.perf_counter() - a)
+    t2 = time.perf_counter()
+    decoded = len(steps)
+    res["engine_prefill_128_ms"] = float(np.median(prefill)) * 1e3
+    res["engine_decode_tokens_per_s"] = decoded / (t2 - t1)
+    res["engine_step_ms_median"] = float(np.median(steps)) * 1e3
+
+    # GPU time of one decode step alone: the batch-1 graph replayed, events around it.
+    graphs = runner.graphs
+    assert graphs is not None
+    # Every row attends over ``ctx`` tokens in blocks of its own (distinct blocks, so the
+    # KV reads come from memory, not L2); the new token's K/V go to the null block.
+    ctx = 128 + args.decode_tokens // 2
+    nb = -(-ctx // runner.block_size)
+    graphs.reset_inputs()
+    reps = 200
+    for bs in (1, 16, 64, 256):
+        if bs not in graphs.graphs or bs * nb >= core.num_kv_blocks:
+            continue
+        graphs.small[3, :bs] = ctx
+        graphs.width.fill_(nb)
+        graphs.table[: bs * nb] = torch.arange(1, bs * nb + 1, dtype=torch.int32,
+                                               device="cuda")
+        graphs.replay(bs)
+        torch.cuda.synchronize()
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(reps):
+            graphs.replay(bs)
+        b.record()
+        b.synchronize()
+        step = a.elapsed_time(b) / 1e3 / reps
+        kv_bytes = bs * ctx * runner.arch.kv_cache_bytes_per_token(2)
+        res[f"graph_step_ms_bs{bs}"] = step * 1e3
+        res[f"graph_gbps_bs{bs}"] = (weight_bytes + kv_bytes) / step / 1e9
+        res[f"graph_tokens_per_s_bs{bs}"] = bs / step
+    graphs.reset_inputs()
+    step1 = res["graph_step_ms_bs1"] / 1e3
+    res["bandwidth_bound_tokens_per_s"] = copy_bw / (weight_bytes + ctx * runner.arch
+                                                     .kv_cache_bytes_per_token(2))
+    res["achieved_gbps_engine"] = (weight_bytes + ctx * runner.arch.kv_cache_bytes_per_token(2)) \
+        * res["engine_decode_tokens_per_s"] / 1e9
+    res["host_overhead_ms_per_step"] = res["engine_step_ms_median"] - step1 * 1e3
+
+    # Host-side breakdown of one decode step, no profiler: schedule / prepare+upload+load /
+    # graph launch (CPU time of the call) / sampler incl. waiting for the GPU / update.
+    parts: dict[str, list[float]] = {k: [] for k in (
+        "schedule", "prepare_upload_load", "graph_launch", "sample_and_wait", "execute_model",
+        "update", "step_total")}
+    orig_prepare, orig_replay, orig_sampler = runner._prepare_decode, graphs.replay, \
+        runner.sampler
+
+    def timed(name, fn):
+        def wrapper(*a, **k):
+            t = time.perf_counter()
+            r = fn(*a, **k)
+            parts[name].append(time.perf_counter() - t)
+            return r
+        return wrapper
+
+    class TimedSampler:
+        def __init__(self, inner: Any) -> None:
+            self.inner = inner
+            self.forget = inner.forget
+            self.call = timed("sample_and_wait", inner.__call__)
+
+        def __call__(self, *a: Any, **k: Any) -> Any:
+            return self.call(*a, **k)
+
+    runner._prepare_decode = timed("prepare_upload_load", orig_prepare)
+    graphs.replay = timed("graph_launch", orig_replay)
+    runner.sampler = TimedSampler(orig_sampler)
+    _add(core, random_prompts(1, 128, vocab, 3), 64)
+    core.step()
+    for v in parts.values():
+        v.clear()
+    while core.has_unfinished_requests():
+        a = time.perf_counter()
+        sched = core.scheduler.schedule()
+        b = time.perf_counter()
+        ro = runner.execute_model(sched)
+        c = time.perf_counter()
+        core.scheduler.update_from_output(sched, ro)
+        d = time.perf_counter()
+        parts["schedule"].append(b - a)
+        parts["execute_model"].append(c - b)
+        parts["update"].append(d - c)
+        parts["step_total"].append(d - a)
+    runner._prepare_decode, graphs.replay, runner.sampler = orig_prepare, orig_replay, \
+        orig_sampler
+    res["host_breakdown_us"] = {k: float(np.median(v)) * 1e6 for k, v in parts.items() if v}
+    # The pieces of the input upload, each timed alone (GPU idle).
+    torch.cuda.synchronize()
+    end = 4 * graphs.max_batch_size + 16 + 20
+    ev, stage, host = runner._copied, runner._stage, runner._host
+    pieces: dict[str, Any] = {
+        "event_synchronize": ev.synchronize,
+        "event_record": ev.record,
+        "h2d_copy_call": lambda: stage[:end].copy_(host[:end], non_blocking=True),
+        "slice_views": lambda: (stage[:end], host[:end]),
+        "cuda_sync": torch.cuda.synchronize,
+    }
+    micro = {}
+    for name, fn in pieces.items():
+        for _ in range(10):
+            fn()
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(200):
+            fn()
+        micro[name] = (time.perf_counter() - t) / 200 * 1e6
+        torch.cuda.synchronize()
+    res["upload_pieces_us"] = micro
+    from vserve.ops.linear import choices
+
+    res["gemv_choices"] = choices()
+
+    # Batch 256, in-process: 256 x (128 prompt, 128 output).
+    n = 256
+    _add(core, random_prompts(n, 128, vocab, 4), 128)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    while core.has_unfinished_requests():
+        core.step()
+    torch.cuda.synchronize()
+    res["engine_batch256_output_tokens_per_s"] = n * 128 / (time.perf_counter() - t0)
+
+    if args.profile:
+        profile_steps(core, out, vocab)
+    del graphs, runner, core
+    gc.collect()
+    torch.cuda.empty_cache()
+    return res
+
+
+def profile_steps(core: Any, out: Path, vocab: int) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    for bs in (1, 256):
+        _add(core, random_prompts(bs, 128, vocab, 5 + bs), 40)
+        while any(r.num_computed_tokens < r.num_prompt_tokens
+                  for r in core.scheduler.requests.values()):
+            core.step()
+        for _ in range(5):
+            core.step()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(10):
+                core.step()
+            torch.cuda.synchronize()
+        while core.has_unfinished_requests():
+            core.step()
+        table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25)
+        cpu_table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
+        (out / f"profile_decode_bs{bs}.txt").write_text(
+            f"10 decode steps at batch {bs}\n\n== by GPU time ==\n{table}\n\n"
+            f"== by CPU time ==\n{cpu_table}\n")
+        log(f"profile bs={bs}:\n{table}")
+
+
+# ---- 3. serving -----------------------------------------------------------------------------
+_SERVING = re.compile(r"vserve is serving .* on (http://\S+)")
+
+
+class Server:
+    def __init__(self, model_dir: Path, extra: list[str]) -> None:
+        self.log = Path(tempfile.mkstemp(prefix="vserve-gpu-", suffix=".log")[1])
+        self._f = open(self.log, "w")  # noqa: SIM115
+        argv = [sys.executable, "-m", "vserve.cli.main", "serve", str(model_dir), "--port", "0",
+                "--max-model-len", "4096", "--max-num-seqs", "256", "--log-stats-interval",
+                "0", *extra]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen(argv, stdout=self._f, stderr=subprocess.STDOUT, env=env,
+                                     start_new_session=True, cwd=ROOT)
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            text = self.log.read_text(errors="replace")
+            m = _SERVING.search(text)
+            if m:
+                self.url = m.group(1)
+                return
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"vserve serve exited:\n{text[-4000:]}")
+            time.sleep(0.2)
+        self.stop()
+        raise TimeoutError(f"vserve serve did not start:\n{self.log.read_text()[-4000:]}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self._f.close()
+
+
+def http_sweep(model_dir: Path, concurrencies: list[int], out: Path,
+               api_servers: int) -> dict[str, Any]:
+    from vserve.bench.cli import add_bench_serve_args
+    from vserve.bench.runner import run_benchmark
+
+    srv = Server(model_dir, ["--api-server-count", str(api_servers)])
+    results: dict[str, Any] = {}
+    try:
+        ready_lines = [ln for ln in srv.log.read_text().splitlines()
+                       if "KV blocks" in ln or "GPU memory" in ln or "CUDA graphs" in ln]
+        results["server_log"] = ready_lines
+        for conc in concurrencies:
+            n = max(8, 2 * conc) if conc > 1 else 8
+            p = argparse.ArgumentParser()
+            add_bench_serve_args(p)
+            a = p.parse_args([
+                "--base-url", srv.url, "--endpoint-type", "completions", "--stream",
+                "--num-prompts", str(n), "--input-len", "128", "--output-len", "128",
+                "--max-concurrency", str(conc), "--num-warmups", str(min(conc, 16)),
+                "--num-clients", str(1 if conc < 64 else 4),
+                "--disable-tqdm", "--quiet",
+                "--extra-body", '{"temperature": 0}'])
+            r = run_benchmark(a, log=lambda m: None)
+            results[f"c{conc}"] = {k: r.get(k) for k in (
+                "completed", "failed", "duration", "total_input_tokens", "total_output_tokens",
+                "output_throughput", "median_ttft_ms", "p99_ttft_ms", "median_tpot_ms",
+                "median_itl_ms", "errors")}
+            log(f"HTTP concurrency {conc}: {results[f'c{conc}']}")
+    finally:
+        srv.stop()
+        results["server_log_tail"] = srv.log.read_text(errors="replace")[-3000:]
+    return results
+
+
+def offline_sweep(model_dir: Path, concurrencies: list[int]) -> dict[str, Any]:
+    """Without HTTP: vserve.LLM (engine process + ZMQ); each wave is ``conc`` requests."""
+    from vserve import LLM, SamplingParams
+
+    results: dict[str, Any] = {}
+    with LLM(str(model_dir), max_model_len=4096, max_num_seqs=256) as llm:
+        params = SamplingParams(temperature=0, max_tokens=128, ignore_eos=True)
+        llm.generate([{"prompt_token_ids": p} for p in random_prompts(8, 128, 128256, 9)],
+                     params, use_tqdm=False)
+        for conc in concurrencies:
+            prompts = random_prompts(max(conc, 4), 128, 128256, 10 + conc)
+            t0 = time.perf_counter()
+            outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params,
+                                use_tqdm=False)
+            dt = time.perf_counter() - t0
+            toks = sum(len(o.outputs[0].token_ids) for o in outs)
+            results[f"c{conc}"] = {"output_throughput": toks / dt, "duration": dt,
+                                   "total_output_tokens": toks}
+            log(f"offline concurrency {conc}: {results[f'c{conc}']}")
+    return results
+
+
+# ---- 4. HF transformers ---------------------------------------------------------------------
+def hf_generate(model_dir: Path, batch: int) -> dict[str, Any]:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16,
+                                                 attn_implementation="sdpa").cuda().eval()
+    res: dict[str, Any] = {}
+    for bs, new in ((1, 128), (batch, 128)):
+        ids = torch.tensor(random_prompts(bs, 128, 128256, 20 + bs), device="cuda")
+        with torch.no_grad():
+            model.generate(ids[:, :16], max_new_tokens=4, min_new_tokens=4, do_sample=False,
+                           pad_token_id=0)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                           pad_token_id=0, eos_token_id=None)
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        res[f"hf_bs{bs}_output_tokens_per_s"] = bs * new / dt
+        log(f"HF generate batch {bs}: {bs * new / dt:.0f} output tokens/s")
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+    return res
+
+
+def run_part(part: str, model_dir: Path, weight_bytes: int, bw: float,
+             args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    """Run one part in a child process (``--part``); returns its JSON, or the error."""
+    result = out / f"part_{part}.json"
+    argv = [sys.executable, __file__, "--part", part, "--out", str(out), "--model-dir",
+            str(model_dir), "--copy-bw", str(bw), "--weight-bytes", str(weight_bytes),
+            "--decode-tokens", str(args.decode_tokens), "--hf-batch", str(args.hf_batch)]
+    if args.profile:
+        argv.append("--profile")
+    proc = subprocess.run(argv, cwd=ROOT)
+    if proc.returncode != 0 or not result.exists():
+        return {"error": f"part {part} exited with {proc.returncode}"}
+    return json.loads(result.read_text())
+
+
+def child(args: argparse.Namespace) -> None:
+    out = Path(args.out)
+    model_dir = Path(args.model_dir)
+    if args.part == "engine":
+        res = engine_decode(model_dir, args.weight_bytes, args.copy_bw, args, out)
+    else:
+        res = hf_generate(model_dir, args.hf_batch)
+    (out / f"part_{args.part}.json").write_text(json.dumps(res, indent=2, default=str))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--part", choices=["engine", "hf"], default=None, help=argparse.SUPPRESS)
+    p.add_argument("--copy-bw", type=float, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--weight-bytes", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--out", default="gpu-bench")
+    p.add_argument("--model-dir", default=None, help="reuse a checkpoint written before")
+    p.add_argument("--decode-tokens", type=int, default=512)
+    p.add_argument("--concurrency", default="1,16,64,256")
+    p.add_argument("--api-server-count", type=int, default=4)
+    p.add_argument("--hf-batch", type=int, default=256)
+    p.add_argument("--skip-engine", action="store_true")
+    p.add_argument("--skip-http", action="store_true")
+    p.add_argument("--offline", action="store_true", help="sweep through vserve.LLM, no HTTP")
+    p.add_argument("--skip-hf", action="store_true")
+    p.add_argument("--profile", action="store_true")
+    args = p.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.part:
+        child(args)
+        return
+    summary: dict[str, Any] = {"device": torch.cuda.get_device_name(),
+                               "torch": torch.__version__}
+    try:
+        import triton
+
+        summary["triton"] = triton.__version__
+    except ImportError:
+        pass
+    bw = copy_bandwidth()
+    summary["copy_bandwidth_gbps"] = bw / 1e9
+    log(f"device {summary['device']}: copy bandwidth {bw / 1e9:.0f} GB/s")
+    t0 = time.perf_counter()
+    if args.model_dir:
+        model_dir = Path(args.model_dir)
+        from safetensors import safe_open
+
+        with safe_open(str(model_dir / "model.safetensors"), "pt") as f:
+            weight_bytes = sum(math.prod(f.get_slice(k).get_shape()) * 2 for k in f.keys())
+    else:
+        model_dir, weight_bytes = make_model(Path(tempfile.mkdtemp(prefix="llama1b-")))
+    summary["weight_bytes"] = weight_bytes
+    summary["bandwidth_bound_tokens_per_s_weights_only"] = bw / weight_bytes
+    log(f"model at {model_dir}: {weight_bytes / 1e9:.3f} GB of weights "
+        f"({time.perf_counter() - t0:.0f}s); bandwidth bound {bw / weight_bytes:.0f} tokens/s")
+
+    def save() -> None:
+        (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+
+    if not args.skip_engine:
+        # In a child process, so that all its GPU memory is gone before the server starts.
+        summary["engine"] = run_part("engine", model_dir, weight_bytes, bw, args, out)
+        log(f"engine: {json.dumps(summary['engine'], indent=1)}")
+        save()
+    concs = [int(c) for c in args.concurrency.split(",") if c]
+    if not args.skip_http:
+        mode = "offline" if args.offline else "http"
+        if not args.offline:
+            try:
+                summary["serving"] = http_sweep(model_dir, concs, out, args.api_server_count)
+                summary["api_server_count"] = args.api_server_count
+            except Exception as e:
+                log(f"HTTP serving failed ({e!r}); measuring through vserve.LLM instead")
+                summary["http_error"] = repr(e)[-3000:]
+                mode = "offline"
+        if mode == "offline":
+            summary["serving"] = offline_sweep(model_dir, concs)
+        summary["serving_mode"] = mode
+        save()
+    if not args.skip_hf:
+        summary["hf"] = run_part("hf", model_dir, weight_bytes, bw, args, out)
+        save()
+    save()
+    print(report(summary))
+
+
+def report(s: dict[str, Any]) -> str:
+    e = s.get("engine", {})
+    lines = [f"device: {s['device']}  torch {s['torch']}  triton {s.get('triton')}",
+             f"copy bandwidth: {s['copy_bandwidth_gbps']:.0f} GB/s; weights "
+             f"{s['weight_bytes'] / 1e9:.3f} GB → bound "
+             f"{s['bandwidth_bound_tokens_per_s_weights_only']:.0f} tokens/s for one request"]
+    if e and "error" in e:
+        lines.append(f"engine part: {e['error']}")
+    elif e:
+        lines += [
+            f"engine, 1 request: {e['engine_decode_tokens_per_s']:.0f} tokens/s "
+            f"({e['achieved_gbps_engine']:.0f} GB/s), step {e['engine_step_ms_median']:.3f} ms "
+            f"= GPU {e['graph_step_ms_bs1']:.3f} ms ({e['graph_gbps_bs1']:.0f} GB/s) + host "
+            f"{e['host_overhead_ms_per_step']:.3f} ms; host parts (us) {e['host_breakdown_us']}",
+            f"engine, prefill of 128 tokens: {e['engine_prefill_128_ms']:.1f} ms (median of "
+            f"{len(e['engine_prefill_128_ms_all'])}); GEMV choices {e.get('gemv_choices')}",
+            "graph step: " + ", ".join(
+                f"bs{b} {e[f'graph_step_ms_bs{b}']:.3f} ms ({e[f'graph_tokens_per_s_bs{b}']:.0f} "
+                f"tok/s, {e[f'graph_gbps_bs{b}']:.0f} GB/s)"
+                for b in (1, 16, 64, 256) if f"graph_step_ms_bs{b}" in e),
+            f"engine, 256 x (128 in, 128 out), in process: "
+            f"{e['engine_batch256_output_tokens_per_s']:.0f} output tokens/s",
+            f"KV blocks {e['num_kv_blocks']}, max concurrency at 4096 tokens "
+            f"{e['max_concurrency_at_4096']:.1f}"]
+    sv = s.get("serving")
+    if sv:
+        lines.append(f"serving ({s.get('serving_mode')}), 128 in / 128 out:")
+        for k, v in sv.items():
+            if k.startswith("c") and isinstance(v, dict):
+                extra = ""
+                if v.get("median_ttft_ms") is not None:
+                    extra = (f", TTFT median {v['median_ttft_ms']:.1f} ms, TPOT median "
+                             f"{v['median_tpot_ms']:.2f} ms")
+                lines.append(f"  concurrency {k[1:]}: {v['output_throughput']:.0f} output "
+                             f"tokens/s{extra}")
+    hf = s.get("hf")
+    if hf:
+        lines.append("HF generate: " + ", ".join(
+            f"{k} {v:.0f}" if isinstance(v, float) else f"{k} {v}" for k, v in hf.items()))
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
