@@ -127,3 +127,4 @@ def test_unix_domain_socket(tmp_path):
                 time.sleep(0.05)
             r = c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2})
             assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
+    assert not os.path.exists(path), "the socket file is removed on shutdown"

@@ -14,8 +14,10 @@ drains: API servers stop taking requests, finish what is in flight (up to
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -69,6 +71,8 @@ class Supervisor:
         self.launcher: EngineLauncher | None = None
         self.listen_server: ListenSocketServer | None = None
         self.stats_logger: StatsLogger | None = None
+        self.listen_sock: socket.socket | None = None
+        self.uds_inode: int | None = None
 
     # ---- addresses ---------------------------------------------------------------------
     def _addr(self, name: str) -> str:
@@ -105,6 +109,9 @@ class Supervisor:
     def _run_head(self) -> int:
         server, n = self.server, self.server.api_server_count
         sock = bind_listen_socket(server.host, server.port, server.uds)
+        self.listen_sock = sock
+        if server.uds:
+            self.uds_inode = os.stat(server.uds).st_ino
         self.listen_server = ListenSocketServer(sock, str(self.run_dir / "listen.sock"))
         self.launcher = EngineLauncher(
             ctx=self.ctx, config=self.engine_config, model_dir=self.model_dir,
@@ -299,6 +306,14 @@ class Supervisor:
             self.coordinator.stop()
         if self.listen_server is not None:
             self.listen_server.close()
+        if self.listen_sock is not None:
+            self.listen_sock.close()
+        uds = self.server.uds
+        if uds and self.uds_inode is not None:
+            # Remove our socket file, but never one a newer server has bound since.
+            with contextlib.suppress(OSError):
+                if os.stat(uds).st_ino == self.uds_inode:
+                    os.unlink(uds)
         self.ctx.destroy(linger=0)
         remove_run_dir(self.run_dir)
         logger.info("stopped")
