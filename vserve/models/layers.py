@@ -3,6 +3,10 @@
 Numerics follow the transformers implementations operation for operation (normalization in
 float32 then cast back before the weight multiply; cos/sin computed in float32 then cast to the
 activations' dtype), so that float32 logits agree with Hugging Face to ~1e-6.
+
+On CUDA, RMSNorm (with its fused residual add) and SiLU-and-multiply run as single-pass
+Triton kernels (:mod:`vserve.ops`) with the same rounding points; RoPE is applied inside the
+attention kernels (see ``TritonAttentionBackend.forward_rope``). The CPU path is plain torch.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vserve.models.arch import SUPPORTED_ROPE_TYPES
+from vserve.ops import use_kernels
 
 
 class RMSNorm(nn.Module):
@@ -22,7 +27,8 @@ class RMSNorm(nn.Module):
 
     ``forward(x, residual)`` fuses the residual add: it returns ``(norm(x + residual),
     x + residual)`` so that a decoder layer carries the un-normalized stream along without an
-    extra pass (and a fused kernel can later replace both ops at once).
+    extra pass. On CUDA that is one Triton kernel which works in place: the returned tensors
+    are ``x`` and ``residual`` themselves, overwritten.
     """
 
     def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
@@ -47,6 +53,12 @@ class RMSNorm(nn.Module):
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if use_kernels(x):
+            from vserve.ops.layernorm import fused_add_rms_norm, rms_norm
+
+            if residual is None:
+                return rms_norm(x, self.weight, self.eps)
+            return fused_add_rms_norm(x, residual, self.weight, self.eps)
         if residual is None:
             return self._norm(x)
         x = x + residual
@@ -150,9 +162,26 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
+def linear(x: torch.Tensor, layer: nn.Linear, act: bool = False) -> torch.Tensor:
+    """``layer(silu_and_mul(x) if act else x)``; on CUDA through :func:`vserve.ops.linear.linear`
+    (single-token rows may take a Triton GEMV with the activation fused into its input)."""
+    if x.is_cuda and use_kernels(x):
+        from vserve.ops.linear import linear as kernel_linear
+
+        return kernel_linear(x, layer.weight, layer.bias, act)
+    if act:
+        gate, up = x.chunk(2, dim=-1)
+        x = F.silu(gate) * up
+    return layer(x)
+
+
 class SiluAndMul(nn.Module):
     """``silu(x[..., :n]) * x[..., n:]`` for ``x`` of last dimension ``2n`` (merged gate/up)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if use_kernels(x):
+            from vserve.ops.activation import silu_and_mul
+
+            return silu_and_mul(x)
         gate, up = x.chunk(2, dim=-1)
         return F.silu(gate) * up

@@ -16,13 +16,15 @@ order) and ``gate_proj``/``up_proj`` → ``gate_up_proj`` (gate rows first).
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from vserve.models.arch import ModelArchConfig
-from vserve.models.layers import RMSNorm, RotaryEmbedding, SiluAndMul, apply_rotary
+from vserve.models.layers import RMSNorm, RotaryEmbedding, SiluAndMul, apply_rotary, linear
+from vserve.ops import use_kernels
 from vserve.worker.attention.backend import AttentionBackend, AttentionMetadata
 
 # (merged parameter, checkpoint name, shard index): shards are stacked along dim 0.
@@ -33,6 +35,19 @@ _STACKED_PARAMS: tuple[tuple[str, str, int], ...] = (
     ("gate_up_proj", "gate_proj", 0),
     ("gate_up_proj", "up_proj", 1),
 )
+
+
+class RopeInputs(NamedTuple):
+    """What the attention layers need for RoPE in one step: gathered ``cos``/``sin``
+    (torch path), or the positions and the float32 caches for kernels that rotate inside
+    attention (``fused``)."""
+
+    fused: bool
+    positions: torch.Tensor
+    cos: torch.Tensor | None
+    sin: torch.Tensor | None
+    cos_cache: torch.Tensor | None
+    sin_cache: torch.Tensor | None
 
 
 def _checkpoint_name(name: str, shard: int | None) -> str:
@@ -75,24 +90,32 @@ class LlamaAttention(nn.Module):
     def forward(
         self,
         hidden: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
+        rope: RopeInputs,
         kv_cache: tuple[torch.Tensor, torch.Tensor],
         attn_metadata: AttentionMetadata,
     ) -> torch.Tensor:
         num_tokens = hidden.shape[0]
-        q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.reshape(num_tokens, self.num_heads, self.head_dim)
-        k = k.reshape(num_tokens, self.num_kv_heads, self.head_dim)
-        v = v.reshape(num_tokens, self.num_kv_heads, self.head_dim)
+        qkv = linear(hidden, self.qkv_proj)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        # Views of the qkv output (no copies); the kernels take their strides.
+        q = q.view(num_tokens, self.num_heads, self.head_dim)
+        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None and self.k_norm is not None:
             q = self.q_norm(q)
             k = self.k_norm(k)
-        q = apply_rotary(q, cos, sin)
-        k = apply_rotary(k, cos, sin)
         k_cache, v_cache = kv_cache
-        out = self.attn_backend.forward(q, k, v, k_cache, v_cache, attn_metadata, self.scale)
-        return self.o_proj(out.reshape(num_tokens, self.q_size))
+        if rope.fused:
+            # RoPE inside the attention kernels (q rotated in place, k on its way to the cache).
+            out = self.attn_backend.forward_rope(  # type: ignore[attr-defined]
+                q, k, v, rope.positions, rope.cos_cache, rope.sin_cache, k_cache, v_cache,
+                attn_metadata, self.scale)
+        else:
+            assert rope.cos is not None and rope.sin is not None
+            q = apply_rotary(q, rope.cos, rope.sin)
+            k = apply_rotary(k, rope.cos, rope.sin)
+            out = self.attn_backend.forward(q, k, v, k_cache, v_cache, attn_metadata, self.scale)
+        return linear(out.reshape(num_tokens, self.q_size), self.o_proj)
 
 
 class LlamaMLP(nn.Module):
@@ -105,7 +128,11 @@ class LlamaMLP(nn.Module):
         self.act_fn = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+        gate_up = linear(x, self.gate_up_proj)
+        if gate_up.is_cuda and use_kernels(gate_up):
+            # SiLU-and-multiply fused into the down projection's input when it is a GEMV.
+            return linear(gate_up, self.down_proj, act=True)
+        return self.down_proj(self.act_fn(gate_up))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -120,8 +147,7 @@ class LlamaDecoderLayer(nn.Module):
         self,
         hidden: torch.Tensor,
         residual: torch.Tensor | None,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
+        rope: RopeInputs,
         kv_cache: tuple[torch.Tensor, torch.Tensor],
         attn_metadata: AttentionMetadata,
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,7 +157,7 @@ class LlamaDecoderLayer(nn.Module):
             hidden = self.input_layernorm(hidden)
         else:
             hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(hidden, cos, sin, kv_cache, attn_metadata)
+        hidden = self.self_attn(hidden, rope, kv_cache, attn_metadata)
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden), residual
 
@@ -148,6 +174,7 @@ class LlamaModel(nn.Module):
         self.rotary_emb = RotaryEmbedding(
             arch.head_dim, arch.max_position_embeddings, arch.rope_theta, arch.rope_scaling
         )
+        self._fused_rope = bool(getattr(attn_backend, "supports_fused_rope", False))
 
     def forward(
         self,
@@ -161,10 +188,15 @@ class LlamaModel(nn.Module):
                 f"got {len(kv_caches)} KV caches for a model of {len(self.layers)} layers"
             )
         hidden = self.embed_tokens(input_ids)
-        cos, sin = self.rotary_emb.cos_sin(positions)
+        if self._fused_rope and use_kernels(hidden):
+            rope = RopeInputs(True, positions, None, None, self.rotary_emb.cos_cache,
+                              self.rotary_emb.sin_cache)
+        else:
+            cos, sin = self.rotary_emb.cos_sin(positions)
+            rope = RopeInputs(False, positions, cos, sin, None, None)
         residual: torch.Tensor | None = None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            hidden, residual = layer(hidden, residual, cos, sin, kv_cache, attn_metadata)
+            hidden, residual = layer(hidden, residual, rope, kv_cache, attn_metadata)
         if residual is None:  # a model of zero layers
             return self.norm(hidden)
         hidden, _ = self.norm(hidden, residual)
@@ -204,10 +236,22 @@ class LlamaForCausalLM(nn.Module):
         """``input_ids``/``positions`` ``[T]`` int64 → final hidden states ``[T, hidden]``."""
         return self.model(input_ids, positions, kv_caches, attn_metadata)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """``[S, hidden]`` → ``[S, vocab]`` float32 (matmul in the model dtype, like HF)."""
+    def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``[S, hidden]`` → ``[S, vocab]`` float32 (matmul in the model dtype, like HF).
+
+        With ``out`` (float32 ``[S, vocab]``), the result is converted straight into it (the
+        CUDA graphs' persistent logits buffer) and ``out`` is returned.
+        """
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight).float()
+        if hidden.is_cuda and use_kernels(hidden):
+            from vserve.ops.linear import linear as kernel_linear
+
+            logits = kernel_linear(hidden, weight)
+        else:
+            logits = F.linear(hidden, weight)
+        if out is not None:
+            return out.copy_(logits)
+        return logits.float()
 
     @torch.no_grad()
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:

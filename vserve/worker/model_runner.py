@@ -1,8 +1,17 @@
 """The model runner: turns a SchedulerOutput into one forward pass and sampled tokens.
 
-It owns the model, the paged KV cache tensors and the sampler. Inputs are built on the host
-as flat lists and moved to the device in one copy per tensor, so the same code serves the
-CPU and CUDA paths; the attention backend is chosen by device.
+It owns the model, the paged KV cache tensors and the sampler. The attention backend is
+chosen by device: the torch reference on CPU, the Triton kernels on CUDA.
+
+CPU: inputs are built on the host as flat lists, one tensor each.
+
+CUDA (see ``docs/design/gpu.md``): a step's integer inputs (token ids, positions, slots,
+query starts, sequence lengths, block table, rows to sample) are packed into one pinned
+int32 host buffer and moved with a single copy into one device buffer, whose slices are the
+step's tensors. Pure decode steps of up to ``max_num_seqs`` sequences (at most 256) replay a
+CUDA graph captured for the next batch size up (``vserve.worker.cuda_graphs``), unless
+``enforce_eager``. KV-cache blocks are sized from the free memory measured after a profiling
+forward pass of a full token budget, under ``gpu_memory_utilization``.
 """
 
 from __future__ import annotations
@@ -20,7 +29,8 @@ from vserve.engine.messages import Logprobs
 from vserve.models.arch import ModelArchConfig, load_arch_config
 from vserve.models.loader import load_model, resolve_dtype
 from vserve.worker.attention.backend import AttentionBackend, AttentionMetadata
-from vserve.worker.sampler import Sampler, gather_logprobs
+from vserve.worker.cuda_graphs import DecodeGraphs, table_offset
+from vserve.worker.sampler import Sampler, SamplerOutput, gather_logprobs
 
 logger = logging.getLogger(__name__)
 
@@ -35,9 +45,17 @@ def select_device(requested: str) -> torch.device:
 
 def select_attention_backend(device: torch.device) -> AttentionBackend:
     # The Triton backend lives in vserve.ops and is imported only on CUDA.
+    if device.type == "cuda":
+        from vserve.worker.attention.triton_backend import TritonAttentionBackend
+
+        return TritonAttentionBackend()
     from vserve.worker.attention.torch_ref import TorchReferenceBackend
 
     return TorchReferenceBackend()
+
+
+MAX_GRAPH_BATCH_SIZE = 256
+_ALIGN_PAD = [0] * 16
 
 
 class ModelRunner:
@@ -61,6 +79,11 @@ class ModelRunner:
         self.sampler = Sampler(self.device, config.model.seed)
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.num_blocks = 0
+        self.is_cuda = self.device.type == "cuda" and not self.skip_compute
+        self.graphs: DecodeGraphs | None = None
+        self.max_blocks_per_seq = math.ceil(self.max_model_len / self.block_size)
+        if self.is_cuda:
+            self._init_cuda_buffers()
 
     def _max_model_len(self) -> int:
         limit = self.arch.max_position_embeddings
@@ -90,10 +113,7 @@ class ModelRunner:
         if cache.num_kv_blocks is not None:
             return cache.num_kv_blocks + 1
         if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-            free, total = torch.cuda.mem_get_info(self.device)
-            used = total - free
-            budget = int(total * cache.gpu_memory_utilization) - used
+            budget = self._profile_cuda_budget()
         else:
             budget = cache.kv_cache_memory_bytes
         num = budget // self.bytes_per_block()
@@ -106,6 +126,93 @@ class ModelRunner:
                 "max_model_len"
             )
         return int(num) + 1
+
+    def _profile_cuda_budget(self) -> int:
+        """Bytes for the KV cache: ``gpu_memory_utilization`` of the card, less what is in
+        use now (weights, CUDA context, other processes), less the activation peak of a
+        profiling forward pass over a full token budget (logits and sampling of
+        ``max_num_seqs`` rows included), less the CUDA graphs' persistent buffers."""
+        cache = self.config.cache
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
+        weights = torch.cuda.memory_allocated(self.device)
+        activation_peak = 0
+        if not self.skip_compute:
+            torch.cuda.reset_peak_memory_stats(self.device)
+            scratch = self._profile_run()
+            torch.cuda.synchronize(self.device)
+            activation_peak = max(0, torch.cuda.max_memory_allocated(self.device) - weights
+                                  - scratch)
+            torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info(self.device)
+        used = total - free
+        graph_reserve = 0
+        if self.is_cuda and not self.config.device.enforce_eager:
+            bs = self._graph_batch_size()
+            graph_reserve = (bs * self.arch.vocab_size * 4 + bs * self.arch.hidden_size * 4
+                             + bs * (self.max_blocks_per_seq + 5) * 4 + (64 << 20))
+        budget = int(total * cache.gpu_memory_utilization) - used - activation_peak - graph_reserve
+        logger.info(
+            "GPU memory: %.2f GiB total, %.2f GiB in use after loading (weights %.2f GiB), "
+            "activation peak %.2f GiB, CUDA-graph buffers %.2f GiB → KV cache budget %.2f GiB "
+            "at gpu_memory_utilization=%.2f",
+            total / 2**30, used / 2**30, weights / 2**30, activation_peak / 2**30,
+            graph_reserve / 2**30, budget / 2**30, cache.gpu_memory_utilization)
+        return budget
+
+    @torch.inference_mode()
+    def _profile_run(self) -> int:
+        """A forward pass over ``max_num_batched_tokens`` dummy tokens (in sequences of up to
+        ``max_model_len``), logits and log-softmax/sort of ``max_num_seqs`` rows; returns the
+        bytes of the scratch KV cache it used (not part of the activation peak)."""
+        sc = self.config.scheduler
+        num_tokens = max(1, min(sc.max_num_batched_tokens, sc.max_num_seqs * self.max_model_len))
+        seq_len = min(self.max_model_len, num_tokens)
+        lens = [seq_len] * (num_tokens // seq_len)
+        if num_tokens % seq_len:
+            lens.append(num_tokens % seq_len)
+        bs = self.block_size
+        nblocks = [math.ceil(n / bs) for n in lens]
+        shape = (sum(nblocks) + 1, bs, self.arch.num_key_value_heads, self.arch.head_dim)
+        caches = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
+                   torch.zeros(shape, dtype=self.dtype, device=self.device))
+                  for _ in range(self.arch.num_hidden_layers)]
+        scratch = 2 * len(caches) * math.prod(shape) * caches[0][0].element_size()
+        tables: list[list[int]] = []
+        slots: list[int] = []
+        positions: list[int] = []
+        first = 1
+        for n, nb in zip(lens, nblocks):
+            table = list(range(first, first + nb))
+            first += nb
+            tables.append(table + [0] * (max(nblocks) - nb))
+            slots.extend(table[p // bs] * bs + p % bs for p in range(n))
+            positions.extend(range(n))
+        qsl = [0]
+        for n in lens:
+            qsl.append(qsl[-1] + n)
+        dev = self.device
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.int32, device=dev),
+            query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=dev),
+            seq_lens=torch.tensor(lens, dtype=torch.int32, device=dev),
+            block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
+            max_query_len=max(lens), max_seq_len=max(lens),
+            query_start_loc_cpu=qsl, seq_lens_cpu=lens,
+        )
+        ids = torch.randint(0, self.arch.vocab_size, (num_tokens,), dtype=torch.int32,
+                            device=dev)
+        pos = torch.tensor(positions, dtype=torch.int32, device=dev)
+        hidden = self.model(ids, pos, caches, meta)
+        rows = min(sc.max_num_seqs, num_tokens)
+        logits = self.model.compute_logits(hidden[:rows])
+        logprobs = torch.log_softmax(logits, dim=-1)
+        sorted_logits = logits.sort(dim=-1, descending=True)
+        del hidden, logits, logprobs, sorted_logits, caches
+        return scratch
+
+    def _graph_batch_size(self) -> int:
+        return min(self.config.scheduler.max_num_seqs, MAX_GRAPH_BATCH_SIZE)
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         self.num_blocks = num_blocks
@@ -123,6 +230,166 @@ class ModelRunner:
             for _ in range(self.arch.num_hidden_layers)
         ]
         self.num_blocks = num_blocks
+        if self.is_cuda and not self.config.device.enforce_eager:
+            self.graphs = DecodeGraphs(
+                self.model, self.kv_caches, self._graph_batch_size(), self.max_blocks_per_seq,
+                self.arch.hidden_size, self.arch.vocab_size, self.dtype, self.device,
+                self._stage)
+            self.graphs.capture()
+
+    # ---- CUDA input staging ----------------------------------------------------------
+    def _init_cuda_buffers(self) -> None:
+        sc = self.config.scheduler
+        max_tokens = max(sc.max_num_batched_tokens, self._graph_batch_size())
+        max_seqs = max(sc.max_num_seqs, self._graph_batch_size())
+        # ids, positions, slots (tokens); query starts, seq lens, sample rows (seqs); table;
+        # plus alignment padding of each segment.
+        size = (3 * max_tokens + 3 * max_seqs + 1 + max_seqs * self.max_blocks_per_seq
+                + 6 * 16)
+        size = max(size, table_offset(self._graph_batch_size())
+                   + self._graph_batch_size() * self.max_blocks_per_seq)
+        self._host = torch.zeros(size, dtype=torch.int32, pin_memory=True)
+        self._host_np = self._host.numpy()
+        self._stage = torch.zeros(size, dtype=torch.int32, device=self.device)
+        self._copied = torch.cuda.Event()
+        self._copied.record()
+        # True once the stream has been synchronized since the last upload (the sampled
+        # ids' device→host copy does that), so the next upload need not wait. A step that
+        # samples nothing records ``_copied`` right after its upload instead, and the next
+        # upload waits for that event before overwriting the pinned buffer.
+        self._host_free = True
+
+    def _upload(self, data: list[int], samples: bool = True) -> torch.Tensor:
+        """One host→device copy of ``data`` through the pinned buffer; returns the device
+        slice. Waits for the previous copy first, so the pinned buffer is never overwritten
+        while a copy from it is in flight."""
+        n = len(data)
+        if not self._host_free:
+            self._copied.synchronize()
+        self._host_np[:n] = data
+        stage = self._stage[:n]
+        stage.copy_(self._host[:n], non_blocking=True)
+        self._after_upload(samples)
+        return stage
+
+    def _after_upload(self, samples: bool) -> None:
+        if not samples:
+            # No device→host copy will end this step: mark when the pinned buffer is free.
+            self._copied.record()
+        self._host_free = False
+
+    @staticmethod
+    def _block_table_rows(scheduled: list[ScheduledRequest], width: int,
+                          out: list[int]) -> None:
+        for s in scheduled:
+            b = s.block_ids
+            if len(b) >= width:
+                out.extend(b[:width])
+            else:
+                out.extend(b)
+                out.extend([0] * (width - len(b)))
+
+    def _prepare_cuda(self, scheduled: list[ScheduledRequest]) -> tuple[
+        torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor | None
+    ]:
+        """The eager CUDA path's inputs, in one copy. Returns ``(ids, positions, metadata,
+        rows to sample or None)``."""
+        bs = self.block_size
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        qsl = [0]
+        seq_lens: list[int] = []
+        sample_rows: list[int] = []
+        width = 0
+        for s in scheduled:
+            req, start, n = s.request, s.request.num_computed_tokens, s.num_new_tokens
+            end = start + n
+            blocks = s.block_ids
+            if n == 1:
+                ids.append(req.all_token_ids[start])
+                positions.append(start)
+                slots.append(blocks[start // bs] * bs + start % bs)
+            else:
+                ids.extend(req.all_token_ids[start:end])
+                positions.extend(range(start, end))
+                slots.extend(blocks[p // bs] * bs + p % bs for p in range(start, end))
+            qsl.append(qsl[-1] + n)
+            seq_lens.append(end)
+            if end == req.num_tokens:  # s.samples
+                sample_rows.append(qsl[-1] - 1)
+            width = max(width, -(-end // bs))
+        t, ns, nr = len(ids), len(seq_lens), len(sample_rows)
+        # Segments start at multiples of 16 entries (64 bytes), so the kernels always see
+        # 16-byte-aligned pointers (Triton specializes on alignment: no extra compilations).
+        data: list[int] = []
+        offsets = []
+        for seg in (ids, positions, slots, qsl, seq_lens, sample_rows):
+            offsets.append(len(data))
+            data.extend(seg)
+            data.extend(_ALIGN_PAD[: -len(data) % 16])
+        offsets.append(len(data))
+        self._block_table_rows(scheduled, width, data)
+        stage = self._upload(data, bool(sample_rows))
+        o_ids, o_pos, o_slot, o_qsl, o_len, o_rows, o_bt = offsets
+        meta = AttentionMetadata(
+            slot_mapping=stage[o_slot : o_slot + t],
+            query_start_loc=stage[o_qsl : o_qsl + ns + 1],
+            seq_lens=stage[o_len : o_len + ns],
+            block_tables=stage[o_bt:].view(ns, width),
+            max_query_len=max(b - a for a, b in zip(qsl, qsl[1:])),
+            max_seq_len=max(seq_lens),
+            query_start_loc_cpu=qsl,
+            seq_lens_cpu=seq_lens,
+        )
+        rows = stage[o_rows : o_rows + nr] if nr else None
+        return stage[o_ids : o_ids + t], stage[o_pos : o_pos + t], meta, rows
+
+    def _prepare_decode(self, scheduled: list[ScheduledRequest], padded: int,
+                        samples: bool = True) -> None:
+        """Write a pure decode step's inputs where the graphs read them (see
+        ``vserve.worker.cuda_graphs``) with one host→device copy. Padded rows: token 0 at
+        position 0, slot 0 of the null block, one token of context, a table row of zeros."""
+        assert self.graphs is not None
+        bs = self.block_size
+        mb = self.graphs.max_batch_size
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        seq_lens: list[int] = []
+        width = 1
+        for s in scheduled:
+            req = s.request
+            p = req.num_computed_tokens
+            q, r = divmod(p, bs)
+            ids.append(req.all_token_ids[p])
+            positions.append(p)
+            slots.append(s.block_ids[q] * bs + r)
+            seq_lens.append(p + 1)
+            if q >= width:
+                width = q + 1
+        n = len(scheduled)
+        table: list[int] = []
+        self._block_table_rows(scheduled, width, table)
+        off = table_offset(mb)
+        end = off + padded * width
+        if not self._host_free:
+            self._copied.synchronize()
+        h = self._host_np
+        h[0:n] = ids
+        h[mb : mb + n] = positions
+        h[2 * mb : 2 * mb + n] = slots
+        h[3 * mb : 3 * mb + n] = seq_lens
+        if padded > n:
+            h[n:padded] = 0
+            h[mb + n : mb + padded] = 0
+            h[2 * mb + n : 2 * mb + padded] = 0
+            h[3 * mb + n : 3 * mb + padded] = 1
+            h[off + n * width : end] = 0
+        h[4 * mb] = width
+        h[off : off + n * width] = table
+        self._stage[:end].copy_(self._host[:end], non_blocking=True)
+        self._after_upload(samples)
 
     # ---- one step --------------------------------------------------------------------
     def _prepare(self, scheduled: list[ScheduledRequest]) -> tuple[
@@ -171,27 +438,67 @@ class ModelRunner:
             return out
         if self.skip_compute:
             return self._fake_step(sched)
-        ids, pos, meta = self._prepare(sched.scheduled)
-        hidden = self.model(ids, pos, self.kv_caches, meta)
+        scheduled = sched.scheduled
+        self._graph_argmax: torch.Tensor | None = None
+        if self.is_cuda:
+            hidden, logits, row0 = self._forward_cuda(scheduled)
+        else:
+            ids, pos, meta = self._prepare(scheduled)
+            hidden = self.model(ids, pos, self.kv_caches, meta)
+            row0 = meta.query_start_loc_cpu
+            logits = None
+            sampling = [i for i, s in enumerate(scheduled) if s.samples]
+            if sampling:
+                rows = torch.tensor([row0[i + 1] - 1 for i in sampling], device=hidden.device)
+                logits = self.model.compute_logits(hidden[rows])
 
-        sampling = [i for i, s in enumerate(sched.scheduled) if s.samples]
-        if sampling:
-            rows = torch.tensor([meta.query_start_loc_cpu[i + 1] - 1 for i in sampling],
-                                device=hidden.device)
-            logits = self.model.compute_logits(hidden[rows])
-            reqs = [sched.scheduled[i].request for i in sampling]
-            result = self.sampler(logits, reqs)
+        if logits is not None:
+            reqs = [s.request for s in scheduled if s.samples]
+            greedy = self._graph_argmax
+            if greedy is not None and Sampler.plain_greedy(reqs):
+                # The graph already took the argmax: one device→host copy.
+                result = SamplerOutput(greedy.tolist(), [None] * len(reqs))
+            else:
+                result = self.sampler(logits, reqs)
+            # The sampled ids came back to the host: the stream is idle, uploads are done.
+            self._host_free = self.is_cuda
             for req, tok, lp in zip(reqs, result.sampled, result.logprobs):
                 out.sampled_token_ids[req.request_id] = tok
                 if lp is not None:
                     out.logprobs[req.request_id] = lp
 
-        for i, s in enumerate(sched.scheduled):
+        for i, s in enumerate(scheduled):
             if s.request.sampling_params.prompt_logprobs is not None:
-                lp = self._prompt_logprobs(s, hidden, meta.query_start_loc_cpu[i])
+                lp = self._prompt_logprobs(s, hidden, row0[i])
                 if lp is not None:
                     out.prompt_logprobs[s.request.request_id] = lp
         return out
+
+    def _forward_cuda(self, scheduled: list[ScheduledRequest]) -> tuple[
+        torch.Tensor, torch.Tensor | None, list[int]
+    ]:
+        """``(hidden rows of the step, logits of the sampling rows or None, query starts)``."""
+        n = len(scheduled)
+        graphs = self.graphs
+        if graphs is not None and all(s.num_new_tokens == 1 for s in scheduled):
+            padded = graphs.padded_size(n)
+            if padded is not None:
+                samples = [s.samples for s in scheduled]
+                self._prepare_decode(scheduled, padded, any(samples))
+                hidden, all_logits = graphs.replay(padded)
+                logits: torch.Tensor | None = None
+                if all(samples):
+                    logits = all_logits[:n]
+                    self._graph_argmax = graphs.argmax[:n]
+                elif any(samples):
+                    idx = [i for i, x in enumerate(samples) if x]
+                    logits = all_logits[torch.tensor(idx, device=self.device)]
+                return hidden[:n], logits, list(range(n + 1))
+        ids, pos, meta, rows = self._prepare_cuda(scheduled)
+        hidden = self.model(ids, pos, self.kv_caches, meta)
+        if rows is None:
+            return hidden, None, meta.query_start_loc_cpu
+        return hidden, self.model.compute_logits(hidden[rows]), meta.query_start_loc_cpu
 
     def _fake_step(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         """Benchmark mode: a deterministic token per sampling request, never an EOS or

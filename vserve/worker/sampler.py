@@ -5,6 +5,12 @@ model's raw distribution (before penalties and temperature), as vLLM returns by 
 
 Seeded requests draw their noise from their own ``torch.Generator``, advanced exactly once
 per sampled token, so the same seed gives the same output whatever the batch holds.
+
+Hot path: every decision about which stages run is made on the host from the requests'
+parameters (no device→host reads); a batch of plain greedy requests is one ``argmax`` and
+one copy of the token ids to the host, and the logits are cloned only when a penalty, bias
+or ``min_tokens`` ban will modify them. On CUDA, the noise of unseeded rows is drawn in one
+call for the whole batch.
 """
 
 from __future__ import annotations
@@ -45,6 +51,13 @@ class Sampler:
             self._generators[request.request_id] = gen
         return gen
 
+    @staticmethod
+    def plain_greedy(requests: list[Request]) -> bool:
+        """Whether every request's token is the argmax of its raw logits (greedy, no
+        penalty/bias/min_tokens ban, no logprobs): then a precomputed argmax will do."""
+        return all(r.sampling_params.greedy and r.sampling_params.logprobs is None
+                   and not _constrained(r) for r in requests)
+
     @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
         assert logits.dim() == 2 and logits.shape[0] == len(requests)
@@ -53,7 +66,8 @@ class Sampler:
         want_logprobs = [p.logprobs is not None for p in params]
         raw_logprobs = torch.log_softmax(logits, dim=-1) if any(want_logprobs) else None
 
-        logits = self._apply_constraints(logits.clone(), requests)
+        if any(_constrained(r) for r in requests):
+            logits = self._apply_constraints(logits.clone(), requests)
         sampled = self._sample(logits, requests)
         sampled_list = sampled.tolist()
 
@@ -94,27 +108,58 @@ class Sampler:
 
     def _sample(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
         params = [r.sampling_params for r in requests]
-        greedy = torch.tensor([p.greedy for p in params], device=logits.device)
-        argmax = logits.argmax(dim=-1)
-        if bool(greedy.all()):
+        greedy_list = [p.greedy for p in params]
+        argmax = _argmax(logits)
+        if all(greedy_list):
             return argmax
+        dev = logits.device
         temps = torch.tensor(
-            [1.0 if p.greedy else p.temperature for p in params], device=logits.device
-        )
+            [1.0 if p.greedy else p.temperature for p in params], dtype=logits.dtype
+        ).to(dev, non_blocking=True)
         scaled = logits / temps.unsqueeze(1)
         probs = _filtered_probs(scaled, params)
         # Exponential-race sampling: argmax(p / q) with q ~ Exp(1) draws from p, and lets each
         # seeded row use its own generator without a per-row multinomial call.
         noise = torch.empty_like(probs)
-        for i, req in enumerate(requests):
-            if params[i].greedy:
-                noise[i].fill_(1.0)
-            elif params[i].seed is not None:
-                noise[i].exponential_(generator=self._generator(req))
-            else:
-                noise[i].exponential_(generator=self._global)
+        if dev.type == "cuda" and not any(p.seed is not None for p in params):
+            # One draw for the whole batch (greedy rows are overridden below).
+            noise.exponential_(generator=self._global)
+        else:
+            for i, req in enumerate(requests):
+                if params[i].greedy:
+                    noise[i].fill_(1.0)
+                elif params[i].seed is not None:
+                    noise[i].exponential_(generator=self._generator(req))
+                else:
+                    noise[i].exponential_(generator=self._global)
         drawn = (probs / noise).argmax(dim=-1)
+        if not any(greedy_list):
+            return drawn
+        greedy = torch.tensor(greedy_list).to(dev, non_blocking=True)
         return torch.where(greedy, argmax, drawn)
+
+
+def _argmax(logits: torch.Tensor) -> torch.Tensor:
+    if logits.is_cuda:
+        from vserve.ops import use_kernels
+
+        if use_kernels(logits):
+            from vserve.ops.sampling import argmax
+
+            return argmax(logits)
+    return logits.argmax(dim=-1)
+
+
+def _constrained(req: Request) -> bool:
+    """Whether ``_apply_constraints`` would change this request's row."""
+    p = req.sampling_params
+    return bool(
+        p.logit_bias
+        or req.num_output_tokens < p.min_tokens
+        or p.repetition_penalty != 1.0
+        or p.presence_penalty
+        or p.frequency_penalty
+    )
 
 
 def _filtered_probs(logits: torch.Tensor, params: list) -> torch.Tensor:

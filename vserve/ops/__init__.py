@@ -1,0 +1,41 @@
+"""Triton kernels of the GPU path.
+
+Imported only on CUDA (``vserve.ops.*`` imports ``triton``); the CPU path never touches this
+package. ``available()`` says whether the kernels can be used in this process.
+
+    attention.py   paged decode attention, varlen prefill attention over paged context,
+                   RoPE + KV-cache write
+    layernorm.py   RMSNorm and fused residual-add + RMSNorm
+    activation.py  SiLU-and-multiply
+
+Under ``TRITON_INTERPRET=1`` the same kernels run on CPU tensors (slowly), which is how they
+were first debugged without a GPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+
+@functools.cache
+def available() -> bool:
+    """Triton imports and either CUDA is there or the interpreter is on."""
+    try:
+        import torch
+        import triton  # noqa: F401
+    except Exception:
+        return False
+    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def use_kernels(t: object) -> bool:
+    """Whether ``t`` (a tensor) should go through the Triton kernels: CUDA tensors only,
+    or any tensor under ``TRITON_INTERPRET=1`` when ``VSERVE_TRITON_ON_CPU=1`` (tests of
+    the kernels themselves on a machine without a GPU)."""
+    if getattr(t, "is_cuda", False):
+        return available()
+    return _ON_CPU and available()
+
+
+_ON_CPU = os.environ.get("VSERVE_TRITON_ON_CPU") == "1"

@@ -1,0 +1,159 @@
+"""Matrix-vector products for single-token decode (``M == 1``), with the choice made by
+measurement.
+
+cuBLAS serves the matmuls; for one row its kernels for the smaller projections of a 1B
+model read the weights at 50-60% of the copy bandwidth (an H100 profile: q/k/v and o_proj
+~6.5 us for 10 MB on average, down_proj split-K + reduce 15 us for 33 MB). A plain
+Triton GEMV (each program a few output rows, the whole K dimension, float32 accumulation)
+streams the weights with 16-byte loads. Which is faster depends on the shape and the card,
+so the first time a shape is seen outside a CUDA-graph capture, every candidate (cuBLAS and
+a few GEMV tilings) is timed with CUDA events — cycling through copies of the weight so that
+it streams from HBM as in a real step, not from the 50 MB L2 — and the fastest is kept for
+the process (a GEMV must beat cuBLAS by 3%).
+
+``act=True`` fuses SiLU-and-multiply into the GEMV's input: ``x`` is the ``[1, 2K]``
+gate/up row and ``silu(x[:K]) * x[K:]`` is formed on the fly, with the same rounding
+points as ``vserve.ops.activation.silu_and_mul`` (so the MLP's down projection reads the
+gate/up output directly, one launch instead of two).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from vserve.ops.activation import silu_and_mul
+
+# (BLOCK_N, BLOCK_K, num_warps): a few rows × a long stretch of K per program; "K" is
+# replaced by the layer's K (rounded up to a power of two, at most 8192): one iteration,
+# all of a program's loads issued at once.
+_CANDIDATES = ((4, 1024, 4), (8, 512, 4), (8, 1024, 8), (16, 512, 4), (32, 256, 8),
+               (1, "K", 4), (2, "K", 4), (2, "K", 8), (4, "K", 8))
+_L2_BYTES = 50 << 20  # H100; timing rotates over enough weight copies to defeat the L2
+_ENABLED = os.environ.get("VSERVE_GEMV", "1") != "0"
+_CHOICE: dict[tuple, tuple[int, int, int] | None] = {}  # None: cuBLAS
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, s_wn,
+                 HAS_BIAS: tl.constexpr, ACT: tl.constexpr, EVEN: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid = tl.program_id(0)
+    rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = rn < N
+    w_rows = w_ptr + rn.to(tl.int64)[:, None] * s_wn
+    acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        if EVEN:
+            if ACT:
+                g = tl.load(x_ptr + rk)
+                u = tl.load(x_ptr + K + rk)
+            else:
+                x = tl.load(x_ptr + rk)
+            w = tl.load(w_rows + rk[None, :])
+        else:
+            kmask = rk < K
+            if ACT:
+                g = tl.load(x_ptr + rk, mask=kmask, other=0.0)
+                u = tl.load(x_ptr + K + rk, mask=kmask, other=0.0)
+            else:
+                x = tl.load(x_ptr + rk, mask=kmask, other=0.0)
+            w = tl.load(w_rows + rk[None, :], mask=nmask[:, None] & kmask[None, :], other=0.0)
+        if ACT:
+            gf = g.to(tl.float32)
+            a = (gf / (1.0 + tl.exp(-gf))).to(g.dtype)
+            x = (a.to(tl.float32) * u.to(tl.float32)).to(g.dtype)
+        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+    y = tl.sum(acc, 1)
+    if HAS_BIAS:
+        y += tl.load(b_ptr + rn, mask=nmask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=nmask)
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, act: bool,
+         config: tuple[int, int, int]) -> torch.Tensor:
+    n, k = weight.shape
+    out = torch.empty((1, n), dtype=x.dtype, device=x.device)
+    block_n, block_k, warps = config
+    _gemv_kernel[(triton.cdiv(n, block_n),)](
+        x, weight, bias if bias is not None else weight, out, n, k, weight.stride(0),
+        HAS_BIAS=bias is not None, ACT=act, EVEN=(n % block_n == 0 and k % block_k == 0),
+        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
+    )
+    return out
+
+
+def _cublas(x, weight, bias, act):
+    return F.linear(silu_and_mul(x) if act else x, weight, bias)
+
+
+def _time(fn, n: int, reps: int = 30) -> float:
+    """GPU time per call (ms), the mean over ``reps`` calls cycling through ``n`` weight
+    copies. The GPU is held busy (``torch.cuda._sleep``) while the calls are queued, so the
+    events measure the kernels back to back, as a CUDA graph runs them, not the host's
+    launch overhead (which can exceed a small GEMV's time)."""
+    for i in range(3):
+        fn(i % n)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda._sleep(20_000_000)  # ~10 ms: longer than queueing ``reps`` launches
+    start.record()
+    for i in range(reps):
+        fn(i % n)
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / reps
+
+
+def _configs(k: int) -> list[tuple[int, int, int]]:
+    whole = min(8192, triton.next_power_of_2(k))
+    out: list[tuple[int, int, int]] = []
+    for bn, bk_spec, warps in _CANDIDATES:
+        bk = whole if bk_spec == "K" else int(bk_spec)
+        if bk > whole:
+            continue
+        if (bn, bk, warps) not in out:
+            out.append((bn, bk, warps))
+    return out or [(4, whole, 4)]
+
+
+def _choose(x, weight, bias, act) -> tuple[int, int, int] | None:
+    """Time cuBLAS and each GEMV tiling on weights streamed from memory, not the L2: the
+    timing cycles through enough copies of the weight to exceed the cache several times."""
+    nbytes = weight.numel() * weight.element_size()
+    copies = max(1, min(16, -(-3 * _L2_BYTES // nbytes)))
+    ws = [weight] + [weight.clone() for _ in range(copies - 1)]
+    best, best_t = None, _time(lambda i: _cublas(x, ws[i], bias, act), copies)
+    for cfg in _configs(weight.shape[1]):
+        t = _time(lambda i, cfg=cfg: gemv(x, ws[i], bias, act, cfg), copies)
+        if t < best_t * 0.97:  # a clear win only; cuBLAS otherwise
+            best, best_t = cfg, t
+    return best
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           act: bool = False) -> torch.Tensor:
+    """``F.linear(silu_and_mul(x) if act else x, weight, bias)`` for a CUDA ``x`` of
+    ``[M, K]`` (``[M, 2K]`` with ``act``): the measured-fastest kernel when ``M == 1``
+    (16-bit weights), cuBLAS otherwise."""
+    if (_ENABLED and x.shape[0] == 1 and x.is_cuda and x.is_contiguous()
+            and weight.dtype in (torch.bfloat16, torch.float16) and weight.stride(1) == 1):
+        key = (tuple(weight.shape), weight.dtype, bias is not None, act)
+        if key not in _CHOICE:
+            if torch.cuda.is_current_stream_capturing():
+                return _cublas(x, weight, bias, act)
+            _CHOICE[key] = _choose(x, weight, bias, act)
+        cfg = _CHOICE[key]
+        if cfg is not None:
+            return gemv(x, weight, bias, act, cfg)
+    return _cublas(x, weight, bias, act)
+
+
+def choices() -> dict[str, str]:
+    """What was chosen per shape (for logs and benchmarks)."""
+    return {f"{k[0]}{' +act' if k[3] else ''}": ("cublas" if v is None else f"gemv{v}")
+            for k, v in _CHOICE.items()}

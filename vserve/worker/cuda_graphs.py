@@ -1,0 +1,158 @@
+"""CUDA graphs of the decode step, captured for a ladder of batch sizes.
+
+A decode step (every scheduled sequence has one new token) is the same sequence of kernels
+whatever the batch holds, up to the batch size, so it is captured once per size of a ladder
+(1, 2, 4, 8, 16, 24, … up to ``max_batch_size``) and replayed for a batch padded to the
+next size up.
+
+The graphs read their inputs straight from the model runner's device staging buffer, at
+fixed offsets (``mb`` = the largest captured size), so a step costs one host→device copy
+and the graph launch:
+
+    stage[0 : 4·mb]         [4, mb] int32: input ids, positions, slot mapping, seq lens
+    stage[4·mb]             the block table's row width for this step
+    stage[4·mb + 16 : …]    the block table, packed ``[bs, width]``
+
+The attention kernel reads the width from the device (``GraphAttentionMetadata``), so one
+graph serves every context length and table width. Outputs go to persistent buffers:
+``hidden`` [mb, hidden] (model dtype), ``logits`` [mb, vocab] float32 and ``argmax`` [mb]
+int64 (the greedy tokens, so that a batch of plain greedy requests needs no kernel after
+the graph: one device→host copy of ``argmax[:bs]``). Padded rows have
+token 0 at position 0, write their K/V to slot 0 of the reserved null block 0 and attend to
+that one token only; their outputs are never read. All graphs share one memory pool
+(captured largest first, as their intermediates are dead between replays).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from vserve.worker.attention.backend import AttentionMetadata
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class GraphAttentionMetadata(AttentionMetadata):
+    """Metadata whose block table's row stride lives on the device (``[1]`` int32)."""
+
+    block_table_stride: torch.Tensor | None = None
+
+
+#: Where the block table starts after the four ``[mb]`` arrays and the width entry.
+def table_offset(max_batch_size: int) -> int:
+    return 4 * max_batch_size + 16
+
+
+def capture_sizes(max_batch_size: int) -> list[int]:
+    """1, 2, 4, then multiples of 8, up to and including ``max_batch_size``."""
+    sizes = [s for s in (1, 2, 4) if s <= max_batch_size]
+    sizes += list(range(8, max_batch_size + 1, 8))
+    if max_batch_size not in sizes:
+        sizes.append(max_batch_size)
+    return sorted(set(sizes))
+
+
+class DecodeGraphs:
+    def __init__(
+        self,
+        model: Any,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        max_batch_size: int,
+        max_blocks_per_seq: int,
+        hidden_size: int,
+        vocab_size: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        stage: torch.Tensor,
+    ) -> None:
+        self.model = model
+        self.kv_caches = kv_caches
+        self.sizes = capture_sizes(max_batch_size)
+        self.max_batch_size = mb = self.sizes[-1]
+        self.max_blocks_per_seq = max_blocks_per_seq
+        off = table_offset(mb)
+        assert stage.numel() >= off + mb * max_blocks_per_seq
+        self.stage = stage
+        self.small = stage[: 4 * mb].view(4, mb)
+        self.width = stage[4 * mb : 4 * mb + 1]
+        self.table = stage[off:]
+        self.query_start = torch.arange(mb + 1, dtype=torch.int32, device=device)
+        self.hidden = torch.zeros(mb, hidden_size, dtype=dtype, device=device)
+        self.logits = torch.zeros(mb, vocab_size, dtype=torch.float32, device=device)
+        self.argmax = torch.zeros(mb, dtype=torch.int64, device=device)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.pool: Any = None
+
+    def padded_size(self, n: int) -> int | None:
+        """The smallest captured size >= n, or None when n is too large for the graphs."""
+        if n > self.max_batch_size:
+            return None
+        for s in self.sizes:
+            if s >= n:
+                return s
+        return None  # pragma: no cover
+
+    def _metadata(self, bs: int) -> AttentionMetadata:
+        return GraphAttentionMetadata(
+            slot_mapping=self.small[2, :bs],
+            query_start_loc=self.query_start[: bs + 1],
+            seq_lens=self.small[3, :bs],
+            # Shape [bs, max_blocks]; the kernel takes the row stride from ``self.width``.
+            block_tables=self.table[: bs * self.max_blocks_per_seq].view(
+                bs, self.max_blocks_per_seq),
+            max_query_len=1,
+            max_seq_len=self.max_blocks_per_seq,  # unused by the decode path
+            query_start_loc_cpu=list(range(bs + 1)),
+            seq_lens_cpu=[1] * bs,
+            block_table_stride=self.width,
+        )
+
+    def reset_inputs(self) -> None:
+        """Dummy inputs: token 0 at position 0 in slot 0 of the null block, one token of
+        context, a table of width 1 pointing at block 0."""
+        self.small.zero_()
+        self.small[3].fill_(1)
+        self.width.fill_(1)
+        self.table[: self.max_batch_size].zero_()
+
+    def _forward(self, bs: int) -> None:
+        hidden = self.model(self.small[0, :bs], self.small[1, :bs], self.kv_caches,
+                            self._metadata(bs))
+        from vserve.ops.sampling import argmax  # triton: CUDA only
+
+        self.hidden[:bs].copy_(hidden)
+        logits = self.model.compute_logits(hidden, out=self.logits[:bs])
+        # Greedy tokens come out of the graph too (the sampler's fast path reads them).
+        self.argmax[:bs].copy_(argmax(logits))
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        t0 = time.perf_counter()
+        free0 = torch.cuda.mem_get_info()[0]
+        self.reset_inputs()
+        # Warm up (Triton compilation, cuBLAS handles and workspaces) outside any capture.
+        for bs in (self.sizes[-1], self.sizes[0]):
+            self._forward(bs)
+        torch.cuda.synchronize()
+        self.pool = torch.cuda.graph_pool_handle()
+        for bs in reversed(self.sizes):
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                self._forward(bs)
+            self.graphs[bs] = graph
+        torch.cuda.synchronize()
+        logger.info("captured %d CUDA graphs (decode batch sizes %d..%d) in %.1fs, %.0f MiB",
+                    len(self.graphs), self.sizes[0], self.sizes[-1], time.perf_counter() - t0,
+                    (free0 - torch.cuda.mem_get_info()[0]) / 2**20)
+
+    def replay(self, bs: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the graph of size ``bs``; returns views ``(hidden[:bs], logits[:bs])``
+        (``self.argmax[:bs]`` holds the rows' greedy tokens)."""
+        self.graphs[bs].replay()
+        return self.hidden[:bs], self.logits[:bs]
