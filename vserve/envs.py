@@ -40,5 +40,21 @@ def set_prometheus_multiproc_dir(path: os.PathLike[str] | str) -> None:
     os.environ[PROMETHEUS_MULTIPROC_DIR] = str(path)
 
 
+def triton_interpret() -> bool:
+    """Triton's own interpreter switch (TRITON_INTERPRET=1): kernels run on the CPU."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def triton_on_cpu() -> bool:
+    """Route CPU tensors through the Triton kernels (with TRITON_INTERPRET=1): for testing
+    the kernels themselves on a machine without a GPU."""
+    return os.environ.get("VSERVE_TRITON_ON_CPU") == "1"
+
+
+def gemv_enabled() -> bool:
+    """VSERVE_GEMV=0 turns off the Triton matrix-vector kernels (cuBLAS everywhere)."""
+    return os.environ.get("VSERVE_GEMV", "1") != "0"
+
+
 def prometheus_multiproc_dir() -> str | None:
     return os.environ.get(PROMETHEUS_MULTIPROC_DIR) or None

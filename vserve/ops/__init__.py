@@ -15,7 +15,8 @@ were first debugged without a GPU.
 from __future__ import annotations
 
 import functools
-import os
+
+from vserve import envs
 
 
 @functools.cache
@@ -26,7 +27,7 @@ def available() -> bool:
         import triton  # noqa: F401
     except Exception:
         return False
-    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+    return torch.cuda.is_available() or envs.triton_interpret()
 
 
 def use_kernels(t: object) -> bool:
@@ -38,4 +39,4 @@ def use_kernels(t: object) -> bool:
     return _ON_CPU and available()
 
 
-_ON_CPU = os.environ.get("VSERVE_TRITON_ON_CPU") == "1"
+_ON_CPU = envs.triton_on_cpu()

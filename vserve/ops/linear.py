@@ -19,13 +19,12 @@ gate/up output directly, one launch instead of two).
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from vserve import envs
 from vserve.ops.activation import silu_and_mul
 
 # (BLOCK_N, BLOCK_K, num_warps): a few rows × a long stretch of K per program; "K" is
@@ -34,7 +33,7 @@ from vserve.ops.activation import silu_and_mul
 _CANDIDATES = ((4, 1024, 4), (8, 512, 4), (8, 1024, 8), (16, 512, 4), (32, 256, 8),
                (1, "K", 4), (2, "K", 4), (2, "K", 8), (4, "K", 8))
 _L2_BYTES = 50 << 20  # H100; timing rotates over enough weight copies to defeat the L2
-_ENABLED = os.environ.get("VSERVE_GEMV", "1") != "0"
+_ENABLED = envs.gemv_enabled()
 _CHOICE: dict[tuple, tuple[int, int, int] | None] = {}  # None: cuBLAS
 
 
