@@ -252,3 +252,18 @@ def test_tracker_round_robin_on_ties_and_thread_safety() -> None:
     for t in threads:
         t.join()
     assert sorted(results.count(i) for i in range(3)) == [400, 400, 400]
+
+
+def test_unbump_stops_counting_a_routed_request_once_it_started() -> None:
+    from vserve.engine.coordinator import LoadTracker
+
+    tracker = LoadTracker(2)
+    first = tracker.pick_and_bump()
+    second = tracker.pick_and_bump()
+    assert {first, second} == {0, 1}
+    assert sum(w for w, _ in tracker.loads()) == 2
+    tracker.unbump(first)
+    assert tracker.loads()[first][0] == 0
+    tracker.unbump(first)  # never below zero (a snapshot may have reset it already)
+    assert tracker.loads()[first][0] == 0
+    assert tracker.loads()[second][0] == 1

@@ -276,6 +276,15 @@ class LoadTracker:
         with self._lock:
             self._waiting[engine_index] += 1
 
+    def unbump(self, engine_index: int) -> None:
+        """A routed request left the waiting state (its first output arrived, or it ended):
+        stop counting it. Without this a burst of short requests would keep counting as
+        waiting until the next snapshot — up to a heartbeat on an idle engine — and a
+        server-wide queue bound would refuse requests with nothing waiting."""
+        with self._lock:
+            if self._waiting[engine_index] > 0:
+                self._waiting[engine_index] -= 1
+
     def pick_and_bump(self) -> int:
         """:meth:`pick_engine` then :meth:`bump`, atomically (for concurrent routers)."""
         with self._lock:

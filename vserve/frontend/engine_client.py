@@ -51,6 +51,7 @@ class RequestStream:
     engine_index: int
     queue: asyncio.Queue[EngineCoreOutput | BaseException] = field(default_factory=asyncio.Queue)
     finished: bool = False
+    started: bool = False  # an output arrived: the engine is past queueing it
     arrival_time: float = field(default_factory=time.time)
 
     async def get(self) -> EngineCoreOutput:
@@ -153,6 +154,9 @@ class AsyncEngineClient:
             stream = self.streams.pop(rid, None)
             if stream is not None and not stream.finished:
                 per_engine.setdefault(stream.engine_index, []).append(rid)
+                if not stream.started:
+                    stream.started = True
+                    self.load.unbump(stream.engine_index)
         for engine, ids in per_engine.items():
             if engine in self.dead_engines:
                 continue
@@ -235,6 +239,9 @@ class AsyncEngineClient:
                 stream = self.streams.get(out.request_id)
                 if stream is None:
                     continue  # aborted here already, or a dead predecessor's request
+                if not stream.started:
+                    stream.started = True
+                    self.load.unbump(stream.engine_index)
                 if out.finished:
                     stream.finished = True
                     del self.streams[out.request_id]
