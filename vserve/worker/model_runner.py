@@ -28,6 +28,7 @@ from vserve.core.sched_output import ModelRunnerOutput, ScheduledRequest, Schedu
 from vserve.engine.messages import Logprobs
 from vserve.models.arch import ModelArchConfig, load_arch_config
 from vserve.models.loader import load_model, resolve_dtype
+from vserve.worker import kv_sizing
 from vserve.worker.attention.backend import AttentionBackend, AttentionMetadata
 from vserve.worker.cuda_graphs import DecodeGraphs, table_offset
 from vserve.worker.sampler import Sampler, SamplerOutput, gather_logprobs
@@ -109,109 +110,9 @@ class ModelRunner:
 
     def determine_num_blocks(self) -> int:
         """Blocks that fit the memory budget (+1 for the reserved null block 0)."""
-        cache = self.config.cache
-        if cache.num_kv_blocks is not None:
-            return cache.num_kv_blocks + 1
-        if self.device.type == "cuda":
-            budget = self._profile_cuda_budget()
-        else:
-            budget = cache.kv_cache_memory_bytes
-        num = budget // self.bytes_per_block()
-        needed = math.ceil(self.max_model_len / self.block_size)
-        if num < needed:
-            raise ValueError(
-                f"the KV cache budget ({budget / 2**20:.1f} MiB) holds {num} blocks of "
-                f"{self.block_size} tokens, fewer than one sequence of max_model_len="
-                f"{self.max_model_len} needs ({needed}); raise the KV cache memory or lower "
-                "max_model_len"
-            )
-        return int(num) + 1
+        return kv_sizing.determine_num_blocks(self)
 
-    def _profile_cuda_budget(self) -> int:
-        """Bytes for the KV cache: ``gpu_memory_utilization`` of the card, less what is in
-        use now (weights, CUDA context, other processes), less the activation peak of a
-        profiling forward pass over a full token budget (logits and sampling of
-        ``max_num_seqs`` rows included), less the CUDA graphs' persistent buffers."""
-        cache = self.config.cache
-        torch.cuda.synchronize(self.device)
-        torch.cuda.empty_cache()
-        weights = torch.cuda.memory_allocated(self.device)
-        activation_peak = 0
-        if not self.skip_compute:
-            torch.cuda.reset_peak_memory_stats(self.device)
-            scratch = self._profile_run()
-            torch.cuda.synchronize(self.device)
-            activation_peak = max(0, torch.cuda.max_memory_allocated(self.device) - weights
-                                  - scratch)
-            torch.cuda.empty_cache()
-        free, total = torch.cuda.mem_get_info(self.device)
-        used = total - free
-        graph_reserve = 0
-        if self.is_cuda and not self.config.device.enforce_eager:
-            bs = self._graph_batch_size()
-            graph_reserve = (bs * self.arch.vocab_size * 4 + bs * self.arch.hidden_size * 4
-                             + bs * (self.max_blocks_per_seq + 5) * 4 + (64 << 20))
-        budget = int(total * cache.gpu_memory_utilization) - used - activation_peak - graph_reserve
-        logger.info(
-            "GPU memory: %.2f GiB total, %.2f GiB in use after loading (weights %.2f GiB), "
-            "activation peak %.2f GiB, CUDA-graph buffers %.2f GiB → KV cache budget %.2f GiB "
-            "at gpu_memory_utilization=%.2f",
-            total / 2**30, used / 2**30, weights / 2**30, activation_peak / 2**30,
-            graph_reserve / 2**30, budget / 2**30, cache.gpu_memory_utilization)
-        return budget
-
-    @torch.inference_mode()
-    def _profile_run(self) -> int:
-        """A forward pass over ``max_num_batched_tokens`` dummy tokens (in sequences of up to
-        ``max_model_len``), logits and log-softmax/sort of ``max_num_seqs`` rows; returns the
-        bytes of the scratch KV cache it used (not part of the activation peak)."""
-        sc = self.config.scheduler
-        num_tokens = max(1, min(sc.max_num_batched_tokens, sc.max_num_seqs * self.max_model_len))
-        seq_len = min(self.max_model_len, num_tokens)
-        lens = [seq_len] * (num_tokens // seq_len)
-        if num_tokens % seq_len:
-            lens.append(num_tokens % seq_len)
-        bs = self.block_size
-        nblocks = [math.ceil(n / bs) for n in lens]
-        shape = (sum(nblocks) + 1, bs, self.arch.num_key_value_heads, self.arch.head_dim)
-        caches = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
-                   torch.zeros(shape, dtype=self.dtype, device=self.device))
-                  for _ in range(self.arch.num_hidden_layers)]
-        scratch = 2 * len(caches) * math.prod(shape) * caches[0][0].element_size()
-        tables: list[list[int]] = []
-        slots: list[int] = []
-        positions: list[int] = []
-        first = 1
-        for n, nb in zip(lens, nblocks):
-            table = list(range(first, first + nb))
-            first += nb
-            tables.append(table + [0] * (max(nblocks) - nb))
-            slots.extend(table[p // bs] * bs + p % bs for p in range(n))
-            positions.extend(range(n))
-        qsl = [0]
-        for n in lens:
-            qsl.append(qsl[-1] + n)
-        dev = self.device
-        meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.int32, device=dev),
-            query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor(lens, dtype=torch.int32, device=dev),
-            block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
-            max_query_len=max(lens), max_seq_len=max(lens),
-            query_start_loc_cpu=qsl, seq_lens_cpu=lens,
-        )
-        ids = torch.randint(0, self.arch.vocab_size, (num_tokens,), dtype=torch.int32,
-                            device=dev)
-        pos = torch.tensor(positions, dtype=torch.int32, device=dev)
-        hidden = self.model(ids, pos, caches, meta)
-        rows = min(sc.max_num_seqs, num_tokens)
-        logits = self.model.compute_logits(hidden[:rows])
-        logprobs = torch.log_softmax(logits, dim=-1)
-        sorted_logits = logits.sort(dim=-1, descending=True)
-        del hidden, logits, logprobs, sorted_logits, caches
-        return scratch
-
-    def _graph_batch_size(self) -> int:
+    def graph_batch_size(self) -> int:
         return min(self.config.scheduler.max_num_seqs, MAX_GRAPH_BATCH_SIZE)
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
@@ -232,7 +133,7 @@ class ModelRunner:
         self.num_blocks = num_blocks
         if self.is_cuda and not self.config.device.enforce_eager:
             self.graphs = DecodeGraphs(
-                self.model, self.kv_caches, self._graph_batch_size(), self.max_blocks_per_seq,
+                self.model, self.kv_caches, self.graph_batch_size(), self.max_blocks_per_seq,
                 self.arch.hidden_size, self.arch.vocab_size, self.dtype, self.device,
                 self._stage)
             self.graphs.capture()
@@ -240,14 +141,14 @@ class ModelRunner:
     # ---- CUDA input staging ----------------------------------------------------------
     def _init_cuda_buffers(self) -> None:
         sc = self.config.scheduler
-        max_tokens = max(sc.max_num_batched_tokens, self._graph_batch_size())
-        max_seqs = max(sc.max_num_seqs, self._graph_batch_size())
+        max_tokens = max(sc.max_num_batched_tokens, self.graph_batch_size())
+        max_seqs = max(sc.max_num_seqs, self.graph_batch_size())
         # ids, positions, slots (tokens); query starts, seq lens, sample rows (seqs); table;
         # plus alignment padding of each segment.
         size = (3 * max_tokens + 3 * max_seqs + 1 + max_seqs * self.max_blocks_per_seq
                 + 6 * 16)
-        size = max(size, table_offset(self._graph_batch_size())
-                   + self._graph_batch_size() * self.max_blocks_per_seq)
+        size = max(size, table_offset(self.graph_batch_size())
+                   + self.graph_batch_size() * self.max_blocks_per_seq)
         self._host = torch.zeros(size, dtype=torch.int32, pin_memory=True)
         self._host_np = self._host.numpy()
         self._stage = torch.zeros(size, dtype=torch.int32, device=self.device)
