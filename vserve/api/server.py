@@ -80,6 +80,25 @@ def with_server_header(app: ASGIApp, index: int) -> ASGIApp:
     return wrapped
 
 
+_UNTRACKED_PATHS = frozenset({"/health", "/ready", "/metrics", "/version"})
+
+
+def with_in_flight_tracking(app: ASGIApp, state: ServerState) -> ASGIApp:
+    """Count HTTP requests until their responses are completely sent (see ``drain``)."""
+
+    async def wrapped(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope.get("path") in _UNTRACKED_PATHS:
+            await app(scope, receive, send)
+            return
+        state.http_in_flight += 1
+        try:
+            await app(scope, receive, send)
+        finally:
+            state.http_in_flight -= 1
+
+    return wrapped
+
+
 def served_model_names(args: ApiServerArgs) -> list[str]:
     names = list(args.engine.model.served_model_name)
     return names or [args.engine.model.model]
@@ -116,7 +135,8 @@ async def serve(index: int, args: ApiServerArgs) -> None:
 
     fastapi_app = build_app(state)
     add_metrics_route(fastapi_app, args.supervisor_pid)
-    app = with_server_header(with_http_metrics(fastapi_app), index)
+    app = with_server_header(with_in_flight_tracking(with_http_metrics(fastapi_app), state),
+                             index)
     # log_config=None keeps our process-named log format on uvicorn's lines too.
     config = uvicorn.Config(app, http="httptools", lifespan="off", access_log=False,
                             log_config=None, backlog=2048,
@@ -175,14 +195,21 @@ async def drain(state: ServerState, server: uvicorn.Server, control: zmq.asyncio
     logger.info("draining: %d requests in flight, waiting up to %.0fs",
                 state.engine_client.num_in_flight, timeout)
     deadline = time.monotonic() + timeout
-    while state.engine_client.num_in_flight and time.monotonic() < deadline:
+
+    def busy() -> bool:
+        return bool(state.engine_client.num_in_flight or state.http_in_flight)
+
+    while busy() and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
     left = state.engine_client.num_in_flight
     if left:
         logger.warning("shutdown timeout: aborting %d requests still in flight", left)
         state.engine_client.fail_all(
             EngineUnavailableError("the server shut down before the request finished"))
-    await asyncio.sleep(0.05)  # let the last responses flush
+        # Their handlers now write error events; give them a moment to get out.
+        flush_deadline = time.monotonic() + 2.0
+        while state.http_in_flight and time.monotonic() < flush_deadline:
+            await asyncio.sleep(0.05)
     await control.send(msgspec.msgpack.encode(ApiServerDrained(state.client_index)))
     # The supervisor answers "exit" once all servers drained; don't wait on it forever.
     with contextlib.suppress(asyncio.TimeoutError):

@@ -25,6 +25,10 @@ class ServerState:
     created: int = field(default_factory=lambda: int(time.time()))
     ready: bool = False  # every engine connected and the socket is being served
     draining: bool = False  # SIGTERM: finish what is in flight, take nothing new
+    # HTTP requests whose responses are not fully sent yet (probes and /metrics excluded):
+    # a drain waits for these, not only for the engine's work, so that a slow reader still
+    # gets its last chunks.
+    http_in_flight: int = 0
 
     @property
     def model_name(self) -> str:
