@@ -51,6 +51,20 @@ def send_request(srv: ServeProcess, path: str, body: dict[str, Any]) -> socket.s
     return sock
 
 
+def send_admitted(srv: ServeProcess, path: str, body: dict[str, Any]) -> socket.socket:
+    """``send_request``, retried while the server answers 503 + Retry-After, as a client
+    would: right after the backpressure test, an API server's view of the queue may lag
+    the coordinator's by a snapshot (≤ 100 ms, longer on a loaded machine)."""
+    deadline = time.monotonic() + 10
+    while True:
+        sock = send_request(srv, path, body)
+        head = sock.recv(12, socket.MSG_PEEK)
+        if not head.startswith(b"HTTP/1.1 503") or time.monotonic() > deadline:
+            return sock
+        sock.close()
+        time.sleep(0.2)
+
+
 def read_events(sock: socket.socket, count: int) -> tuple[bytes, list[float]]:
     """Read until ``count`` SSE events arrived; (bytes, arrival time of each event)."""
     buf, times = b"", []
@@ -164,9 +178,9 @@ def test_backpressure_is_server_wide(srv: ServeProcess) -> None:
 
 def test_engine_death_mid_stream_is_an_error_event(srv: ServeProcess) -> None:
     """Runs last: it takes the server down."""
-    sock = send_request(srv, "/v1/chat/completions",
-                        {"messages": [{"role": "user", "content": "hi"}], "stream": True,
-                         "max_tokens": 1000, "ignore_eos": True})
+    sock = send_admitted(srv, "/v1/chat/completions",
+                         {"messages": [{"role": "user", "content": "hi"}], "stream": True,
+                          "max_tokens": 1000, "ignore_eos": True})
     buf, _ = read_events(sock, 3)
     engines = [pid for pid, role in srv.process_names().items() if role == "engine"]
     assert engines
