@@ -193,3 +193,25 @@ def test_script_with_and_without_main_guard(tmp_path, guarded):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "TOKENS 4" in proc.stdout
     assert "bootstrapping phase" not in proc.stderr
+
+
+def test_llm_created_in_a_short_lived_thread_keeps_its_engine(tmp_path):
+    """The engine follows its parent *process*: a thread that created the LLM may end."""
+    import threading
+    import time
+
+    model_dir = build_demo_model(tmp_path / "demo")
+    holder: list[LLM] = []
+    t = threading.Thread(target=lambda: holder.append(LLM(str(model_dir), device="cpu")))
+    t.start()
+    t.join(120)
+    assert holder, "the LLM was not created"
+    llm = holder[0]
+    try:
+        time.sleep(1.5)  # longer than the parent-death poll: a wrongly armed engine is gone
+        assert llm.launcher.dead_engines() == []
+        out = llm.generate("hi", SamplingParams(max_tokens=3, ignore_eos=True),
+                           use_tqdm=False)
+        assert len(out[0].outputs[0].token_ids) == 3
+    finally:
+        llm.shutdown()

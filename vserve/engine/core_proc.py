@@ -262,7 +262,8 @@ def run_engine(handshake_addr: str, engine_index: int, model_dir: str | None = N
     """``model_dir`` overrides the head's path (a headless node resolves its own copy)."""
     init_logging(f"EngineCore_DP{engine_index}")
     set_process_title(f"EngineCore_DP{engine_index}")
-    exit_when_parent_dies()
+    # Poll only (see exit_when_parent_dies): an LLM may start us from a short-lived thread.
+    exit_when_parent_dies(use_pdeathsig=False)
     ctx = zmq.Context()
     hs = ctx.socket(zmq.DEALER)
     hs.setsockopt(zmq.LINGER, 2000)

@@ -82,17 +82,23 @@ def _flush_and_exit(code: int) -> None:
     os._exit(code)
 
 
-def exit_when_parent_dies(poll_interval: float = 0.5, parent_pid: int | None = None) -> None:
+def exit_when_parent_dies(poll_interval: float = 0.5, parent_pid: int | None = None,
+                          use_pdeathsig: bool = True) -> None:
     """Make this process exit when its parent dies. Call early in every child; idempotent.
 
     ``parent_pid`` is the supervisor's pid if the caller knows it (e.g. from its command
     line); when given and already not our parent, we exit at once, which closes the race of
     a parent dying before this call. Otherwise the parent is the one seen now.
+
+    ``use_pdeathsig=False`` relies on the ``getppid()`` poll alone: PR_SET_PDEATHSIG fires
+    when the *thread* that spawned us exits, and a library user (``vserve.LLM``) may create
+    the engine from a short-lived thread of a process that lives on.
     """
     global _watching
     expected = os.getppid() if parent_pid is None else parent_pid
     # Arm PDEATHSIG first, then check: a parent that died before prctl is caught by the check.
-    _prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM))
+    if use_pdeathsig:
+        _prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM))
     if os.getppid() != expected:
         logger.error("parent process %d is already gone; exiting", expected)
         _flush_and_exit(PARENT_DIED_EXIT_CODE)
