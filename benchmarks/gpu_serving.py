@@ -196,21 +196,27 @@ def engine_decode(model_dir: Path, weight_bytes: int, copy_bw: float, args: argp
         prefill.append(time.perf_counter() - a)
     res["engine_prefill_128_ms_all"] = [x * 1e3 for x in prefill]
 
-    # Single request: TTFT of the prefill step, then per-token decode steps.
-    _add(core, random_prompts(1, 128, vocab, 2), args.decode_tokens)
-    torch.cuda.synchronize()
-    core.step()  # the prefill step (samples the first token)
-    t1 = time.perf_counter()
-    steps = []
-    while core.has_unfinished_requests():
-        a = time.perf_counter()
-        core.step()
-        steps.append(time.perf_counter() - a)
-    t2 = time.perf_counter()
-    decoded = len(steps)
+    # Single request: TTFT of the prefill step, then per-token decode steps; with async
+    # scheduling (the default on CUDA) and without it, side by side on the same engine.
+    for mode in ("async", "sync"):
+        core.async_scheduling = mode == "async"
+        _add(core, random_prompts(1, 128, vocab, 2), args.decode_tokens)
+        torch.cuda.synchronize()
+        core.step()  # the prefill step (samples the first token)
+        t1 = time.perf_counter()
+        steps = []
+        decoded = 0
+        while core.has_unfinished_requests():
+            a = time.perf_counter()
+            for outs in core.step().values():
+                decoded += sum(len(o.new_token_ids) for o in outs.outputs)
+            steps.append(time.perf_counter() - a)
+        t2 = time.perf_counter()
+        suffix = "" if mode == "async" else "_sync"
+        res[f"engine_decode_tokens_per_s{suffix}"] = decoded / (t2 - t1)
+        res[f"engine_step_ms_median{suffix}"] = float(np.median(steps)) * 1e3
+    core.async_scheduling = True
     res["engine_prefill_128_ms"] = float(np.median(prefill)) * 1e3
-    res["engine_decode_tokens_per_s"] = decoded / (t2 - t1)
-    res["engine_step_ms_median"] = float(np.median(steps)) * 1e3
 
     # GPU time of one decode step alone: the batch-1 graph replayed, events around it.
     graphs = runner.graphs
@@ -248,14 +254,16 @@ def engine_decode(model_dir: Path, weight_bytes: int, copy_bw: float, args: argp
     res["achieved_gbps_engine"] = (weight_bytes + ctx * runner.arch.kv_cache_bytes_per_token(2)) \
         * res["engine_decode_tokens_per_s"] / 1e9
     res["host_overhead_ms_per_step"] = res["engine_step_ms_median"] - step1 * 1e3
+    res["host_overhead_ms_per_step_sync"] = res["engine_step_ms_median_sync"] - step1 * 1e3
 
-    # Host-side breakdown of one decode step, no profiler: schedule / prepare+upload+load /
-    # graph launch (CPU time of the call) / sampler incl. waiting for the GPU / update.
+    # Host-side breakdown of one synchronous decode step, no profiler: schedule /
+    # prepare+upload / graph launch (CPU time of the call) / execute incl. waiting for the
+    # GPU / update. With async scheduling all of it but the wait overlaps the GPU's work.
     parts: dict[str, list[float]] = {k: [] for k in (
-        "schedule", "prepare_upload_load", "graph_launch", "sample_and_wait", "execute_model",
-        "update", "step_total")}
-    orig_prepare, orig_replay, orig_sampler = runner._prepare_decode, graphs.replay, \
-        runner.sampler
+        "schedule", "prepare_upload", "graph_launch", "execute_model", "update",
+        "step_total")}
+    inputs = runner.inputs
+    orig_prepare, orig_replay = inputs.prepare_decode, graphs.replay
 
     def timed(name, fn):
         def wrapper(*a, **k):
@@ -265,18 +273,8 @@ def engine_decode(model_dir: Path, weight_bytes: int, copy_bw: float, args: argp
             return r
         return wrapper
 
-    class TimedSampler:
-        def __init__(self, inner: Any) -> None:
-            self.inner = inner
-            self.forget = inner.forget
-            self.call = timed("sample_and_wait", inner.__call__)
-
-        def __call__(self, *a: Any, **k: Any) -> Any:
-            return self.call(*a, **k)
-
-    runner._prepare_decode = timed("prepare_upload_load", orig_prepare)
+    inputs.prepare_decode = timed("prepare_upload", orig_prepare)
     graphs.replay = timed("graph_launch", orig_replay)
-    runner.sampler = TimedSampler(orig_sampler)
     _add(core, random_prompts(1, 128, vocab, 3), 64)
     core.step()
     for v in parts.values():
@@ -293,13 +291,12 @@ def engine_decode(model_dir: Path, weight_bytes: int, copy_bw: float, args: argp
         parts["execute_model"].append(c - b)
         parts["update"].append(d - c)
         parts["step_total"].append(d - a)
-    runner._prepare_decode, graphs.replay, runner.sampler = orig_prepare, orig_replay, \
-        orig_sampler
+    del inputs.prepare_decode, graphs.replay  # back to the class's methods
     res["host_breakdown_us"] = {k: float(np.median(v)) * 1e6 for k, v in parts.items() if v}
     # The pieces of the input upload, each timed alone (GPU idle).
     torch.cuda.synchronize()
     end = 4 * graphs.max_batch_size + 16 + 20
-    ev, stage, host = runner._copied, runner._stage, runner._host
+    ev, stage, host = inputs._events[0], inputs.stage, inputs.host[0]
     pieces: dict[str, Any] = {
         "event_synchronize": ev.synchronize,
         "event_record": ev.record,
@@ -600,7 +597,11 @@ def report(s: dict[str, Any]) -> str:
             f"engine, 1 request: {e['engine_decode_tokens_per_s']:.0f} tokens/s "
             f"({e['achieved_gbps_engine']:.0f} GB/s), step {e['engine_step_ms_median']:.3f} ms "
             f"= GPU {e['graph_step_ms_bs1']:.3f} ms ({e['graph_gbps_bs1']:.0f} GB/s) + host "
-            f"{e['host_overhead_ms_per_step']:.3f} ms; host parts (us) {e['host_breakdown_us']}",
+            f"{e['host_overhead_ms_per_step']:.3f} ms (async scheduling)",
+            f"engine, 1 request, async scheduling off: "
+            f"{e['engine_decode_tokens_per_s_sync']:.0f} tokens/s, step "
+            f"{e['engine_step_ms_median_sync']:.3f} ms; host parts of a sync step (us) "
+            f"{ {k: round(v, 1) for k, v in e['host_breakdown_us'].items()} }",
             f"engine, prefill of 128 tokens: {e['engine_prefill_128_ms']:.1f} ms (median of "
             f"{len(e['engine_prefill_128_ms_all'])}); GEMV choices {e.get('gemv_choices')}",
             "graph step: " + ", ".join(

@@ -59,6 +59,9 @@ class SchedulerConfig:
     max_num_seqs: int = 256  # sequences in one step
     enable_chunked_prefill: bool = True
     policy: str = "fcfs"  # or "priority"
+    # Launch the next decode step before reading this one's tokens (the GPU never waits for
+    # the host). None: on when the engine runs on CUDA.
+    async_scheduling: bool | None = None
 
     def __post_init__(self) -> None:
         if self.max_num_batched_tokens < 1:

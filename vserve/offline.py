@@ -72,6 +72,7 @@ class LLM:
         max_num_seqs: int = 256,
         enable_chunked_prefill: bool = True,
         scheduling_policy: str = "fcfs",
+        async_scheduling: bool | None = None,
         device: str = "auto",
         enforce_eager: bool = False,
         startup_timeout: float = 600.0,
@@ -88,7 +89,8 @@ class LLM:
             scheduler=SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens,
                                       max_num_seqs=max_num_seqs,
                                       enable_chunked_prefill=enable_chunked_prefill,
-                                      policy=scheduling_policy),
+                                      policy=scheduling_policy,
+                                      async_scheduling=async_scheduling),
             device=DeviceConfig(device=device, enforce_eager=enforce_eager),
         )
         self.model_dir = resolve_model_dir(model, revision)

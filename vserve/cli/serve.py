@@ -54,6 +54,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     s.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction,
                    default=True)
     s.add_argument("--scheduling-policy", choices=["fcfs", "priority"], default="fcfs")
+    s.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                   help="launch the next decode step before reading this one's tokens "
+                        "(default: on with CUDA, off on CPU)")
     d = p.add_argument_group("device")
     d.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     d.add_argument("--enforce-eager", action="store_true")
@@ -112,7 +115,8 @@ def build_configs(args: argparse.Namespace) -> tuple[EngineConfig, ServerConfig,
         scheduler=SchedulerConfig(max_num_batched_tokens=args.max_num_batched_tokens,
                                   max_num_seqs=args.max_num_seqs,
                                   enable_chunked_prefill=args.enable_chunked_prefill,
-                                  policy=args.scheduling_policy),
+                                  policy=args.scheduling_policy,
+                                  async_scheduling=args.async_scheduling),
         device=DeviceConfig(device=args.device, enforce_eager=args.enforce_eager,
                             benchmark_skip_compute=args.benchmark_skip_compute),
     )

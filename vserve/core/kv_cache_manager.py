@@ -101,9 +101,14 @@ class KVCacheManager:
         num_new_tokens: int,
         new_computed_blocks: Sequence[KVCacheBlock] = (),
         num_new_computed_tokens: int = 0,
+        num_lookahead_tokens: int = 0,
     ) -> list[KVCacheBlock] | None:
         """Make the request hold blocks for ``num_computed_tokens + num_new_computed_tokens +
         num_new_tokens`` tokens; returns the newly allocated blocks (hits excluded).
+
+        ``num_lookahead_tokens`` more slots are held beyond those, for positions whose token
+        ids are not known yet (a chained step computes the token the step in flight is
+        sampling); only blocks full of known tokens are ever registered for prefix caching.
 
         ``new_computed_blocks`` are prefix hits from ``get_computed_blocks`` holding
         ``num_new_computed_tokens`` tokens; they are referenced here. Returns None, changing
@@ -115,14 +120,16 @@ class KVCacheManager:
         held = self._req_blocks.get(rid)
         num_held = len(held) if held is not None else 0
         total = request.num_computed_tokens + num_new_computed_tokens + num_new_tokens
-        if total > request.num_tokens or total > self.max_model_len:
+        if (total > request.num_tokens or num_lookahead_tokens < 0
+                or total + num_lookahead_tokens > self.max_model_len):
             raise ValueError(
-                f"request {rid}: {total} tokens asked, it has {request.num_tokens} "
-                f"(max_model_len {self.max_model_len})"
+                f"request {rid}: {total} + {num_lookahead_tokens} lookahead tokens asked, it "
+                f"has {request.num_tokens} (max_model_len {self.max_model_len})"
             )
         if num_new_computed_tokens != len(new_computed_blocks) * bs:
             raise ValueError("num_new_computed_tokens must match the hit blocks")
-        num_new_blocks = max(0, _cdiv(total, bs) - num_held - len(new_computed_blocks))
+        num_new_blocks = max(0, _cdiv(total + num_lookahead_tokens, bs) - num_held
+                             - len(new_computed_blocks))
         # Hits on free blocks leave the free queue when touched: they use up free capacity too.
         num_free_hits = sum(1 for b in new_computed_blocks if b.ref_cnt == 0)
         if num_new_blocks + num_free_hits > self.block_pool.num_free_blocks:

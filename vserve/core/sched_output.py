@@ -17,11 +17,19 @@ class ScheduledRequest:
     ``update_from_output``). ``block_ids`` cover at least ``c + num_new_tokens`` tokens and
     stay pinned until the request finishes or is preempted. When
     ``c + num_new_tokens == request.num_tokens`` the runner samples the next token.
+
+    A *chained* decode step (async scheduling, ``Scheduler.schedule_chained``) is built and
+    run while the previous step is still in flight: the runner then computes position
+    ``c + num_ahead`` (``num_ahead == 1``), whose token id is the one the step in flight
+    samples, so it comes from that step's output, not from ``all_token_ids``. By the time the
+    scheduler applies a chained step's output, the previous step's is applied and ``c`` has
+    caught up, so ``samples`` and ``update_from_output`` need no special case.
     """
 
     request: Request
     num_new_tokens: int
     block_ids: list[int]
+    num_ahead: int = 0
 
     @property
     def samples(self) -> bool:
@@ -37,6 +45,9 @@ class SchedulerOutput:
     # Requests that finished or were aborted since the previous step; runners drop any
     # per-request state (sampler generators, …) they keep for these.
     finished_request_ids: set[str] = field(default_factory=set)
+    # Built by ``Scheduler.schedule_chained``: every row is a decode whose input token is the
+    # previous step's sampled token, still on the device when this step is launched.
+    chained: bool = False
 
     @property
     def is_empty(self) -> bool:

@@ -14,67 +14,15 @@ Invariants between steps:
 
 from __future__ import annotations
 
-import heapq
-import itertools
 import time
-from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 
 from vserve.config import CacheConfig, SchedulerConfig
 from vserve.core.kv_cache_manager import KVCacheManager
 from vserve.core.request import Request, RequestStatus
 from vserve.core.sched_output import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
+from vserve.core.waiting_queue import WaitingQueue
 from vserve.engine.messages import EngineCoreOutput, RequestTiming, SchedulerStats
-
-
-class _WaitingQueue:
-    """Waiting requests in scheduling order: FCFS, or ``(priority, arrival_time)``.
-
-    In FCFS order ``push_front`` puts a preempted request before everything else; under the
-    priority policy a preempted request simply goes back to its place by key.
-    """
-
-    def __init__(self, policy: str) -> None:
-        self._priority = policy == "priority"
-        self._fifo: deque[Request] = deque()
-        self._heap: list[tuple[int, float, int, Request]] = []
-        self._seq = itertools.count()  # ties broken by insertion, never by comparing Requests
-
-    def __len__(self) -> int:
-        return len(self._heap) if self._priority else len(self._fifo)
-
-    def __iter__(self) -> Iterator[Request]:
-        """In scheduling order under FCFS; in no particular order under priority."""
-        if self._priority:
-            return iter([e[3] for e in self._heap])
-        return iter(self._fifo)
-
-    def push(self, request: Request) -> None:
-        if self._priority:
-            entry = (request.priority, request.arrival_time, next(self._seq), request)
-            heapq.heappush(self._heap, entry)
-        else:
-            self._fifo.append(request)
-
-    def push_front(self, request: Request) -> None:
-        if self._priority:
-            self.push(request)
-        else:
-            self._fifo.appendleft(request)
-
-    def peek(self) -> Request:
-        return self._heap[0][3] if self._priority else self._fifo[0]
-
-    def pop(self) -> Request:
-        return heapq.heappop(self._heap)[3] if self._priority else self._fifo.popleft()
-
-    def remove(self, request: Request) -> None:
-        """O(n); aborts are rare next to scheduling."""
-        if self._priority:
-            self._heap = [e for e in self._heap if e[3] is not request]
-            heapq.heapify(self._heap)
-        else:
-            self._fifo.remove(request)
 
 
 class Scheduler:
@@ -120,7 +68,7 @@ class Scheduler:
         )
         self.requests: dict[str, Request] = {}
         self.running: list[Request] = []
-        self.waiting = _WaitingQueue(scheduler_config.policy)
+        self.waiting = WaitingQueue(scheduler_config.policy)
         # Finished/aborted since the last non-empty step; kept until a step the runner sees.
         self._finished_req_ids: set[str] = set()
         self._num_preemptions = 0  # cumulative
@@ -278,6 +226,43 @@ class Scheduler:
             self._finished_req_ids.clear()
         self._last_num_scheduled_tokens = out.total_num_scheduled_tokens
         return out
+
+    def schedule_chained(self, in_flight: SchedulerOutput) -> SchedulerOutput | None:
+        """The decode step after ``in_flight``, built before ``in_flight``'s output is known
+        (async scheduling), or None when it cannot be predicted.
+
+        Call only while ``in_flight`` runs and before its ``update_from_output``. The new
+        step holds exactly ``in_flight``'s requests, in the same order, each computing the
+        token ``in_flight`` is sampling for it (``ScheduledRequest.num_ahead == 1``). That is
+        predictable only when ``in_flight`` was a pure decode step of every running request
+        (nothing waiting to be admitted, nothing preempted) and no request can reach its
+        length limit (``max_tokens`` or ``max_model_len``) with ``in_flight``'s token. A
+        request that stops on a stop token or is aborted meanwhile costs one wasted row: its
+        result is dropped by ``update_from_output``, its blocks freed as usual.
+        """
+        rows = in_flight.scheduled
+        if (not rows or len(self.waiting) or in_flight.preempted_request_ids
+                or len(rows) != len(self.running)):
+            return None
+        for s in rows:
+            req = s.request
+            if (s.num_new_tokens != 1 or not s.samples or req.is_finished
+                    or req.num_tokens + 1 >= self.max_model_len
+                    or (req.max_tokens is not None
+                        and req.num_output_tokens + 1 >= req.max_tokens)):
+                return None
+        kv = self.kv_cache_manager
+        scheduled: list[ScheduledRequest] = []
+        for s in rows:
+            req = s.request
+            # The in-flight token's slot is held already; hold one more for this step's.
+            if kv.allocate_slots(req, 1, num_lookahead_tokens=1) is None:
+                return None  # slots taken so far are the next steps' anyway
+            scheduled.append(ScheduledRequest(req, 1, kv.get_block_ids(req.request_id),
+                                              num_ahead=1))
+        self._last_num_scheduled_tokens = len(scheduled)
+        return SchedulerOutput(scheduled=scheduled, total_num_scheduled_tokens=len(scheduled),
+                               chained=True)
 
     def _schedule_waiting(self, budget: int, scheduled: dict[str, ScheduledRequest]) -> None:
         kv = self.kv_cache_manager

@@ -1,7 +1,15 @@
 """EngineCore: the scheduler, the KV cache and the model runner, stepped in one thread.
 
 ``step()`` is one iteration of the busy loop: schedule → run the model → update requests →
-outputs grouped by the front end (client_index) that owns each request. The process shell
+outputs grouped by the front end (client_index) that owns each request.
+
+With async scheduling, ``step()`` also launches the next decode step before it waits for
+this one's tokens (``Scheduler.schedule_chained``), so the GPU never idles while the host
+reads results, updates requests and schedules: the step after a chained one is already
+queued behind it. A step is chained only when nothing can change the batch (nothing
+waiting, nothing at its length limit); when anything does (a new request, an abort, a stop
+token), the pipeline drains: the step in flight is finished and the next is scheduled from
+the updated state. ``schedule()`` only ever runs with nothing in flight. The process shell
 around it (sockets, threads) lives in ``core_proc.py``; tests and benchmarks can drive this
 class directly.
 """
@@ -14,6 +22,7 @@ from pathlib import Path
 
 from vserve.config import EngineConfig
 from vserve.core.request import Request
+from vserve.core.sched_output import SchedulerOutput
 from vserve.core.scheduler import Scheduler
 from vserve.engine.messages import (
     EngineCoreOutput,
@@ -23,6 +32,7 @@ from vserve.engine.messages import (
     SchedulerStats,
 )
 from vserve.worker.model_runner import ModelRunner
+from vserve.worker.pending import PendingOutput
 
 logger = logging.getLogger(__name__)
 
@@ -40,15 +50,22 @@ class EngineCore:
         self.scheduler = Scheduler(
             config.scheduler, config.cache, self.num_kv_blocks, self.max_model_len
         )
+        # Async scheduling by default where it pays: on the GPU (host work hides behind the
+        # step in flight). On CPU it works the same way but gains nothing.
+        requested = config.scheduler.async_scheduling
+        self.async_scheduling = self.runner.is_cuda if requested is None else requested
+        self._in_flight: tuple[SchedulerOutput, PendingOutput] | None = None
         usable = self.num_kv_blocks - 1  # block 0 is the reserved null block
         self.max_concurrency = usable * config.cache.block_size / self.max_model_len
         logger.info(
             "engine %d ready in %.1fs: %s on %s (%s), %d KV blocks of %d tokens "
-            "(%.1f MiB), max_model_len %d, max concurrency %.2fx at that length",
+            "(%.1f MiB), max_model_len %d, max concurrency %.2fx at that length, "
+            "async scheduling %s",
             engine_index, time.perf_counter() - t0, self.runner.arch.architecture,
             self.runner.device, str(self.runner.dtype).removeprefix("torch."), usable,
             config.cache.block_size, usable * self.runner.bytes_per_block() / 2**20,
             self.max_model_len, self.max_concurrency,
+            "on" if self.async_scheduling else "off",
         )
 
     # ---- requests in ---------------------------------------------------------------
@@ -95,12 +112,21 @@ class EngineCore:
 
     # ---- the loop body ---------------------------------------------------------------
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests()
+        """Requests to run, or a step in flight whose results are not applied yet."""
+        return self._in_flight is not None or self.scheduler.has_unfinished_requests()
 
     def step(self) -> dict[int, EngineCoreOutputs]:
-        sched = self.scheduler.schedule()
-        runner_out = self.runner.execute_model(sched)
-        per_client = self.scheduler.update_from_output(sched, runner_out)
+        if self._in_flight is None:
+            sched = self.scheduler.schedule()
+            pending = self.runner.execute_model_async(sched)
+        else:
+            sched, pending = self._in_flight
+            self._in_flight = None
+        if self.async_scheduling and pending.chainable:
+            chained = self.scheduler.schedule_chained(sched)
+            if chained is not None:
+                self._in_flight = (chained, self.runner.execute_model_async(chained, pending))
+        per_client = self.scheduler.update_from_output(sched, pending.result())
         now = time.time()
         return {
             client: EngineCoreOutputs(self.engine_index, outputs, now)

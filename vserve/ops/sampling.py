@@ -35,13 +35,17 @@ def _argmax_final_kernel(vals_ptr, idx_ptr, out_ptr, NUM_BLOCKS, BLOCK: tl.const
     v = tl.load(vals_ptr + row * NUM_BLOCKS + b, mask=mask, other=float("-inf"))
     i = tl.load(idx_ptr + row * NUM_BLOCKS + b, mask=mask, other=2147483647)
     m = tl.max(v, 0)
-    tl.store(out_ptr + row, tl.min(tl.where(v == m, i, 2147483647), 0).to(tl.int64))
+    tl.store(out_ptr + row,
+             tl.min(tl.where(v == m, i, 2147483647), 0).to(out_ptr.dtype.element_ty))
 
 
-def argmax(logits: torch.Tensor) -> torch.Tensor:
-    """Row-wise argmax of a ``[B, V]`` tensor (last dimension contiguous) → int64 ``[B]``."""
+def argmax(logits: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Row-wise argmax of a ``[B, V]`` tensor (last dimension contiguous) → int64 ``[B]``,
+    or into ``out`` (``[B]``, int32 or int64, contiguous)."""
     rows, vocab = logits.shape
-    out = torch.empty(rows, dtype=torch.int64, device=logits.device)
+    if out is None:
+        out = torch.empty(rows, dtype=torch.int64, device=logits.device)
+    assert out.shape == (rows,) and out.is_contiguous()
     if rows == 0:
         return out
     assert logits.stride(1) == 1

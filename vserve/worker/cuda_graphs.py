@@ -14,10 +14,11 @@ and the graph launch:
     stage[4·mb + 16 : …]    the block table, packed ``[bs, width]``
 
 The attention kernel reads the width from the device (``GraphAttentionMetadata``), so one
-graph serves every context length and table width. Outputs go to persistent buffers:
-``hidden`` [mb, hidden] (model dtype), ``logits`` [mb, vocab] float32 and ``argmax`` [mb]
-int64 (the greedy tokens, so that a batch of plain greedy requests needs no kernel after
-the graph: one device→host copy of ``argmax[:bs]``). Padded rows have
+graph serves every context length and table width. Outputs: ``logits`` [mb, vocab] float32
+(a persistent buffer) and the greedy tokens, written by the graph's last kernel over the
+input ids ``stage[0 : bs]``, so that a batch of plain greedy requests needs no kernel after
+the graph (one device→host copy) and a chained next step (async scheduling) finds its input
+tokens in place. Padded rows have
 token 0 at position 0, write their K/V to slot 0 of the reserved null block 0 and attend to
 that one token only; their outputs are never read. All graphs share one memory pool
 (captured largest first, as their intermediates are dead between replays).
@@ -65,9 +66,7 @@ class DecodeGraphs:
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
         max_batch_size: int,
         max_blocks_per_seq: int,
-        hidden_size: int,
         vocab_size: int,
-        dtype: torch.dtype,
         device: torch.device,
         stage: torch.Tensor,
     ) -> None:
@@ -83,9 +82,7 @@ class DecodeGraphs:
         self.width = stage[4 * mb : 4 * mb + 1]
         self.table = stage[off:]
         self.query_start = torch.arange(mb + 1, dtype=torch.int32, device=device)
-        self.hidden = torch.zeros(mb, hidden_size, dtype=dtype, device=device)
         self.logits = torch.zeros(mb, vocab_size, dtype=torch.float32, device=device)
-        self.argmax = torch.zeros(mb, dtype=torch.int64, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.pool: Any = None
 
@@ -126,10 +123,10 @@ class DecodeGraphs:
                             self._metadata(bs))
         from vserve.ops.sampling import argmax  # triton: CUDA only
 
-        self.hidden[:bs].copy_(hidden)
         logits = self.model.compute_logits(hidden, out=self.logits[:bs])
-        # Greedy tokens come out of the graph too (the sampler's fast path reads them).
-        self.argmax[:bs].copy_(argmax(logits))
+        # Greedy tokens come out of the graph too, written over the input ids: that is where
+        # a chained next step reads them (and where ``sampled_ids`` finds them).
+        argmax(logits, out=self.small[0, :bs])
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -151,8 +148,13 @@ class DecodeGraphs:
                     len(self.graphs), self.sizes[0], self.sizes[-1], time.perf_counter() - t0,
                     (free0 - torch.cuda.mem_get_info()[0]) / 2**20)
 
-    def replay(self, bs: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Run the graph of size ``bs``; returns views ``(hidden[:bs], logits[:bs])``
-        (``self.argmax[:bs]`` holds the rows' greedy tokens)."""
+    def replay(self, bs: int) -> torch.Tensor:
+        """Run the graph of size ``bs``; returns the view ``logits[:bs]`` (and
+        ``sampled_ids(bs)`` holds the rows' greedy tokens)."""
         self.graphs[bs].replay()
-        return self.hidden[:bs], self.logits[:bs]
+        return self.logits[:bs]
+
+    def sampled_ids(self, n: int) -> torch.Tensor:
+        """int32 ``[n]``: the greedy tokens of the last replay's first ``n`` rows, until the
+        next step's inputs are uploaded."""
+        return self.small[0, :n]

@@ -65,7 +65,6 @@ def profile_cuda_budget(runner: ModelRunner) -> int:
         bs = runner.graph_batch_size()
         graph_reserve = (
             bs * runner.arch.vocab_size * 4
-            + bs * runner.arch.hidden_size * 4
             + bs * (runner.max_blocks_per_seq + 5) * 4
             + (64 << 20)
         )

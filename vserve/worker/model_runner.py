@@ -31,7 +31,9 @@ from vserve.models.loader import load_model, resolve_dtype
 from vserve.worker import kv_sizing
 from vserve.worker.attention.backend import AttentionBackend, AttentionMetadata
 from vserve.worker.cuda_graphs import DecodeGraphs, table_offset
-from vserve.worker.sampler import Sampler, SamplerOutput, gather_logprobs
+from vserve.worker.cuda_inputs import CudaInputs, input_token
+from vserve.worker.pending import PendingOutput
+from vserve.worker.sampler import Sampler, gather_logprobs
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +58,6 @@ def select_attention_backend(device: torch.device) -> AttentionBackend:
 
 
 MAX_GRAPH_BATCH_SIZE = 256
-_ALIGN_PAD = [0] * 16
 
 
 class ModelRunner:
@@ -83,8 +84,17 @@ class ModelRunner:
         self.is_cuda = self.device.type == "cuda" and not self.skip_compute
         self.graphs: DecodeGraphs | None = None
         self.max_blocks_per_seq = math.ceil(self.max_model_len / self.block_size)
+        self.inputs: CudaInputs | None = None
         if self.is_cuda:
-            self._init_cuda_buffers()
+            sc = config.scheduler
+            gbs = self.graph_batch_size()
+            max_tokens = max(sc.max_num_batched_tokens, gbs)
+            max_seqs = max(sc.max_num_seqs, gbs)
+            # ids, positions, slots (tokens); query starts, seq lens, sample rows (seqs);
+            # table; plus alignment padding of each segment — or the graphs' layout.
+            size = max(3 * max_tokens + 3 * max_seqs + 1 + max_seqs * self.max_blocks_per_seq
+                       + 6 * 16, table_offset(gbs) + gbs * self.max_blocks_per_seq)
+            self.inputs = CudaInputs(size, gbs, self.device)
 
     def _max_model_len(self) -> int:
         limit = self.arch.max_position_embeddings
@@ -131,169 +141,15 @@ class ModelRunner:
             for _ in range(self.arch.num_hidden_layers)
         ]
         self.num_blocks = num_blocks
-        if self.is_cuda and not self.config.device.enforce_eager:
+        if self.inputs is not None and not self.config.device.enforce_eager:
             self.graphs = DecodeGraphs(
                 self.model, self.kv_caches, self.graph_batch_size(), self.max_blocks_per_seq,
-                self.arch.hidden_size, self.arch.vocab_size, self.dtype, self.device,
-                self._stage)
+                self.arch.vocab_size, self.device, self.inputs.stage)
             self.graphs.capture()
 
-    # ---- CUDA input staging ----------------------------------------------------------
-    def _init_cuda_buffers(self) -> None:
-        sc = self.config.scheduler
-        max_tokens = max(sc.max_num_batched_tokens, self.graph_batch_size())
-        max_seqs = max(sc.max_num_seqs, self.graph_batch_size())
-        # ids, positions, slots (tokens); query starts, seq lens, sample rows (seqs); table;
-        # plus alignment padding of each segment.
-        size = (3 * max_tokens + 3 * max_seqs + 1 + max_seqs * self.max_blocks_per_seq
-                + 6 * 16)
-        size = max(size, table_offset(self.graph_batch_size())
-                   + self.graph_batch_size() * self.max_blocks_per_seq)
-        self._host = torch.zeros(size, dtype=torch.int32, pin_memory=True)
-        self._host_np = self._host.numpy()
-        self._stage = torch.zeros(size, dtype=torch.int32, device=self.device)
-        self._copied = torch.cuda.Event()
-        self._copied.record()
-        # True once the stream has been synchronized since the last upload (the sampled
-        # ids' device→host copy does that), so the next upload need not wait. A step that
-        # samples nothing records ``_copied`` right after its upload instead, and the next
-        # upload waits for that event before overwriting the pinned buffer.
-        self._host_free = True
-
-    def _upload(self, data: list[int], samples: bool = True) -> torch.Tensor:
-        """One host→device copy of ``data`` through the pinned buffer; returns the device
-        slice. Waits for the previous copy first, so the pinned buffer is never overwritten
-        while a copy from it is in flight."""
-        n = len(data)
-        if not self._host_free:
-            self._copied.synchronize()
-        self._host_np[:n] = data
-        stage = self._stage[:n]
-        stage.copy_(self._host[:n], non_blocking=True)
-        self._after_upload(samples)
-        return stage
-
-    def _after_upload(self, samples: bool) -> None:
-        if not samples:
-            # No device→host copy will end this step: mark when the pinned buffer is free.
-            self._copied.record()
-        self._host_free = False
-
-    @staticmethod
-    def _block_table_rows(scheduled: list[ScheduledRequest], width: int,
-                          out: list[int]) -> None:
-        for s in scheduled:
-            b = s.block_ids
-            if len(b) >= width:
-                out.extend(b[:width])
-            else:
-                out.extend(b)
-                out.extend([0] * (width - len(b)))
-
-    def _prepare_cuda(self, scheduled: list[ScheduledRequest]) -> tuple[
-        torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor | None
-    ]:
-        """The eager CUDA path's inputs, in one copy. Returns ``(ids, positions, metadata,
-        rows to sample or None)``."""
-        bs = self.block_size
-        ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        qsl = [0]
-        seq_lens: list[int] = []
-        sample_rows: list[int] = []
-        width = 0
-        for s in scheduled:
-            req, start, n = s.request, s.request.num_computed_tokens, s.num_new_tokens
-            end = start + n
-            blocks = s.block_ids
-            if n == 1:
-                ids.append(req.all_token_ids[start])
-                positions.append(start)
-                slots.append(blocks[start // bs] * bs + start % bs)
-            else:
-                ids.extend(req.all_token_ids[start:end])
-                positions.extend(range(start, end))
-                slots.extend(blocks[p // bs] * bs + p % bs for p in range(start, end))
-            qsl.append(qsl[-1] + n)
-            seq_lens.append(end)
-            if end == req.num_tokens:  # s.samples
-                sample_rows.append(qsl[-1] - 1)
-            width = max(width, -(-end // bs))
-        t, ns, nr = len(ids), len(seq_lens), len(sample_rows)
-        # Segments start at multiples of 16 entries (64 bytes), so the kernels always see
-        # 16-byte-aligned pointers (Triton specializes on alignment: no extra compilations).
-        data: list[int] = []
-        offsets = []
-        for seg in (ids, positions, slots, qsl, seq_lens, sample_rows):
-            offsets.append(len(data))
-            data.extend(seg)
-            data.extend(_ALIGN_PAD[: -len(data) % 16])
-        offsets.append(len(data))
-        self._block_table_rows(scheduled, width, data)
-        stage = self._upload(data, bool(sample_rows))
-        o_ids, o_pos, o_slot, o_qsl, o_len, o_rows, o_bt = offsets
-        meta = AttentionMetadata(
-            slot_mapping=stage[o_slot : o_slot + t],
-            query_start_loc=stage[o_qsl : o_qsl + ns + 1],
-            seq_lens=stage[o_len : o_len + ns],
-            block_tables=stage[o_bt:].view(ns, width),
-            max_query_len=max(b - a for a, b in zip(qsl, qsl[1:])),
-            max_seq_len=max(seq_lens),
-            query_start_loc_cpu=qsl,
-            seq_lens_cpu=seq_lens,
-        )
-        rows = stage[o_rows : o_rows + nr] if nr else None
-        return stage[o_ids : o_ids + t], stage[o_pos : o_pos + t], meta, rows
-
-    def _prepare_decode(self, scheduled: list[ScheduledRequest], padded: int,
-                        samples: bool = True) -> None:
-        """Write a pure decode step's inputs where the graphs read them (see
-        ``vserve.worker.cuda_graphs``) with one host→device copy. Padded rows: token 0 at
-        position 0, slot 0 of the null block, one token of context, a table row of zeros."""
-        assert self.graphs is not None
-        bs = self.block_size
-        mb = self.graphs.max_batch_size
-        ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        seq_lens: list[int] = []
-        width = 1
-        for s in scheduled:
-            req = s.request
-            p = req.num_computed_tokens
-            q, r = divmod(p, bs)
-            ids.append(req.all_token_ids[p])
-            positions.append(p)
-            slots.append(s.block_ids[q] * bs + r)
-            seq_lens.append(p + 1)
-            if q >= width:
-                width = q + 1
-        n = len(scheduled)
-        table: list[int] = []
-        self._block_table_rows(scheduled, width, table)
-        off = table_offset(mb)
-        end = off + padded * width
-        if not self._host_free:
-            self._copied.synchronize()
-        h = self._host_np
-        h[0:n] = ids
-        h[mb : mb + n] = positions
-        h[2 * mb : 2 * mb + n] = slots
-        h[3 * mb : 3 * mb + n] = seq_lens
-        if padded > n:
-            h[n:padded] = 0
-            h[mb + n : mb + padded] = 0
-            h[2 * mb + n : 2 * mb + padded] = 0
-            h[3 * mb + n : 3 * mb + padded] = 1
-            h[off + n * width : end] = 0
-        h[4 * mb] = width
-        h[off : off + n * width] = table
-        self._stage[:end].copy_(self._host[:end], non_blocking=True)
-        self._after_upload(samples)
-
     # ---- one step --------------------------------------------------------------------
-    def _prepare(self, scheduled: list[ScheduledRequest]) -> tuple[
+    def _prepare(self, scheduled: list[ScheduledRequest],
+                 overrides: dict[str, int] | None) -> tuple[
         torch.Tensor, torch.Tensor, AttentionMetadata
     ]:
         bs = self.block_size
@@ -304,9 +160,13 @@ class ModelRunner:
         seq_lens: list[int] = []
         max_blocks = 0
         for s in scheduled:
-            req, start, n = s.request, s.request.num_computed_tokens, s.num_new_tokens
+            req, n = s.request, s.num_new_tokens
+            start = req.num_computed_tokens + s.num_ahead
             end = start + n
-            input_ids.extend(req.all_token_ids[start:end])
+            if n == 1:
+                input_ids.append(input_token(s, start, overrides))
+            else:
+                input_ids.extend(req.all_token_ids[start:end])
             positions.extend(range(start, end))
             blocks = s.block_ids
             slots.extend(blocks[p // bs] * bs + p % bs for p in range(start, end))
@@ -330,44 +190,64 @@ class ModelRunner:
         pos = torch.tensor(positions, dtype=torch.int64).to(dev, non_blocking=True)
         return ids, pos, meta
 
-    @torch.inference_mode()
     def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        """Run one step and wait for its output."""
+        return self.execute_model_async(sched).result()
+
+    @torch.inference_mode()
+    def execute_model_async(self, sched: SchedulerOutput,
+                            in_flight: PendingOutput | None = None) -> PendingOutput:
+        """Launch one step; its output may still be on the device when this returns.
+
+        A chained step (``sched.chained``) takes its input tokens from ``in_flight``, the
+        step before it, whose ``result()`` has not been read yet: a decode graph reads them
+        where the previous graph left them, otherwise they are waited for.
+        """
         if sched.finished_request_ids:
             self.sampler.forget(sched.finished_request_ids)
-        out = ModelRunnerOutput()
         if sched.is_empty:
-            return out
+            return PendingOutput(ModelRunnerOutput())
         if self.skip_compute:
-            return self._fake_step(sched)
+            assert not sched.chained
+            return PendingOutput(self._fake_step(sched))
         scheduled = sched.scheduled
-        self._graph_argmax: torch.Tensor | None = None
+        overrides: dict[str, int] | None = None
+        if sched.chained:
+            assert in_flight is not None
+            ids = in_flight.device_request_ids
+            if ids is not None and ids == [s.request.request_id for s in scheduled]:
+                pending = self._greedy_graph_step(scheduled, ids_on_device=True)
+                if pending is not None:
+                    return pending
+            overrides = in_flight.result().sampled_token_ids
         if self.is_cuda:
-            hidden, logits, row0 = self._forward_cuda(scheduled)
-        else:
-            ids, pos, meta = self._prepare(scheduled)
-            hidden = self.model(ids, pos, self.kv_caches, meta)
-            row0 = meta.query_start_loc_cpu
-            logits = None
-            sampling = [i for i, s in enumerate(scheduled) if s.samples]
-            if sampling:
-                rows = torch.tensor([row0[i + 1] - 1 for i in sampling], device=hidden.device)
-                logits = self.model.compute_logits(hidden[rows])
+            return self._execute_cuda(scheduled, overrides)
+        ids_t, pos, meta = self._prepare(scheduled, overrides)
+        hidden = self.model(ids_t, pos, self.kv_caches, meta)
+        row0 = meta.query_start_loc_cpu
+        logits = None
+        sampling = [i for i, s in enumerate(scheduled) if s.samples]
+        if sampling:
+            rows = torch.tensor([row0[i + 1] - 1 for i in sampling], device=hidden.device)
+            logits = self.model.compute_logits(hidden[rows])
+        # On CPU a step is complete on return, so the next one can be chained to it as long
+        # as sampling does not read the output history (penalties, min_tokens): a chained
+        # step samples before the previous token is appended.
+        return PendingOutput(self._sample(scheduled, hidden, logits, row0),
+                             chainable=Sampler.history_free([s.request for s in scheduled]))
 
+    def _sample(self, scheduled: list[ScheduledRequest], hidden: torch.Tensor | None,
+                logits: torch.Tensor | None, row0: list[int]) -> ModelRunnerOutput:
+        """Sampled tokens (of the rows whose ``samples``, in order: ``logits``' rows) and
+        prompt logprobs into one output."""
+        out = ModelRunnerOutput()
         if logits is not None:
             reqs = [s.request for s in scheduled if s.samples]
-            greedy = self._graph_argmax
-            if greedy is not None and Sampler.plain_greedy(reqs):
-                # The graph already took the argmax: one device→host copy.
-                result = SamplerOutput(greedy.tolist(), [None] * len(reqs))
-            else:
-                result = self.sampler(logits, reqs)
-            # The sampled ids came back to the host: the stream is idle, uploads are done.
-            self._host_free = self.is_cuda
+            result = self.sampler(logits, reqs)
             for req, tok, lp in zip(reqs, result.sampled, result.logprobs):
                 out.sampled_token_ids[req.request_id] = tok
                 if lp is not None:
                     out.logprobs[req.request_id] = lp
-
         for i, s in enumerate(scheduled):
             if s.request.sampling_params.prompt_logprobs is not None:
                 lp = self._prompt_logprobs(s, hidden, row0[i])
@@ -375,31 +255,62 @@ class ModelRunner:
                     out.prompt_logprobs[s.request.request_id] = lp
         return out
 
-    def _forward_cuda(self, scheduled: list[ScheduledRequest]) -> tuple[
-        torch.Tensor, torch.Tensor | None, list[int]
-    ]:
-        """``(hidden rows of the step, logits of the sampling rows or None, query starts)``."""
+    def _greedy_graph_step(self, scheduled: list[ScheduledRequest],
+                           overrides: dict[str, int] | None = None,
+                           ids_on_device: bool = False) -> PendingOutput | None:
+        """A decode step of plain greedy rows through a graph whose argmax is the output:
+        one device→host copy, not waited for here. None when no graph fits."""
+        graphs, inputs = self.graphs, self.inputs
+        if graphs is None or inputs is None:
+            return None
         n = len(scheduled)
-        graphs = self.graphs
-        if graphs is not None and all(s.num_new_tokens == 1 for s in scheduled):
+        padded = graphs.padded_size(n)
+        if padded is None:
+            return None
+        upload = inputs.prepare_decode(scheduled, padded, self.block_size, True,
+                                       ids_on_device, overrides)
+        graphs.replay(padded)
+        host, event = inputs.read_back(graphs.sampled_ids(n))
+        return PendingOutput.on_device([s.request.request_id for s in scheduled], host, event,
+                                       lambda: inputs.completed(upload))
+
+    def _execute_cuda(self, scheduled: list[ScheduledRequest],
+                      overrides: dict[str, int] | None) -> PendingOutput:
+        graphs, inputs = self.graphs, self.inputs
+        assert inputs is not None
+        n = len(scheduled)
+        hidden: torch.Tensor | None = None
+        logits: torch.Tensor | None = None
+        if graphs is not None and all(s.num_new_tokens == 1 for s in scheduled) \
+                and graphs.padded_size(n) is not None:
+            samples = [s.num_ahead > 0 or s.samples for s in scheduled]
+            if all(samples) and Sampler.plain_greedy([s.request for s in scheduled]):
+                pending = self._greedy_graph_step(scheduled, overrides)
+                assert pending is not None
+                return pending
             padded = graphs.padded_size(n)
-            if padded is not None:
-                samples = [s.samples for s in scheduled]
-                self._prepare_decode(scheduled, padded, any(samples))
-                hidden, all_logits = graphs.replay(padded)
-                logits: torch.Tensor | None = None
-                if all(samples):
-                    logits = all_logits[:n]
-                    self._graph_argmax = graphs.argmax[:n]
-                elif any(samples):
-                    idx = [i for i, x in enumerate(samples) if x]
-                    logits = all_logits[torch.tensor(idx, device=self.device)]
-                return hidden[:n], logits, list(range(n + 1))
-        ids, pos, meta, rows = self._prepare_cuda(scheduled)
-        hidden = self.model(ids, pos, self.kv_caches, meta)
-        if rows is None:
-            return hidden, None, meta.query_start_loc_cpu
-        return hidden, self.model.compute_logits(hidden[rows]), meta.query_start_loc_cpu
+            assert padded is not None
+            upload = inputs.prepare_decode(scheduled, padded, self.block_size, any(samples),
+                                           False, overrides)
+            all_logits = graphs.replay(padded)
+            if all(samples):
+                logits = all_logits[:n]
+            elif any(samples):
+                idx = [i for i, x in enumerate(samples) if x]
+                logits = all_logits[torch.tensor(idx, device=self.device)]
+            row0 = list(range(n + 1))
+        else:
+            ids, pos, meta, rows, upload = inputs.prepare_eager(scheduled, self.block_size,
+                                                                overrides)
+            hidden = self.model(ids, pos, self.kv_caches, meta)
+            if rows is not None:
+                logits = self.model.compute_logits(hidden[rows])
+            row0 = meta.query_start_loc_cpu
+        out = self._sample(scheduled, hidden, logits, row0)
+        if logits is not None:
+            # The sampled ids came back to the host: the stream has passed the upload.
+            inputs.completed(upload)
+        return PendingOutput(out)
 
     def _fake_step(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         """Benchmark mode: a deterministic token per sampling request, never an EOS or
@@ -421,7 +332,7 @@ class ModelRunner:
         return out
 
     def _prompt_logprobs(
-        self, s: ScheduledRequest, hidden: torch.Tensor, row0: int
+        self, s: ScheduledRequest, hidden: torch.Tensor | None, row0: int
     ) -> Logprobs | None:
         """Logprobs of prompt tokens ``c+1 .. min(c+n, P-1)`` from this chunk's hidden rows.
 
@@ -434,6 +345,7 @@ class ModelRunner:
         last = min(c + n, p - 1)
         if first > last:
             return None
+        assert hidden is not None, "prompt rows run eagerly, never in a decode graph"
         rows = torch.arange(row0 + first - 1 - c, row0 + last - c, device=hidden.device)
         logprobs = torch.log_softmax(self.model.compute_logits(hidden[rows]), dim=-1)
         targets = torch.tensor(req.prompt_token_ids[first : last + 1], device=hidden.device)

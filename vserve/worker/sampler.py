@@ -58,6 +58,13 @@ class Sampler:
         return all(r.sampling_params.greedy and r.sampling_params.logprobs is None
                    and not _constrained(r) for r in requests)
 
+    @staticmethod
+    def history_free(requests: list[Request]) -> bool:
+        """Whether no request's sampling reads its output so far (penalties, a pending
+        ``min_tokens`` ban): then a step may sample before the previous token is known to
+        the host. Stays true for later steps of the same requests."""
+        return not any(_constrained(r) for r in requests)
+
     @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
         assert logits.dim() == 2 and logits.shape[0] == len(requests)

@@ -1,0 +1,216 @@
+"""A step's integer inputs on their way to the GPU, and sampled ids on their way back.
+
+Every CUDA step packs its token ids, positions, slots, query starts, sequence lengths, rows to
+sample and block table into a pinned int32 host buffer and moves them with one host→device
+copy into one device staging buffer, whose slices are the step's tensors (decode graphs read
+fixed offsets of the same buffer, see ``vserve.worker.cuda_graphs``). Every CUDA API call
+costs the host 5-12 us on the machines measured, so a step makes as few as it can.
+
+Two pinned buffers are used in turn, so that with async scheduling the inputs of step n+1
+can be written while step n's copy may still be queued. Invariant: a pinned buffer is
+written only once the copy that last read it is known to be complete, either because a
+later result was synchronized (``completed``) or by waiting on the event recorded after that
+copy (steps that sample nothing record one, as no result sync will follow them).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from vserve.core.sched_output import ScheduledRequest
+from vserve.worker.attention.backend import AttentionMetadata
+from vserve.worker.cuda_graphs import table_offset
+
+_ALIGN_PAD = [0] * 16
+
+
+def block_table_rows(scheduled: list[ScheduledRequest], width: int, out: list[int]) -> None:
+    """Append each request's block ids, cut or zero-padded to ``width``, to ``out``."""
+    for s in scheduled:
+        b = s.block_ids
+        if len(b) >= width:
+            out.extend(b[:width])
+        else:
+            out.extend(b)
+            out.extend([0] * (width - len(b)))
+
+
+def input_token(s: ScheduledRequest, start: int, overrides: dict[str, int] | None) -> int:
+    """The token at ``start`` for a one-token row: the in-flight step's sampled token for a
+    chained row (``overrides``), else the request's own."""
+    if s.num_ahead:
+        assert overrides is not None, "a chained row needs the previous step's tokens"
+        return overrides[s.request.request_id]
+    return s.request.all_token_ids[start]
+
+
+class CudaInputs:
+    def __init__(self, size: int, graph_batch_size: int, device: torch.device) -> None:
+        self.host = [torch.zeros(size, dtype=torch.int32, pin_memory=True) for _ in range(2)]
+        self.host_np = [h.numpy() for h in self.host]
+        self.stage = torch.zeros(size, dtype=torch.int32, device=device)
+        self.mb = graph_batch_size  # the graphs' input layout (cuda_graphs) uses it
+        self._events = [torch.cuda.Event(), torch.cuda.Event()]
+        self._last_use = [0, 0]  # number of the upload that last read each pinned buffer
+        self._recorded = [False, False]  # an event follows that upload
+        self._uploads = 0
+        self._done = 0  # uploads known complete
+        self._next = 0
+        # Sampled ids come back through pinned buffers used in turn as well.
+        self._out = [torch.zeros(max(graph_batch_size, 1), dtype=torch.int32, pin_memory=True)
+                     for _ in range(2)]
+        self._out_events = [torch.cuda.Event(), torch.cuda.Event()]
+        self._next_out = 0
+
+    # ---- pinned buffers -----------------------------------------------------------------
+    def _writable(self) -> np.ndarray:
+        i = self._next
+        if self._last_use[i] > self._done:
+            if self._recorded[i]:
+                self._events[i].synchronize()
+                self._done = max(self._done, self._last_use[i])
+            else:  # not expected (results are read in order); stay safe regardless
+                torch.cuda.current_stream().synchronize()
+                self._done = self._uploads
+        return self.host_np[i]
+
+    def _upload(self, start: int, end: int, record: bool) -> int:
+        i = self._next
+        self.stage[start:end].copy_(self.host[i][start:end], non_blocking=True)
+        self._uploads += 1
+        self._last_use[i] = self._uploads
+        if record:
+            self._events[i].record()
+        self._recorded[i] = record
+        self._next = 1 - i
+        return self._uploads
+
+    def completed(self, upload: int) -> None:
+        """The host has synchronized with work queued after upload number ``upload``."""
+        if upload > self._done:
+            self._done = upload
+
+    def read_back(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event]:
+        """Queue a copy of the int32 ``ids`` into a pinned buffer; returns ``(host view,
+        event)``. The view is valid after ``event.synchronize()`` until the next-but-one
+        call."""
+        i = self._next_out
+        self._next_out = 1 - i
+        host = self._out[i][: ids.numel()]
+        host.copy_(ids, non_blocking=True)
+        ev = self._out_events[i]
+        ev.record()
+        return host, ev
+
+    # ---- eager steps --------------------------------------------------------------------
+    def prepare_eager(self, scheduled: list[ScheduledRequest], block_size: int,
+                      overrides: dict[str, int] | None = None) -> tuple[
+        torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor | None, int
+    ]:
+        """Inputs of any step in one copy: ``(ids, positions, metadata, rows to sample or
+        None, upload number)``."""
+        bs = block_size
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        qsl = [0]
+        seq_lens: list[int] = []
+        sample_rows: list[int] = []
+        width = 0
+        for s in scheduled:
+            req, n = s.request, s.num_new_tokens
+            start = req.num_computed_tokens + s.num_ahead
+            end = start + n
+            blocks = s.block_ids
+            if n == 1:
+                ids.append(input_token(s, start, overrides))
+                positions.append(start)
+                slots.append(blocks[start // bs] * bs + start % bs)
+            else:
+                ids.extend(req.all_token_ids[start:end])
+                positions.extend(range(start, end))
+                slots.extend(blocks[p // bs] * bs + p % bs for p in range(start, end))
+            qsl.append(qsl[-1] + n)
+            seq_lens.append(end)
+            if s.num_ahead or end == req.num_tokens:  # s.samples
+                sample_rows.append(qsl[-1] - 1)
+            width = max(width, -(-end // bs))
+        t, ns, nr = len(ids), len(seq_lens), len(sample_rows)
+        # Segments start at multiples of 16 entries (64 bytes), so the kernels always see
+        # 16-byte-aligned pointers (Triton specializes on alignment: no extra compilations).
+        data: list[int] = []
+        offsets = []
+        for seg in (ids, positions, slots, qsl, seq_lens, sample_rows):
+            offsets.append(len(data))
+            data.extend(seg)
+            data.extend(_ALIGN_PAD[: -len(data) % 16])
+        offsets.append(len(data))
+        block_table_rows(scheduled, width, data)
+        n_all = len(data)
+        self._writable()[:n_all] = data
+        upload = self._upload(0, n_all, record=not sample_rows)
+        stage = self.stage
+        o_ids, o_pos, o_slot, o_qsl, o_len, o_rows, o_bt = offsets
+        meta = AttentionMetadata(
+            slot_mapping=stage[o_slot : o_slot + t],
+            query_start_loc=stage[o_qsl : o_qsl + ns + 1],
+            seq_lens=stage[o_len : o_len + ns],
+            block_tables=stage[o_bt:n_all].view(ns, width),
+            max_query_len=max(b - a for a, b in zip(qsl, qsl[1:])),
+            max_seq_len=max(seq_lens),
+            query_start_loc_cpu=qsl,
+            seq_lens_cpu=seq_lens,
+        )
+        rows = stage[o_rows : o_rows + nr] if nr else None
+        return stage[o_ids : o_ids + t], stage[o_pos : o_pos + t], meta, rows, upload
+
+    # ---- decode graphs ------------------------------------------------------------------
+    def prepare_decode(self, scheduled: list[ScheduledRequest], padded: int, block_size: int,
+                       samples: bool = True, ids_on_device: bool = False,
+                       overrides: dict[str, int] | None = None) -> int:
+        """Write a pure decode step's inputs where the graphs read them with one copy;
+        returns the upload number. Padded rows: position 0, slot 0 of the null block, one
+        token of context, a table row of zeros (their token is whatever id is there).
+
+        ``ids_on_device``: a chained step; its token ids are already in place, written by
+        the previous graph's argmax (same rows, same order), so the copy starts after them.
+        """
+        bs = block_size
+        mb = self.mb
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        seq_lens: list[int] = []
+        width = 1
+        for s in scheduled:
+            req = s.request
+            p = req.num_computed_tokens + s.num_ahead
+            q, r = divmod(p, bs)
+            if not ids_on_device:
+                ids.append(input_token(s, p, overrides))
+            positions.append(p)
+            slots.append(s.block_ids[q] * bs + r)
+            seq_lens.append(p + 1)
+            if q >= width:
+                width = q + 1
+        n = len(scheduled)
+        table: list[int] = []
+        block_table_rows(scheduled, width, table)
+        off = table_offset(mb)
+        end = off + padded * width
+        h = self._writable()
+        if not ids_on_device:
+            h[0:n] = ids
+            h[n:padded] = 0
+        h[mb : mb + n] = positions
+        h[2 * mb : 2 * mb + n] = slots
+        h[3 * mb : 3 * mb + n] = seq_lens
+        if padded > n:
+            h[mb + n : mb + padded] = 0
+            h[2 * mb + n : 2 * mb + padded] = 0
+            h[3 * mb + n : 3 * mb + padded] = 1
+            h[off + n * width : end] = 0
+        h[4 * mb] = width
+        h[off : off + n * width] = table
+        return self._upload(mb if ids_on_device else 0, end, record=not samples)
