@@ -193,13 +193,13 @@ def test_arrivals_and_aborts_between_steps(model_dir, device):
     core = _core(model_dir, True, device=device)
     chained = _count_chained(core)
     got = _run(core, base, actions())
-    assert chained[0] > 10
     # Aborted requests: the same tokens up to the abort (no row of the in-flight step leaks).
     assert got["y"]["tokens"] == sync["y"]["tokens"] and 0 < len(got["y"]["tokens"]) < 30
     for rid in ("x", "late1", "late2"):
         assert got[rid] == sync[rid], rid
     alone = _run(_core(model_dir, True, device=device), [late[0]])
     assert got["late1"]["tokens"] == alone["late1"]["tokens"]
+    assert chained[0] > (10 if device == "cpu" else 5), chained  # late2 asks for logprobs
 
 
 def test_preemption_with_async_scheduling(model_dir, device):

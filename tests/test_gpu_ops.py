@@ -85,6 +85,70 @@ def test_linear_dispatch_picks_and_matches():
     assert torch.allclose(linear(xs, w).float(), torch.nn.functional.linear(xs, w).float())
 
 
+@pytest.mark.parametrize("n,k", [(320, 64), (100, 96), (3072, 2048), (16384, 2048)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_norm_gemv_matches_norm_then_linear(n, k, dtype):
+    """RMSNorm (+ residual add) fused into the GEMV's input, every tiling: the product
+    matches norm-then-linear, program 0 stores the exact residual sum, inputs untouched."""
+    from vserve.ops.linear import _NORM_CANDIDATES, norm_gemv
+
+    if _INTERPRET and (dtype == torch.bfloat16 or n * k > 300_000):
+        pytest.skip("slow or unsupported under the interpreter")
+    seed = fresh_seed()
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.randn(n, k, generator=g) * 0.05).to(dtype).to(DEVICE)
+    b = torch.randn(n, generator=g).to(dtype).to(DEVICE)
+    gamma = (1 + 0.1 * torch.randn(k, generator=g)).to(dtype).to(DEVICE)
+    x = torch.randn(1, k, generator=g).to(dtype).to(DEVICE)
+    r = torch.randn(1, k, generator=g).to(dtype).to(DEVICE)
+    x0, r0 = x.clone(), r.clone()
+    eps = 1e-5
+    for res in (None, r):
+        h = x if res is None else (x.float() + res.float()).to(dtype)
+        hf = h.float()
+        normed = (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)).to(dtype)
+        y = (gamma.float() * normed.float()).to(dtype)
+        for cfg in _NORM_CANDIDATES:
+            if cfg[1] > max(16, 1 << (k - 1).bit_length()):
+                continue
+            for bias in (None, b):
+                ref = torch.nn.functional.linear(y.float(), w.float(),
+                                                 None if bias is None else bias.float())
+                _poison()
+                got, r_out = norm_gemv(x, res, gamma, eps, w, bias, cfg)
+                got = got.float()
+                assert not got.isnan().any(), (seed, cfg)
+                err = ((got - ref).norm() / ref.norm()).item()
+                assert err < 1e-2, (seed, cfg, res is not None, bias is not None, err)
+                assert torch.equal(r_out, h), (seed, cfg)
+        assert torch.equal(x, x0) and torch.equal(r, r0), seed
+
+
+def test_norm_linear_and_float32_out_dispatch():
+    if DEVICE != "cuda":
+        pytest.skip("the dispatch times kernels with CUDA events")
+    from vserve.ops.layernorm import fused_add_rms_norm
+    from vserve.ops.linear import choices, linear, norm_linear
+
+    seed = fresh_seed()
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.randn(3072, 2048, generator=g) * 0.02).to(torch.bfloat16).cuda()
+    gamma = (1 + 0.1 * torch.randn(2048, generator=g)).to(torch.bfloat16).cuda()
+    x = torch.randn(1, 2048, generator=g).to(torch.bfloat16).cuda()
+    r = torch.randn(1, 2048, generator=g).to(torch.bfloat16).cuda()
+    got = norm_linear(x, r, gamma, 1e-5, w)
+    assert "(3072, 2048) +norm +res" in choices()
+    h, r_sum = fused_add_rms_norm(x.clone(), r.clone(), gamma, 1e-5)
+    ref = linear(h, w).float()
+    if got is not None:  # the fused kernel was measured faster
+        assert torch.equal(got[1], r_sum), seed
+        assert ((got[0].float() - ref).norm() / ref.norm()).item() < 1e-2, seed
+    # A float32 output buffer holds the bf16 product exactly (the graphs' logits).
+    out = torch.full((1, 3072), float("nan"), device="cuda")
+    assert linear(h, w, out=out) is out
+    assert torch.equal(out, linear(h, w).float()), seed
+
+
 @pytest.mark.parametrize("rows,vocab", [(1, 128256), (3, 320), (37, 50000), (256, 128256)])
 def test_argmax_matches_torch(rows, vocab):
     from vserve.ops.sampling import argmax

@@ -175,6 +175,25 @@ def linear(x: torch.Tensor, layer: nn.Linear, act: bool = False) -> torch.Tensor
     return layer(x)
 
 
+def norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm,
+                layer: nn.Linear) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(layer(norm(x + residual)), x + residual)``, or ``(layer(norm(x)), x)`` without a
+    residual. On CUDA a single-token row may take one Triton kernel for all of it
+    (:func:`vserve.ops.linear.norm_linear`, chosen by measurement); the inputs may be
+    overwritten either way."""
+    if x.is_cuda and use_kernels(x):
+        from vserve.ops.linear import norm_linear as kernel_norm_linear
+
+        fused = kernel_norm_linear(x, residual, norm.weight, norm.eps, layer.weight,
+                                   layer.bias)
+        if fused is not None:
+            return fused
+    if residual is None:
+        return linear(norm(x), layer), x
+    h, residual = norm(x, residual)
+    return linear(h, layer), residual
+
+
 class SiluAndMul(nn.Module):
     """``silu(x[..., :n]) * x[..., n:]`` for ``x`` of last dimension ``2n`` (merged gate/up)."""
 

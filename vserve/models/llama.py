@@ -23,7 +23,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from vserve.models.arch import ModelArchConfig
-from vserve.models.layers import RMSNorm, RotaryEmbedding, SiluAndMul, apply_rotary, linear
+from vserve.models.layers import (
+    RMSNorm,
+    RotaryEmbedding,
+    SiluAndMul,
+    apply_rotary,
+    linear,
+    norm_linear,
+)
 from vserve.ops import use_kernels
 from vserve.worker.attention.backend import AttentionBackend, AttentionMetadata
 
@@ -89,13 +96,14 @@ class LlamaAttention(nn.Module):
 
     def forward(
         self,
-        hidden: torch.Tensor,
+        qkv: torch.Tensor,
         rope: RopeInputs,
         kv_cache: tuple[torch.Tensor, torch.Tensor],
         attn_metadata: AttentionMetadata,
     ) -> torch.Tensor:
-        num_tokens = hidden.shape[0]
-        qkv = linear(hidden, self.qkv_proj)
+        """Attention from the output of ``qkv_proj`` (applied by the decoder layer, fused
+        with the input norm where that pays); returns ``o_proj``'s output."""
+        num_tokens = qkv.shape[0]
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         # Views of the qkv output (no copies); the kernels take their strides.
         q = q.view(num_tokens, self.num_heads, self.head_dim)
@@ -127,8 +135,9 @@ class LlamaMLP(nn.Module):
         self.down_proj = nn.Linear(arch.intermediate_size, arch.hidden_size, bias=arch.mlp_bias)
         self.act_fn = SiluAndMul()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = linear(x, self.gate_up_proj)
+    def forward(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """The MLP from the output of ``gate_up_proj`` (applied by the decoder layer, fused
+        with the post-attention norm where that pays)."""
         if gate_up.is_cuda and use_kernels(gate_up):
             # SiLU-and-multiply fused into the down projection's input when it is a GEMV.
             return linear(gate_up, self.down_proj, act=True)
@@ -152,14 +161,12 @@ class LlamaDecoderLayer(nn.Module):
         attn_metadata: AttentionMetadata,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns ``(mlp_out, residual)``; the caller adds them (in the next norm)."""
-        if residual is None:
-            residual = hidden
-            hidden = self.input_layernorm(hidden)
-        else:
-            hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(hidden, rope, kv_cache, attn_metadata)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden), residual
+        qkv, residual = norm_linear(hidden, residual, self.input_layernorm,
+                                    self.self_attn.qkv_proj)
+        hidden = self.self_attn(qkv, rope, kv_cache, attn_metadata)
+        gate_up, residual = norm_linear(hidden, residual, self.post_attention_layernorm,
+                                        self.mlp.gate_up_proj)
+        return self.mlp(gate_up), residual
 
 
 class LlamaModel(nn.Module):
@@ -246,6 +253,8 @@ class LlamaForCausalLM(nn.Module):
         if hidden.is_cuda and use_kernels(hidden):
             from vserve.ops.linear import linear as kernel_linear
 
+            if out is not None:
+                return kernel_linear(hidden, weight, out=out)
             logits = kernel_linear(hidden, weight)
         else:
             logits = F.linear(hidden, weight)

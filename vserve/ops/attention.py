@@ -191,6 +191,10 @@ def _decode_kernel(
         tmask = jmask[:, None] & dmask[None, :]
         kt1 = tl.load(kc_ptr + c_off[:, None] + dh[None, :], mask=tmask, other=0.0)
         kt2 = tl.load(kc_ptr + c_off[:, None] + dh[None, :] + HALF, mask=tmask, other=0.0)
+        # V is loaded with K, not after the scores: one memory round trip per tile, not two
+        # (a short context is one tile per program, so this is most of the latency).
+        vt1 = tl.load(vc_ptr + c_off[:, None] + dh[None, :], mask=tmask, other=0.0)
+        vt2 = tl.load(vc_ptr + c_off[:, None] + dh[None, :] + HALF, mask=tmask, other=0.0)
         sc = tl.dot(q1, tl.trans(kt1), input_precision=PRECISION)
         sc = tl.dot(q2, tl.trans(kt2), acc=sc, input_precision=PRECISION)
         sc = tl.where(jmask[None, :], sc * qk_scale, float("-inf"))
@@ -198,8 +202,6 @@ def _decode_kernel(
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(sc - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        vt1 = tl.load(vc_ptr + c_off[:, None] + dh[None, :], mask=tmask, other=0.0)
-        vt2 = tl.load(vc_ptr + c_off[:, None] + dh[None, :] + HALF, mask=tmask, other=0.0)
         pd = p.to(dtype)
         acc1 = tl.dot(pd, vt1, acc=acc1 * alpha[:, None], input_precision=PRECISION)
         acc2 = tl.dot(pd, vt2, acc=acc2 * alpha[:, None], input_precision=PRECISION)

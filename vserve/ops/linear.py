@@ -71,13 +71,16 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, s_wn,
     y = tl.sum(acc, 1)
     if HAS_BIAS:
         y += tl.load(b_ptr + rn, mask=nmask, other=0.0).to(tl.float32)
-    tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=nmask)
+    # Rounded to the activations' dtype first, as a matmul in that dtype is, even when the
+    # output buffer is float32 (the graphs' logits).
+    tl.store(y_ptr + rn, y.to(x_ptr.dtype.element_ty).to(y_ptr.dtype.element_ty), mask=nmask)
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, act: bool,
-         config: tuple[int, int, int]) -> torch.Tensor:
+         config: tuple[int, int, int], out: torch.Tensor | None = None) -> torch.Tensor:
     n, k = weight.shape
-    out = torch.empty((1, n), dtype=x.dtype, device=x.device)
+    if out is None:
+        out = torch.empty((1, n), dtype=x.dtype, device=x.device)
     block_n, block_k, warps = config
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x, weight, bias if bias is not None else weight, out, n, k, weight.stride(0),
@@ -134,25 +137,151 @@ def _choose(x, weight, bias, act) -> tuple[int, int, int] | None:
     return best
 
 
+def _gemv_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return (_ENABLED and x.shape[0] == 1 and x.is_cuda and x.is_contiguous()
+            and weight.dtype in (torch.bfloat16, torch.float16) and weight.stride(1) == 1)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-           act: bool = False) -> torch.Tensor:
+           act: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(silu_and_mul(x) if act else x, weight, bias)`` for a CUDA ``x`` of
     ``[M, K]`` (``[M, 2K]`` with ``act``): the measured-fastest kernel when ``M == 1``
-    (16-bit weights), cuBLAS otherwise."""
-    if (_ENABLED and x.shape[0] == 1 and x.is_cuda and x.is_contiguous()
-            and weight.dtype in (torch.bfloat16, torch.float16) and weight.stride(1) == 1):
+    (16-bit weights), cuBLAS otherwise. ``out`` (``[M, N]``, e.g. float32): written and
+    returned, holding the product rounded to ``x``'s dtype first."""
+    if _gemv_applies(x, weight):
         key = (tuple(weight.shape), weight.dtype, bias is not None, act)
-        if key not in _CHOICE:
-            if torch.cuda.is_current_stream_capturing():
-                return _cublas(x, weight, bias, act)
+        if key not in _CHOICE and not torch.cuda.is_current_stream_capturing():
             _CHOICE[key] = _choose(x, weight, bias, act)
-        cfg = _CHOICE[key]
+        cfg = _CHOICE.get(key)
         if cfg is not None:
-            return gemv(x, weight, bias, act, cfg)
-    return _cublas(x, weight, bias, act)
+            return gemv(x, weight, bias, act, cfg, out)
+    y = _cublas(x, weight, bias, act)
+    return y if out is None else out.copy_(y)
 
 
 def choices() -> dict[str, str]:
     """What was chosen per shape (for logs and benchmarks)."""
-    return {f"{k[0]}{' +act' if k[3] else ''}": ("cublas" if v is None else f"gemv{v}")
-            for k, v in _CHOICE.items()}
+    out = {f"{k[0]}{' +act' if k[3] else ''}": ("cublas" if v is None else f"gemv{v}")
+           for k, v in _CHOICE.items()}
+    out.update({f"{k[0]} +norm{' +res' if k[3] else ''}": ("separate" if v is None
+                                                          else f"fused{v}")
+                for k, v in _NORM_CHOICE.items()})
+    return out
+
+
+# ---- RMSNorm (+ residual add) fused into a GEMV's input ----------------------------------
+@triton.jit
+def _norm_gemv_kernel(x_ptr, r_ptr, r_out_ptr, g_ptr, w_ptr, b_ptr, y_ptr, N, K, s_wn, eps,
+                      HAS_RES: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_K: tl.constexpr, K_POW2: tl.constexpr):
+    """``y = W @ rms_norm(x + r) (+ b)``; program 0 also stores ``x + r`` to ``r_out``.
+
+    Every program first computes the row's statistics over all of K (the row is a few KB
+    and stays in cache), then walks K in tiles, normalizing each tile on the fly, with the
+    rounding points of ``vserve.ops.layernorm`` (sum rounded to the activations' dtype, the
+    normalized row rounded before the weight multiply, the product rounded once)."""
+    pid = tl.program_id(0)
+    kk = tl.arange(0, K_POW2)
+    km = kk < K
+    x = tl.load(x_ptr + kk, mask=km, other=0.0)
+    if HAS_RES:
+        h = (x.to(tl.float32) + tl.load(r_ptr + kk, mask=km, other=0.0).to(tl.float32)
+             ).to(x.dtype)
+        if pid == 0:
+            tl.store(r_out_ptr + kk, h, mask=km)
+        hf = h.to(tl.float32)
+    else:
+        hf = x.to(tl.float32)
+    inv = tl.rsqrt(tl.sum(hf * hf, 0) / K + eps)
+    rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = rn < N
+    w_rows = w_ptr + rn.to(tl.int64)[:, None] * s_wn
+    acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        kmask = rk < K
+        xt = tl.load(x_ptr + rk, mask=kmask, other=0.0)
+        if HAS_RES:
+            xt = (xt.to(tl.float32) + tl.load(r_ptr + rk, mask=kmask, other=0.0)
+                  .to(tl.float32)).to(xt.dtype)
+        yt = (xt.to(tl.float32) * inv).to(xt.dtype)
+        gt = tl.load(g_ptr + rk, mask=kmask, other=0.0)
+        xn = (gt.to(tl.float32) * yt.to(tl.float32)).to(xt.dtype)
+        w = tl.load(w_rows + rk[None, :], mask=nmask[:, None] & kmask[None, :], other=0.0)
+        acc += w.to(tl.float32) * xn.to(tl.float32)[None, :]
+    y = tl.sum(acc, 1)
+    if HAS_BIAS:
+        y += tl.load(b_ptr + rn, mask=nmask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=nmask)
+
+
+_NORM_CANDIDATES = ((4, 1024, 4), (8, 512, 4), (8, 1024, 8), (16, 512, 4), (16, 1024, 8),
+                    (32, 256, 8))
+_NORM_CHOICE: dict[tuple, tuple[int, int, int] | None] = {}  # None: norm kernel + linear
+
+
+def norm_gemv(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor,
+              eps: float, weight: torch.Tensor, bias: torch.Tensor | None,
+              config: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    n, k = weight.shape
+    out = torch.empty((1, n), dtype=x.dtype, device=x.device)
+    r_out = torch.empty_like(x) if residual is not None else x
+    block_n, block_k, warps = config
+    _norm_gemv_kernel[(triton.cdiv(n, block_n),)](
+        x, residual if residual is not None else x, r_out, norm_weight, weight,
+        bias if bias is not None else weight, out, n, k, weight.stride(0), eps,
+        HAS_RES=residual is not None, HAS_BIAS=bias is not None, BLOCK_N=block_n,
+        BLOCK_K=block_k, K_POW2=triton.next_power_of_2(k), num_warps=warps,
+    )
+    return out, r_out
+
+
+def _separate(x, residual, norm_weight, eps, weight, bias):
+    from vserve.ops.layernorm import fused_add_rms_norm, rms_norm
+
+    if residual is None:
+        return linear(rms_norm(x, norm_weight, eps), weight, bias), x
+    h, r = fused_add_rms_norm(x, residual, norm_weight, eps)
+    return linear(h, weight, bias), r
+
+
+def _choose_norm(x, residual, norm_weight, eps, weight, bias) -> tuple[int, int, int] | None:
+    """Time the separate kernels (norm, then the linear's own choice) against each fused
+    tiling, over weight copies streamed from memory as in ``_choose``."""
+    nbytes = weight.numel() * weight.element_size()
+    copies = max(1, min(16, -(-3 * _L2_BYTES // nbytes)))
+    ws = [weight] + [weight.clone() for _ in range(copies - 1)]
+    # The separate path works in place: give it its own inputs.
+    xs, rs = x.clone(), residual.clone() if residual is not None else None
+    best, best_t = None, _time(lambda i: _separate(xs, rs, norm_weight, eps, ws[i], bias),
+                               copies)
+    for cfg in _NORM_CANDIDATES:
+        if cfg[1] > triton.next_power_of_2(weight.shape[1]):
+            continue
+        t = _time(lambda i, cfg=cfg: norm_gemv(x, residual, norm_weight, eps, ws[i], bias,
+                                               cfg), copies)
+        if t < best_t * 0.97:
+            best, best_t = cfg, t
+    return best
+
+
+def norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor,
+                eps: float, weight: torch.Tensor, bias: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(F.linear(rms_norm(x + residual), weight, bias), x + residual)`` for one CUDA row
+    in one kernel, when that was measured faster than the norm kernel and the linear apart;
+    None otherwise (the caller runs them apart). Without ``residual``, ``x`` is normalized
+    and returned as the residual. Inputs are not modified."""
+    if not (_gemv_applies(x, weight) and x.dtype == weight.dtype
+            and (residual is None or residual.is_contiguous())
+            and weight.shape[1] <= 8192):
+        return None
+    key = (tuple(weight.shape), weight.dtype, bias is not None, residual is not None)
+    if key not in _NORM_CHOICE:
+        if torch.cuda.is_current_stream_capturing():
+            return None
+        _NORM_CHOICE[key] = _choose_norm(x, residual, norm_weight, eps, weight, bias)
+    cfg = _NORM_CHOICE[key]
+    if cfg is None:
+        return None
+    return norm_gemv(x, residual, norm_weight, eps, weight, bias, cfg)
