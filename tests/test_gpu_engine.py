@@ -173,3 +173,38 @@ def test_memory_sizing_respects_utilization(tmp_path):
     assert core.max_concurrency == pytest.approx(usable * 16 / 4096)
     # And it still generates.
     assert len(_generate(core, _prompts(1, (10,)), max_tokens=3)[0][0]) == 3
+
+
+def test_pdl_launches_match_plain_ones(tmp_path, monkeypatch):
+    """Programmatic dependent launch changes when the decode kernels start, never what they
+    compute: tokens and logprobs are bitwise equal with ``VSERVE_PDL=0``. The GEMV and the
+    fused norm + GEMV are forced (K tiles of 64: the down projection loops), so that every
+    PDL kernel of the step runs; a kernel reading its input before the previous kernel
+    finished would show here as a difference."""
+    from vserve import ops
+    from vserve.ops import linear as lin
+
+    if not ops.pdl():
+        pytest.skip("PDL needs a Hopper (sm90+) GPU")
+    monkeypatch.setattr(lin, "_CHOICE", {})
+    monkeypatch.setattr(lin, "_NORM_CHOICE", {})
+    monkeypatch.setattr(lin, "_choose", lambda *a: (4, 64, 4))
+    monkeypatch.setattr(lin, "_choose_norm", lambda *a: (4, 64, 4))
+    model_dir = make_tiny_model(tmp_path / "m", "llama", dtype="bfloat16")
+    prompts = _prompts(21, (5, 17, 40))
+    results = []
+    for flag in ("1", "0"):
+        monkeypatch.setenv("VSERVE_PDL", flag)
+        ops.pdl.cache_clear()
+        assert ops.pdl() == (flag == "1")
+        core = _engine(model_dir, "bfloat16", num_kv_blocks=1024)
+        greedy = [_generate(core, [p], max_tokens=20)[0][0] for p in prompts]
+        batched = _generate(core, prompts, max_tokens=20)[0]
+        lps = _generate(core, prompts[:1], max_tokens=6, logprobs=3)[1][0]
+        results.append((greedy, batched, [(x.token_ids, x.logprobs) for x in lps]))
+        del core
+    ops.pdl.cache_clear()
+    used = lin.choices()
+    assert any(v.startswith("fused") for v in used.values()), used
+    assert any(v.startswith("gemv") for v in used.values()), used
+    assert results[0] == results[1]

@@ -56,5 +56,10 @@ def gemv_enabled() -> bool:
     return os.environ.get("VSERVE_GEMV", "1") != "0"
 
 
+def pdl_enabled() -> bool:
+    """VSERVE_PDL=0 turns off programmatic dependent launch of the decode-step kernels."""
+    return os.environ.get("VSERVE_PDL", "1") != "0"
+
+
 def prometheus_multiproc_dir() -> str | None:
     return os.environ.get(PROMETHEUS_MULTIPROC_DIR) or None

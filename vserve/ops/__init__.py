@@ -30,6 +30,21 @@ def available() -> bool:
     return torch.cuda.is_available() or envs.triton_interpret()
 
 
+@functools.cache
+def pdl() -> bool:
+    """Launch the decode step's kernels with programmatic dependent launch (Hopper and
+    newer): a kernel's blocks start while the previous kernel's last ones still run, load
+    what does not depend on it (weights), then wait (``griddepcontrol.wait``) for its
+    results. Every kernel launched this way waits before its first dependent load and its
+    first store, so ordering stays transitive along the chain. ``VSERVE_PDL=0`` turns it
+    off."""
+    if not envs.pdl_enabled() or envs.triton_interpret():
+        return False
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
+
+
 def use_kernels(t: object) -> bool:
     """Whether ``t`` (a tensor) should go through the Triton kernels: CUDA tensors only,
     or any tensor under ``TRITON_INTERPRET=1`` when ``VSERVE_TRITON_ON_CPU=1`` (tests of

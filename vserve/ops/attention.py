@@ -34,6 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
+from vserve.ops import pdl
+
 _LOG2E = 1.4426950408889634
 
 
@@ -109,11 +111,14 @@ def _decode_kernel(
     GROUP: tl.constexpr, HALF: tl.constexpr, NUM_HEADS: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_DH: tl.constexpr, BLOCK_N: tl.constexpr,
     PAGE: tl.constexpr, ROPE: tl.constexpr, PRECISION: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, BT_STRIDE_IN_MEM: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, BT_STRIDE_IN_MEM: tl.constexpr, PDL: tl.constexpr,
 ):
     s = tl.program_id(0).to(tl.int64)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     if BT_STRIDE_IN_MEM:
         # CUDA graphs: the block table is packed [bs, width] with width changing per step.
         s_bt = tl.load(bt_stride_ptr)
@@ -227,9 +232,12 @@ def _decode_kernel(
 def _decode_reduce_kernel(
     part_ptr, ml_ptr, out_ptr, so_t, so_h,
     NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, PDL: tl.constexpr,
 ):
     """Combine the split-KV partials of one (sequence, head)."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     s = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     sp = tl.arange(0, NUM_SPLITS)
@@ -435,14 +443,14 @@ def decode_attention(
         GROUP=group, HALF=half, NUM_HEADS=num_heads,
         BLOCK_G=_pow2(group), BLOCK_DH=_pow2(half), BLOCK_N=block_n,
         PAGE=k_cache.shape[1], ROPE=rope, PRECISION=_precision(k_cache.dtype),
-        NUM_SPLITS=num_splits, BT_STRIDE_IN_MEM=bt_stride is not None,
-        num_warps=4, num_stages=2,
+        NUM_SPLITS=num_splits, BT_STRIDE_IN_MEM=bt_stride is not None, PDL=pdl(),
+        num_warps=4, num_stages=2, launch_pdl=pdl(),
     )
     if num_splits > 1:
         _decode_reduce_kernel[(num_seqs, num_heads)](
             part, ml, out, out.stride(0), out.stride(1),
             NUM_HEADS=num_heads, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
-            NUM_SPLITS=num_splits, num_warps=1,
+            NUM_SPLITS=num_splits, PDL=pdl(), num_warps=1, launch_pdl=pdl(),
         )
     return out
 

@@ -11,12 +11,17 @@ import torch
 import triton
 import triton.language as tl
 
+from vserve.ops import pdl
+
 
 @triton.jit
 def _rms_norm_kernel(
     x_ptr, s_x0, s_x1, r_ptr, s_r, w_ptr, out_ptr, s_o0, s_o1,
-    N, eps, NUM_SUB, BLOCK: tl.constexpr, HAS_RES: tl.constexpr,
+    N, eps, NUM_SUB, BLOCK: tl.constexpr, HAS_RES: tl.constexpr, PDL: tl.constexpr,
 ):
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     row = tl.program_id(0)
     r0 = (row // NUM_SUB).to(tl.int64)
     r1 = (row % NUM_SUB).to(tl.int64)
@@ -55,7 +60,8 @@ def _launch(x, residual, weight, eps, out):
     _rms_norm_kernel[(rows * sub,)](
         x, sx0, sx1, residual if residual is not None else x,
         residual.stride(0) if residual is not None else 0, weight, out, so0, so1,
-        n, eps, sub, BLOCK=block, HAS_RES=residual is not None, num_warps=warps,
+        n, eps, sub, BLOCK=block, HAS_RES=residual is not None, PDL=pdl(), num_warps=warps,
+        launch_pdl=pdl(),
     )
 
 

@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from vserve import envs
+from vserve.ops import pdl
 from vserve.ops.activation import silu_and_mul
 
 # (BLOCK_N, BLOCK_K, num_warps): a few rows × a long stretch of K per program; "K" is
@@ -38,35 +39,58 @@ _CHOICE: dict[tuple, tuple[int, int, int] | None] = {}  # None: cuBLAS
 
 
 @triton.jit
+def _gemv_input(x_ptr, rk, K, ACT: tl.constexpr, EVEN: tl.constexpr):
+    """The input tile ``rk`` of a GEMV: ``x[rk]``, or ``silu(x[rk]) * x[K + rk]``."""
+    if EVEN:
+        if ACT:
+            g = tl.load(x_ptr + rk)
+            u = tl.load(x_ptr + K + rk)
+        else:
+            x = tl.load(x_ptr + rk)
+    else:
+        kmask = rk < K
+        if ACT:
+            g = tl.load(x_ptr + rk, mask=kmask, other=0.0)
+            u = tl.load(x_ptr + K + rk, mask=kmask, other=0.0)
+        else:
+            x = tl.load(x_ptr + rk, mask=kmask, other=0.0)
+    if ACT:
+        gf = g.to(tl.float32)
+        a = (gf / (1.0 + tl.exp(-gf))).to(g.dtype)
+        x = (a.to(tl.float32) * u.to(tl.float32)).to(g.dtype)
+    return x
+
+
+@triton.jit
+def _weight_tile(w_rows, rk, nmask, K, EVEN: tl.constexpr):
+    # Weights are read once per step: keep them from evicting activations from the L2.
+    if EVEN:
+        return tl.load(w_rows + rk[None, :], eviction_policy="evict_first")
+    return tl.load(w_rows + rk[None, :], mask=nmask[:, None] & (rk < K)[None, :], other=0.0,
+                   eviction_policy="evict_first")
+
+
+@triton.jit
 def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, s_wn,
                  HAS_BIAS: tl.constexpr, ACT: tl.constexpr, EVEN: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     pid = tl.program_id(0)
     rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = rn < N
     w_rows = w_ptr + rn.to(tl.int64)[:, None] * s_wn
-    acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    # The first weight tile is requested before waiting for the previous kernel (PDL):
+    # weights never depend on it, so their loads overlap its last blocks.
+    rk = tl.arange(0, BLOCK_K)
+    w = _weight_tile(w_rows, rk, nmask, K, EVEN)
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+    x = _gemv_input(x_ptr, rk, K, ACT, EVEN)
+    acc = w.to(tl.float32) * x.to(tl.float32)[None, :]
+    for k0 in range(BLOCK_K, K, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
-        if EVEN:
-            if ACT:
-                g = tl.load(x_ptr + rk)
-                u = tl.load(x_ptr + K + rk)
-            else:
-                x = tl.load(x_ptr + rk)
-            w = tl.load(w_rows + rk[None, :])
-        else:
-            kmask = rk < K
-            if ACT:
-                g = tl.load(x_ptr + rk, mask=kmask, other=0.0)
-                u = tl.load(x_ptr + K + rk, mask=kmask, other=0.0)
-            else:
-                x = tl.load(x_ptr + rk, mask=kmask, other=0.0)
-            w = tl.load(w_rows + rk[None, :], mask=nmask[:, None] & kmask[None, :], other=0.0)
-        if ACT:
-            gf = g.to(tl.float32)
-            a = (gf / (1.0 + tl.exp(-gf))).to(g.dtype)
-            x = (a.to(tl.float32) * u.to(tl.float32)).to(g.dtype)
+        w = _weight_tile(w_rows, rk, nmask, K, EVEN)
+        x = _gemv_input(x_ptr, rk, K, ACT, EVEN)
         acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
     y = tl.sum(acc, 1)
     if HAS_BIAS:
@@ -85,7 +109,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, act: 
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x, weight, bias if bias is not None else weight, out, n, k, weight.stride(0),
         HAS_BIAS=bias is not None, ACT=act, EVEN=(n % block_n == 0 and k % block_k == 0),
-        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
+        BLOCK_N=block_n, BLOCK_K=block_k, PDL=pdl(), num_warps=warps, launch_pdl=pdl(),
     )
     return out
 
@@ -171,9 +195,23 @@ def choices() -> dict[str, str]:
 
 # ---- RMSNorm (+ residual add) fused into a GEMV's input ----------------------------------
 @triton.jit
+def _normed_input(x_ptr, r_ptr, g_ptr, rk, K, inv, HAS_RES: tl.constexpr):
+    """Tile ``rk`` of ``g * rms_norm(x + r)`` (float32, holding the rounded values), given
+    the row's ``inv = 1 / rms``."""
+    kmask = rk < K
+    xt = tl.load(x_ptr + rk, mask=kmask, other=0.0)
+    if HAS_RES:
+        xt = (xt.to(tl.float32) + tl.load(r_ptr + rk, mask=kmask, other=0.0)
+              .to(tl.float32)).to(xt.dtype)
+    yt = (xt.to(tl.float32) * inv).to(xt.dtype)
+    gt = tl.load(g_ptr + rk, mask=kmask, other=0.0)
+    return (gt.to(tl.float32) * yt.to(tl.float32)).to(xt.dtype).to(tl.float32)
+
+
+@triton.jit
 def _norm_gemv_kernel(x_ptr, r_ptr, r_out_ptr, g_ptr, w_ptr, b_ptr, y_ptr, N, K, s_wn, eps,
                       HAS_RES: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_K: tl.constexpr, K_POW2: tl.constexpr):
+                      BLOCK_K: tl.constexpr, K_POW2: tl.constexpr, PDL: tl.constexpr):
     """``y = W @ rms_norm(x + r) (+ b)``; program 0 also stores ``x + r`` to ``r_out``.
 
     Every program first computes the row's statistics over all of K (the row is a few KB
@@ -181,6 +219,15 @@ def _norm_gemv_kernel(x_ptr, r_ptr, r_out_ptr, g_ptr, w_ptr, b_ptr, y_ptr, N, K,
     rounding points of ``vserve.ops.layernorm`` (sum rounded to the activations' dtype, the
     normalized row rounded before the weight multiply, the product rounded once)."""
     pid = tl.program_id(0)
+    rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = rn < N
+    w_rows = w_ptr + rn.to(tl.int64)[:, None] * s_wn
+    rk = tl.arange(0, BLOCK_K)
+    # First weight tile before the wait on the previous kernel (see _gemv_kernel).
+    w = _weight_tile(w_rows, rk, nmask, K, False)
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     kk = tl.arange(0, K_POW2)
     km = kk < K
     x = tl.load(x_ptr + kk, mask=km, other=0.0)
@@ -193,22 +240,12 @@ def _norm_gemv_kernel(x_ptr, r_ptr, r_out_ptr, g_ptr, w_ptr, b_ptr, y_ptr, N, K,
     else:
         hf = x.to(tl.float32)
     inv = tl.rsqrt(tl.sum(hf * hf, 0) / K + eps)
-    rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    nmask = rn < N
-    w_rows = w_ptr + rn.to(tl.int64)[:, None] * s_wn
-    acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    acc = w.to(tl.float32) * _normed_input(x_ptr, r_ptr, g_ptr, rk, K, inv, HAS_RES)[None, :]
+    for k0 in range(BLOCK_K, K, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
-        kmask = rk < K
-        xt = tl.load(x_ptr + rk, mask=kmask, other=0.0)
-        if HAS_RES:
-            xt = (xt.to(tl.float32) + tl.load(r_ptr + rk, mask=kmask, other=0.0)
-                  .to(tl.float32)).to(xt.dtype)
-        yt = (xt.to(tl.float32) * inv).to(xt.dtype)
-        gt = tl.load(g_ptr + rk, mask=kmask, other=0.0)
-        xn = (gt.to(tl.float32) * yt.to(tl.float32)).to(xt.dtype)
-        w = tl.load(w_rows + rk[None, :], mask=nmask[:, None] & kmask[None, :], other=0.0)
-        acc += w.to(tl.float32) * xn.to(tl.float32)[None, :]
+        w = _weight_tile(w_rows, rk, nmask, K, False)
+        acc += w.to(tl.float32) * _normed_input(x_ptr, r_ptr, g_ptr, rk, K, inv,
+                                                HAS_RES)[None, :]
     y = tl.sum(acc, 1)
     if HAS_BIAS:
         y += tl.load(b_ptr + rn, mask=nmask, other=0.0).to(tl.float32)
@@ -231,7 +268,8 @@ def norm_gemv(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch
         x, residual if residual is not None else x, r_out, norm_weight, weight,
         bias if bias is not None else weight, out, n, k, weight.stride(0), eps,
         HAS_RES=residual is not None, HAS_BIAS=bias is not None, BLOCK_N=block_n,
-        BLOCK_K=block_k, K_POW2=triton.next_power_of_2(k), num_warps=warps,
+        BLOCK_K=block_k, K_POW2=triton.next_power_of_2(k), PDL=pdl(), num_warps=warps,
+        launch_pdl=pdl(),
     )
     return out, r_out
 

@@ -11,11 +11,17 @@ import torch
 import triton
 import triton.language as tl
 
+from vserve.ops import pdl
+
 _BLOCK = 2048
 
 
 @triton.jit
-def _argmax_partial_kernel(x_ptr, s_x, vals_ptr, idx_ptr, V, NUM_BLOCKS, BLOCK: tl.constexpr):
+def _argmax_partial_kernel(x_ptr, s_x, vals_ptr, idx_ptr, V, NUM_BLOCKS, BLOCK: tl.constexpr,
+                           PDL: tl.constexpr):
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)
     b = tl.program_id(1)
     cols = b * BLOCK + tl.arange(0, BLOCK)
@@ -28,7 +34,11 @@ def _argmax_partial_kernel(x_ptr, s_x, vals_ptr, idx_ptr, V, NUM_BLOCKS, BLOCK: 
 
 
 @triton.jit
-def _argmax_final_kernel(vals_ptr, idx_ptr, out_ptr, NUM_BLOCKS, BLOCK: tl.constexpr):
+def _argmax_final_kernel(vals_ptr, idx_ptr, out_ptr, NUM_BLOCKS, BLOCK: tl.constexpr,
+                         PDL: tl.constexpr):
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)
     b = tl.arange(0, BLOCK)
     mask = b < NUM_BLOCKS
@@ -53,7 +63,8 @@ def argmax(logits: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tenso
     vals = torch.empty((rows, nb), dtype=torch.float32, device=logits.device)
     idx = torch.empty((rows, nb), dtype=torch.int32, device=logits.device)
     _argmax_partial_kernel[(rows, nb)](logits, logits.stride(0), vals, idx, vocab, nb,
-                                       BLOCK=_BLOCK, num_warps=8)
+                                       BLOCK=_BLOCK, PDL=pdl(), num_warps=8,
+                                       launch_pdl=pdl())
     _argmax_final_kernel[(rows,)](vals, idx, out, nb, BLOCK=triton.next_power_of_2(nb),
-                                  num_warps=4)
+                                  PDL=pdl(), num_warps=4, launch_pdl=pdl())
     return out
