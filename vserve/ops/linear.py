@@ -147,12 +147,19 @@ def _configs(k: int) -> list[tuple[int, int, int]]:
     return out or [(4, whole, 4)]
 
 
+def _weight_copies(weight: torch.Tensor) -> list[torch.Tensor]:
+    """``weight`` and enough clones of it that cycling through them streams from HBM, not
+    from the L2, as one step does."""
+    nbytes = weight.numel() * weight.element_size()
+    copies = max(1, min(16, -(-3 * _L2_BYTES // nbytes)))
+    return [weight] + [weight.clone() for _ in range(copies - 1)]
+
+
 def _choose(x, weight, bias, act) -> tuple[int, int, int] | None:
     """Time cuBLAS and each GEMV tiling on weights streamed from memory, not the L2: the
     timing cycles through enough copies of the weight to exceed the cache several times."""
-    nbytes = weight.numel() * weight.element_size()
-    copies = max(1, min(16, -(-3 * _L2_BYTES // nbytes)))
-    ws = [weight] + [weight.clone() for _ in range(copies - 1)]
+    ws = _weight_copies(weight)
+    copies = len(ws)
     best, best_t = None, _time(lambda i: _cublas(x, ws[i], bias, act), copies)
     for cfg in _configs(weight.shape[1]):
         t = _time(lambda i, cfg=cfg: gemv(x, ws[i], bias, act, cfg), copies)
@@ -286,9 +293,8 @@ def _separate(x, residual, norm_weight, eps, weight, bias):
 def _choose_norm(x, residual, norm_weight, eps, weight, bias) -> tuple[int, int, int] | None:
     """Time the separate kernels (norm, then the linear's own choice) against each fused
     tiling, over weight copies streamed from memory as in ``_choose``."""
-    nbytes = weight.numel() * weight.element_size()
-    copies = max(1, min(16, -(-3 * _L2_BYTES // nbytes)))
-    ws = [weight] + [weight.clone() for _ in range(copies - 1)]
+    ws = _weight_copies(weight)
+    copies = len(ws)
     # The separate path works in place: give it its own inputs.
     xs, rs = x.clone(), residual.clone() if residual is not None else None
     best, best_t = None, _time(lambda i: _separate(xs, rs, norm_weight, eps, ws[i], bias),
