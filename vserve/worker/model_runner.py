@@ -215,10 +215,10 @@ class ModelRunner:
         if sched.chained:
             assert in_flight is not None
             ids = in_flight.device_request_ids
-            if ids is not None and ids == [s.request.request_id for s in scheduled]:
-                pending = self._greedy_graph_step(scheduled, ids_on_device=True)
-                if pending is not None:
-                    return pending
+            padded = self._graph_size(scheduled)
+            if (padded is not None and ids is not None
+                    and ids == [s.request.request_id for s in scheduled]):
+                return self._greedy_graph_step(scheduled, padded, ids_on_device=True)
             overrides = in_flight.result().sampled_token_ids
         if self.is_cuda:
             return self._execute_cuda(scheduled, overrides)
@@ -255,22 +255,23 @@ class ModelRunner:
                     out.prompt_logprobs[s.request.request_id] = lp
         return out
 
-    def _greedy_graph_step(self, scheduled: list[ScheduledRequest],
+    def _graph_size(self, scheduled: list[ScheduledRequest]) -> int | None:
+        """The captured graph size a pure decode step of these rows replays, or None."""
+        if self.graphs is None or any(s.num_new_tokens != 1 for s in scheduled):
+            return None
+        return self.graphs.padded_size(len(scheduled))
+
+    def _greedy_graph_step(self, scheduled: list[ScheduledRequest], padded: int,
                            overrides: dict[str, int] | None = None,
-                           ids_on_device: bool = False) -> PendingOutput | None:
-        """A decode step of plain greedy rows through a graph whose argmax is the output:
-        one device→host copy, not waited for here. None when no graph fits."""
+                           ids_on_device: bool = False) -> PendingOutput:
+        """A decode step of plain greedy rows through the graph of size ``padded``, whose
+        argmax is the output: one device→host copy, not waited for here."""
         graphs, inputs = self.graphs, self.inputs
-        if graphs is None or inputs is None:
-            return None
-        n = len(scheduled)
-        padded = graphs.padded_size(n)
-        if padded is None:
-            return None
+        assert graphs is not None and inputs is not None
         upload = inputs.prepare_decode(scheduled, padded, self.block_size, True,
                                        ids_on_device, overrides)
         graphs.replay(padded)
-        host, event = inputs.read_back(graphs.sampled_ids(n))
+        host, event = inputs.read_back(graphs.sampled_ids(len(scheduled)))
         return PendingOutput.on_device([s.request.request_id for s in scheduled], host, event,
                                        lambda: inputs.completed(upload))
 
@@ -281,15 +282,11 @@ class ModelRunner:
         n = len(scheduled)
         hidden: torch.Tensor | None = None
         logits: torch.Tensor | None = None
-        if graphs is not None and all(s.num_new_tokens == 1 for s in scheduled) \
-                and graphs.padded_size(n) is not None:
+        padded = self._graph_size(scheduled)
+        if graphs is not None and padded is not None:
             samples = [s.num_ahead > 0 or s.samples for s in scheduled]
             if all(samples) and Sampler.plain_greedy([s.request for s in scheduled]):
-                pending = self._greedy_graph_step(scheduled, overrides)
-                assert pending is not None
-                return pending
-            padded = graphs.padded_size(n)
-            assert padded is not None
+                return self._greedy_graph_step(scheduled, padded, overrides)
             upload = inputs.prepare_decode(scheduled, padded, self.block_size, any(samples),
                                            False, overrides)
             all_logits = graphs.replay(padded)
