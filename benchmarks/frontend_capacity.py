@@ -51,6 +51,7 @@ sys.path.insert(0, str(ROOT))
 
 from vserve.bench.cli import add_bench_serve_args  # noqa: E402
 from vserve.bench.runner import run_benchmark  # noqa: E402
+from vserve.roles import process_role  # noqa: E402
 
 _SERVING = re.compile(r"vserve is serving .* on (http://\S+)")
 _STUB = re.compile(r"stub serving on (http://\S+)")
@@ -99,15 +100,11 @@ class Launched:
         out = {self.proc.pid: "supervisor"}
         for p in psutil.Process(self.proc.pid).children(recursive=True):
             try:
-                cmd = " ".join(p.cmdline())
+                found = process_role(p.cmdline())
             except psutil.Error:
                 continue
-            if "vserve.api.server" in cmd:
-                out[p.pid] = "api"
-            elif "vserve.engine.core_proc" in cmd:
-                out[p.pid] = "engine"
-            else:
-                out[p.pid] = "other"
+            out[p.pid] = "other" if found is None else {"api_server": "api"}.get(found[0],
+                                                                                 found[0])
         return out
 
     def stop(self) -> None:
@@ -149,7 +146,7 @@ def demo_tokenizer() -> list[str]:
     """Prompts are built with a local copy of the demo tokenizer (exact lengths, and no
     /tokenize traffic to warm the servers before the timed run)."""
     if not _TOKENIZER_DIR:
-        from vserve.demo import write_demo_tokenizer
+        from vserve.models.demo import write_demo_tokenizer
 
         d = tempfile.mkdtemp(prefix="vserve-capacity-tok-")
         write_demo_tokenizer(Path(d))
@@ -213,7 +210,8 @@ def top_functions(raw: Path, top: int = 25) -> list[tuple[str, float, float]]:
 
 _MODULES = (("uvicorn/", "uvicorn"), ("starlette/", "starlette"), ("fastapi/", "fastapi"),
             ("pydantic", "pydantic"), ("zmq/", "pyzmq"), ("prometheus_client", "prometheus_client"),
-            ("vserve/tokenizer", "vserve.tokenizer"), ("vserve/detokenizer", "vserve.detokenizer"),
+            ("vserve/frontend/tokenizer", "vserve.frontend.tokenizer"),
+            ("vserve/frontend/detokenizer", "vserve.frontend.detokenizer"),
             ("vserve/api/", "vserve.api"), ("vserve/frontend/", "vserve.frontend"),
             ("vserve/metrics/", "vserve.metrics"), ("vserve/", "vserve (other)"),
             ("asyncio/", "asyncio"), ("threading.py", "threading"), ("enum.py", "enum"),

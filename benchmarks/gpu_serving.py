@@ -102,7 +102,7 @@ def make_model(directory: Path, seed: int = 0) -> tuple[Path, int]:
     returns ``(dir, bytes of weights)``."""
     from safetensors.torch import save_file
 
-    from vserve.demo import BOS_TOKEN_ID, EOS_TOKEN_ID, EOT_TOKEN_ID, write_demo_tokenizer
+    from vserve.models.demo import BOS_TOKEN_ID, EOS_TOKEN_ID, EOT_TOKEN_ID, write_demo_tokenizer
 
     directory.mkdir(parents=True, exist_ok=True)
     cfg = dict(LLAMA_3_2_1B, bos_token_id=BOS_TOKEN_ID, eos_token_id=EOS_TOKEN_ID)
@@ -161,8 +161,8 @@ def _engine(model_dir: Path, max_num_seqs: int, enforce_eager: bool = False) -> 
 
 
 def _add(core: Any, prompts: list[list[int]], max_tokens: int) -> None:
-    from vserve.engine.messages import EngineCoreRequest
-    from vserve.sampling_params import SamplingParams
+    from vserve.protocol.requests import EngineCoreRequest
+    from vserve.protocol.sampling import SamplingParams
 
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
     for p in prompts:
@@ -283,7 +283,7 @@ def engine_decode(model_dir: Path, weight_bytes: int, copy_bw: float, args: argp
         a = time.perf_counter()
         sched = core.scheduler.schedule()
         b = time.perf_counter()
-        ro = runner.execute_model(sched)
+        ro = runner.execute_model_async(sched).result()
         c = time.perf_counter()
         core.scheduler.update_from_output(sched, ro)
         d = time.perf_counter()

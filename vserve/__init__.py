@@ -2,7 +2,7 @@
 
 from typing import TYPE_CHECKING, Any
 
-from vserve.sampling_params import SamplingParams
+from vserve.protocol.sampling import SamplingParams
 
 __version__ = "0.1.0"
 __all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "__version__"]

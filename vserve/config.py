@@ -1,46 +1,121 @@
-"""Typed configuration, built once (from the CLI or ``LLM(**kwargs)``) and passed down.
+"""Typed configuration: the one place where every option is declared.
 
-Everything here is a frozen dataclass so that it can be shared between threads, hashed, and
-sent to an engine process as msgpack (msgspec encodes and decodes dataclasses).
+Each field of the frozen dataclasses below is an option. Its name (``--max-num-seqs`` on the
+command line, ``max_num_seqs=`` for ``LLM``), type, default, help text and choices live here
+and nowhere else; validation lives in ``__post_init__``. ``vserve.cli.args`` derives the
+``vserve serve`` parser from these fields and :meth:`EngineConfig.from_options` is what
+``LLM(**kwargs)`` calls, so adding an option is one edit here.
+
+Configs are built once (CLI or kwargs), passed down, shared between threads and sent to
+child processes as msgpack (msgspec encodes and decodes dataclasses); nothing below reads
+the environment except through ``vserve.envs``.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import re
+import typing
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar
 
 import msgspec
 
-_DTYPES = ("auto", "float32", "float16", "bfloat16")
+from vserve import envs
+
+T = TypeVar("T")
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?(?:e\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 2**10, "m": 1e6, "mb": 1e6, "mib": 2**20,
+          "g": 1e9, "gb": 1e9, "gib": 2**30, "t": 1e12, "tb": 1e12, "tib": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """'4GiB', '512MiB', '1e9', '1000' → bytes (ValueError naming the text otherwise)."""
+    m = _SIZE.match(text)
+    unit = (m.group(2) or "").lower() if m else ""
+    if not m or unit not in _UNITS:
+        raise ValueError(f"not a size: {text!r} (e.g. 4GiB, 512MiB, 1e9)")
+    return int(float(m.group(1)) * _UNITS[unit])
+
+
+def format_size(n: int) -> str:
+    """Bytes as the largest binary unit that divides them: 1073741824 → '1GiB'."""
+    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n and n % scale == 0:
+            return f"{n // scale}{unit}"
+    return str(n)
+
+
+def option(default: Any = dataclasses.MISSING, *, help: str,
+           default_factory: Callable[[], Any] | Any = dataclasses.MISSING,
+           flags: tuple[str, ...] = (), parse: Callable[[str], Any] | None = None,
+           nargs: str | None = None, metavar: str | None = None,
+           positional: bool = False) -> Any:
+    """Declare one option: a dataclass field carrying what the CLI needs to offer it.
+
+    ``flags`` replaces the derived ``--field-name`` (the first is the main one; more are
+    aliases); ``parse`` turns the command-line text into the value (default: the field's
+    type); ``nargs`` for list options; ``positional`` for the model argument.
+    """
+    metadata = {"help": help, "flags": flags, "parse": parse, "nargs": nargs,
+                "metavar": metavar, "positional": positional}
+    if default_factory is not dataclasses.MISSING:
+        return field(default_factory=default_factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+Dtype = Literal["auto", "float32", "float16", "bfloat16"]
+Device = Literal["auto", "cpu", "cuda"]
+SchedulingPolicy = Literal["fcfs", "priority"]
+LogLevel = Literal["debug", "info", "warning", "error", "critical"]
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """What to load. ``model`` is a local HF directory, a hub id, or ``demo``."""
+    """What to load."""
 
-    model: str = "demo"
-    tokenizer: str | None = None  # defaults to the model's directory
-    revision: str | None = None
-    dtype: str = "auto"  # auto: the checkpoint's torch_dtype
-    max_model_len: int | None = None  # defaults to the model's max_position_embeddings
-    seed: int = 0
-    served_model_name: tuple[str, ...] = ()
-    chat_template: str | None = None  # a path or a literal Jinja template
+    model: str = option("demo", positional=True,
+                        help="a local Hugging Face model directory, a hub id, or 'demo' (the "
+                             "built-in tiny random-weight model)")
+    tokenizer: str | None = option(None, help="tokenizer directory or hub id (default: the "
+                                              "model's)")
+    revision: str | None = option(None, help="hub revision (branch, tag or commit) of the model")
+    dtype: Dtype = option("auto", help="weights and activations; auto is the checkpoint's "
+                                       "torch_dtype")
+    max_model_len: int | None = option(None, help="context window (prompt + output tokens); "
+                                                  "default: the model's maximum")
+    seed: int = option(0, help="seed of the sampler for requests without a seed of their own")
+    served_model_name: tuple[str, ...] = option(
+        (), nargs="+", help="names clients use in the 'model' field; the first is reported "
+                            "in responses (default: the model argument)")
+    chat_template: str | None = option(None, help="a Jinja chat template, or a file holding "
+                                                  "one (default: the tokenizer's)")
 
     def __post_init__(self) -> None:
-        if self.dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {self.dtype!r}")
+        _check_choice(self, "dtype")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be positive, got {self.max_model_len}")
+
+    @property
+    def served_name(self) -> str:
+        """The name reported in responses and metrics."""
+        return self.served_model_name[0] if self.served_model_name else self.model
 
 
 @dataclass(frozen=True)
 class CacheConfig:
-    block_size: int = 16
-    enable_prefix_caching: bool = True
-    gpu_memory_utilization: float = 0.9
-    # CPU: memory for the KV cache (the analogue of vLLM's VLLM_CPU_KVCACHE_SPACE).
-    kv_cache_memory_bytes: int = 1 << 30
-    num_kv_blocks: int | None = None  # overrides sizing from memory (tests use it)
+    block_size: int = option(16, help="tokens per KV-cache block (a power of two)")
+    enable_prefix_caching: bool = option(True, help="reuse the KV cache of shared prompt "
+                                                    "prefixes")
+    gpu_memory_utilization: float = option(
+        0.9, help="CUDA: fraction of the GPU's memory for weights, activations and KV cache")
+    kv_cache_memory_bytes: int = option(
+        1 << 30, flags=("--kv-cache-memory-bytes", "--kv-cache-memory"), parse=parse_size,
+        metavar="SIZE", help="CPU: memory for the KV cache, e.g. 4GiB")
+    num_kv_blocks: int | None = option(None, help="KV-cache blocks, overriding the sizing "
+                                                  "from memory")
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -49,40 +124,41 @@ class CacheConfig:
             raise ValueError(
                 f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
             )
+        if self.kv_cache_memory_bytes < 1:
+            raise ValueError("kv_cache_memory_bytes must be positive")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks must be positive, got {self.num_kv_blocks}")
 
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    max_num_batched_tokens: int = 2048  # token budget of one step
-    max_num_seqs: int = 256  # sequences in one step
-    enable_chunked_prefill: bool = True
-    policy: str = "fcfs"  # or "priority"
-    # Launch the next decode step before reading this one's tokens (the GPU never waits for
-    # the host). None: on when the engine runs on CUDA.
-    async_scheduling: bool | None = None
+    max_num_batched_tokens: int = option(2048, help="token budget of one engine step")
+    max_num_seqs: int = option(256, help="sequences in one engine step")
+    enable_chunked_prefill: bool = option(True, help="split long prompts over several steps")
+    scheduling_policy: SchedulingPolicy = option(
+        "fcfs", help="fcfs, or priority (requests' 'priority' field; lower runs first)")
+    async_scheduling: bool | None = option(
+        None, help="launch the next decode step before reading this one's tokens "
+                   "(default: on with CUDA, off on CPU)")
 
     def __post_init__(self) -> None:
         if self.max_num_batched_tokens < 1:
             raise ValueError("max_num_batched_tokens must be positive")
         if self.max_num_seqs < 1:
             raise ValueError("max_num_seqs must be positive")
-        if self.policy not in ("fcfs", "priority"):
-            raise ValueError(f"policy must be 'fcfs' or 'priority', got {self.policy!r}")
+        _check_choice(self, "scheduling_policy")
 
 
 @dataclass(frozen=True)
 class DeviceConfig:
-    device: str = "auto"  # auto: cuda when available, else cpu
-    enforce_eager: bool = False  # no CUDA graphs
-    # Benchmarking tool only, never a default: engines skip the model's arithmetic and emit
-    # tokens as fast as the scheduler runs, so that the front end is the bottleneck.
-    benchmark_skip_compute: bool = False
+    device: Device = option("auto", help="auto: cuda when available, else cpu")
+    enforce_eager: bool = option(False, help="CUDA: no CUDA graphs")
+    benchmark_skip_compute: bool = option(
+        False, help="BENCHMARKING ONLY: engines skip the model's arithmetic and emit fake "
+                    "tokens, so that the front end is what gets measured")
 
     def __post_init__(self) -> None:
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        _check_choice(self, "device")
 
 
 @dataclass(frozen=True)
@@ -101,15 +177,25 @@ class EngineConfig:
     def from_msgpack(data: bytes) -> EngineConfig:
         return msgspec.msgpack.decode(data, type=EngineConfig)
 
+    @classmethod
+    def from_options(cls, **options: Any) -> EngineConfig:
+        """Build from flat option names (``LLM(**kwargs)``); a TypeError names unknown ones."""
+        return build_config(cls, options)
+
 
 @dataclass(frozen=True)
 class ParallelConfig:
-    data_parallel_size: int = 1
-    data_parallel_size_local: int | None = None  # engines on this node (default: all)
-    data_parallel_start_rank: int = 0  # first rank on this node
-    data_parallel_address: str = "127.0.0.1"  # the head node, for --headless engines
-    data_parallel_rpc_port: int = 13345  # the head node's handshake port (multi-node only)
-    headless: bool = False  # engines only, joining a head node
+    data_parallel_size: int = option(1, flags=("--data-parallel-size", "-dp"),
+                                     help="engine replicas in the whole server")
+    data_parallel_size_local: int | None = option(
+        None, help="engines on this node (default: all from --data-parallel-start-rank on)")
+    data_parallel_start_rank: int = option(0, help="rank of this node's first engine")
+    data_parallel_address: str = option(
+        "127.0.0.1", help="multi-node: the head node's address, where headless engines join")
+    data_parallel_rpc_port: int = option(
+        13345, help="multi-node: the head node's handshake port")
+    headless: bool = option(False, help="run engines only, joining the head node at "
+                                        "--data-parallel-address:--data-parallel-rpc-port")
 
     def __post_init__(self) -> None:
         if self.data_parallel_size < 1:
@@ -144,21 +230,30 @@ class ParallelConfig:
 class ServerConfig:
     """The HTTP side of ``vserve serve``."""
 
-    host: str = "127.0.0.1"
-    port: int = 8000
-    uds: str | None = None
-    api_server_count: int = 1
-    api_keys: tuple[str, ...] = ()
-    allowed_origins: tuple[str, ...] = ()
-    allowed_methods: tuple[str, ...] = ("*",)
-    allowed_headers: tuple[str, ...] = ("*",)
-    allow_credentials: bool = False
-    max_num_queued_reqs: int | None = None  # whole-server bound on waiting requests
-    shutdown_timeout: float = 30.0
-    max_request_body_bytes: int = 8 << 20
-    log_level: str = "info"
-    log_stats_interval: float = 10.0  # 0 turns the periodic stats line off
-    uvicorn_log_level: str = "warning"
+    host: str = option(default_factory=envs.default_host,
+                       help="address to bind (default: $VSERVE_HOST, else 127.0.0.1)")
+    port: int = option(8000, help="TCP port to bind")
+    uds: str | None = option(None, help="serve on this Unix-domain socket instead of TCP")
+    api_server_count: int = option(1, flags=("--api-server-count", "-asc"),
+                                   help="API-server processes sharing the listening socket")
+    api_keys: tuple[str, ...] = option(
+        (), flags=("--api-key",), nargs="+",
+        help="bearer tokens clients must send; $VSERVE_API_KEY is accepted as well")
+    allowed_origins: tuple[str, ...] = option((), nargs="*", help="CORS allowed origins")
+    allowed_methods: tuple[str, ...] = option(("*",), nargs="*", help="CORS allowed methods")
+    allowed_headers: tuple[str, ...] = option(("*",), nargs="*", help="CORS allowed headers")
+    allow_credentials: bool = option(False, help="CORS: allow credentials")
+    max_num_queued_reqs: int | None = option(
+        None, help="whole-server bound on waiting requests; above it new requests get 503 + "
+                   "Retry-After")
+    shutdown_timeout: float = option(
+        30.0, help="seconds in-flight requests may take to finish after SIGTERM")
+    max_request_body_bytes: int = option(8 << 20, parse=parse_size, metavar="SIZE",
+                                         help="largest request body accepted (413 above)")
+    log_level: LogLevel = option("info", help="vserve's log level")
+    log_stats_interval: float = option(10.0, help="seconds between stats log lines; 0 turns "
+                                                  "them off")
+    uvicorn_log_level: LogLevel = option("warning", help="uvicorn's own log level")
 
     def __post_init__(self) -> None:
         if self.api_server_count < 1:
@@ -169,3 +264,98 @@ class ServerConfig:
             raise ValueError("shutdown_timeout must be non-negative")
         if self.max_num_queued_reqs is not None and self.max_num_queued_reqs < 0:
             raise ValueError("max_num_queued_reqs must be non-negative")
+        _check_choice(self, "log_level")
+        _check_choice(self, "uvicorn_log_level")
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Everything ``vserve serve`` was told; the supervisor passes it down whole."""
+
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+    def to_msgpack(self) -> bytes:
+        return msgspec.msgpack.encode(self)
+
+    @staticmethod
+    def from_msgpack(data: bytes) -> ServeConfig:
+        return msgspec.msgpack.decode(data, type=ServeConfig)
+
+    @classmethod
+    def from_options(cls, **options: Any) -> ServeConfig:
+        return build_config(cls, options)
+
+
+# ---- deriving from the declarations --------------------------------------------------------
+
+
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    """The resolved field types of ``cls`` (cached: ``__post_init__`` asks on every build)."""
+    hints = _HINTS.get(cls)
+    if hints is None:
+        hints = _HINTS[cls] = typing.get_type_hints(cls)
+    return hints
+
+
+def _is_section(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def option_fields(cls: type) -> Iterator[tuple[type, dataclasses.Field[Any], Any]]:
+    """Every option of ``cls`` and its nested sections, in declaration order:
+    ``(section class, field, resolved type)``."""
+    hints = _hints(cls)
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        tp = hints[f.name]
+        if _is_section(tp):
+            yield from option_fields(tp)
+        else:
+            yield cls, f, tp
+
+
+def build_config(cls: type[T], options: Mapping[str, Any]) -> T:
+    """``cls`` (a config or a config of sections) from flat option names; sections are
+    filled from the names they declare. Unknown names raise a TypeError naming them."""
+    left = dict(options)
+    config = _build(cls, left)
+    if left:
+        known = sorted(f.name for _, f, _ in option_fields(cls))
+        raise TypeError(f"unknown option(s) {', '.join(sorted(left))}; the options are "
+                        f"{', '.join(known)}")
+    return config
+
+
+def _build(cls: type[T], left: dict[str, Any]) -> T:
+    hints = _hints(cls)
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        tp = hints[f.name]
+        if _is_section(tp):
+            kwargs[f.name] = _build(tp, left)
+        elif f.name in left:
+            value = left.pop(f.name)
+            kwargs[f.name] = tuple(value) if isinstance(value, list) else value
+    return cls(**kwargs)
+
+
+def choices_of(tp: Any) -> tuple[Any, ...] | None:
+    """The allowed values of a ``Literal`` option type (None for other types)."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) is Literal:
+        return tuple(typing.get_args(tp))
+    if len(args) == 1 and typing.get_origin(args[0]) is Literal:
+        return tuple(typing.get_args(args[0]))
+    return None
+
+
+def _check_choice(config: object, name: str) -> None:
+    tp = _hints(type(config))[name]
+    allowed = choices_of(tp)
+    value = getattr(config, name)
+    if allowed is not None and value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(map(str, allowed))}, got {value!r}")

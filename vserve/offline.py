@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import atexit
 import itertools
+import json
 import time
 import uuid
 import weakref
@@ -17,18 +18,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import msgspec
 import zmq
 
-from vserve.config import CacheConfig, DeviceConfig, EngineConfig, ModelConfig, SchedulerConfig
-from vserve.engine.messages import (
-    EngineCoreOutputs,
-    EngineCoreRequest,
-    RequestType,
-    SchedulerStats,
-    UtilityRequest,
-    engine_identity,
-)
+from vserve.config import EngineConfig
+from vserve.frontend.engine_client import EngineDeadError
 from vserve.frontend.input_processor import (
     PromptInput,
     check_prompt,
@@ -37,110 +30,76 @@ from vserve.frontend.input_processor import (
     tokenize_prompt,
 )
 from vserve.frontend.output_processor import RequestState
+from vserve.frontend.sync_client import SyncEngineClient
+from vserve.frontend.tokenizer import Tokenizer
 from vserve.launch.engines import EngineLauncher
 from vserve.launch.rundir import ipc_endpoint, make_run_dir, remove_run_dir
 from vserve.logging_utils import get_logger, init_logging
-from vserve.models.loader import resolve_model_dir
+from vserve.models.source import resolve_model_dir
 from vserve.outputs import CompletionOutput, RequestOutput
-from vserve.sampling_params import SamplingParams
-from vserve.tokenizer import Tokenizer
+from vserve.protocol.outputs import SchedulerStats
+from vserve.protocol.requests import EngineCoreRequest
+from vserve.protocol.sampling import SamplingParams
 
 logger = get_logger(__name__)
-_encoder = msgspec.msgpack.Encoder()
-_out_decoder = msgspec.msgpack.Decoder(EngineCoreOutputs)
+
+# Where each request's outputs go: (index of its prompt, its detokenizing state).
+_Sink = tuple[int, RequestState]
 
 
 class LLM:
-    """Generate from a model in this script. Arguments mirror ``vserve serve``'s options."""
+    """Generate from a model in this script.
 
-    def __init__(
-        self,
-        model: str = "demo",
-        *,
-        tokenizer: str | None = None,
-        revision: str | None = None,
-        dtype: str = "auto",
-        max_model_len: int | None = None,
-        seed: int = 0,
-        chat_template: str | None = None,
-        block_size: int = 16,
-        enable_prefix_caching: bool = True,
-        kv_cache_memory_bytes: int = 1 << 30,
-        num_kv_blocks: int | None = None,
-        gpu_memory_utilization: float = 0.9,
-        max_num_batched_tokens: int = 2048,
-        max_num_seqs: int = 256,
-        enable_chunked_prefill: bool = True,
-        scheduling_policy: str = "fcfs",
-        async_scheduling: bool | None = None,
-        device: str = "auto",
-        enforce_eager: bool = False,
-        startup_timeout: float = 600.0,
-    ) -> None:
+    ``LLM(model, **options)`` takes the engine options of ``vserve serve`` by their field
+    names in ``vserve.config`` (``dtype=``, ``max_model_len=``, ``block_size=``,
+    ``max_num_seqs=``, ``device=``, …); an unknown name is a TypeError that lists them all.
+    ``startup_timeout`` bounds how long loading the model may take.
+    """
+
+    def __init__(self, model: str = "demo", *, startup_timeout: float = 600.0,
+                 **options: Any) -> None:
         init_logging("LLM")
-        self.config = EngineConfig(
-            model=ModelConfig(model=model, tokenizer=tokenizer, revision=revision, dtype=dtype,
-                              max_model_len=max_model_len, seed=seed,
-                              chat_template=chat_template),
-            cache=CacheConfig(block_size=block_size, enable_prefix_caching=enable_prefix_caching,
-                              kv_cache_memory_bytes=kv_cache_memory_bytes,
-                              num_kv_blocks=num_kv_blocks,
-                              gpu_memory_utilization=gpu_memory_utilization),
-            scheduler=SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens,
-                                      max_num_seqs=max_num_seqs,
-                                      enable_chunked_prefill=enable_chunked_prefill,
-                                      policy=scheduling_policy,
-                                      async_scheduling=async_scheduling),
-            device=DeviceConfig(device=device, enforce_eager=enforce_eager),
-        )
-        self.model_dir = resolve_model_dir(model, revision)
-        tok_dir = resolve_model_dir(tokenizer, revision) if tokenizer else self.model_dir
-        self.tokenizer = Tokenizer.from_pretrained(tok_dir, chat_template=chat_template)
+        self.config = EngineConfig.from_options(model=model, **options)
+        m = self.config.model
+        self.model_dir = resolve_model_dir(m.model, m.revision)
+        tok_dir = resolve_model_dir(m.tokenizer, m.revision) if m.tokenizer else self.model_dir
+        self.tokenizer = Tokenizer.from_pretrained(tok_dir, chat_template=m.chat_template)
         self.eos_token_ids = load_eos_token_ids(self.model_dir, self.tokenizer)
+        self.vocab_size = int(json.loads((self.model_dir / "config.json").read_text())[
+            "vocab_size"])
         self._counter = itertools.count()
         self._closed = False
 
         self.run_dir = make_run_dir()
-        self.ctx = zmq.Context()
-        self._input = self.ctx.socket(zmq.ROUTER)
-        self._input.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        self._input.setsockopt(zmq.LINGER, 0)
-        self._input.bind(ipc_endpoint(self.run_dir, "input-0"))
-        self._output = self.ctx.socket(zmq.PULL)
-        self._output.setsockopt(zmq.LINGER, 0)
-        self._output.bind(ipc_endpoint(self.run_dir, "output-0"))
+        self.ctx: zmq.Context = zmq.Context()
+        self.client: SyncEngineClient[_Sink] = SyncEngineClient(
+            self.ctx, 1, ipc_endpoint(self.run_dir, "input-0"),
+            ipc_endpoint(self.run_dir, "output-0"), self._check_engine_alive)
+        core = self.client.core
         self.launcher = EngineLauncher(
             ctx=self.ctx, config=self.config, model_dir=self.model_dir,
             handshake_addr=ipc_endpoint(self.run_dir, "handshake"),
-            input_addrs=[_endpoint(self._input)],
-            output_addrs=[_endpoint(self._output)],
+            input_addrs=[core.input_addr], output_addrs=[core.output_addr],
             engine_ranks=[0], num_engines=1,
         )
-        self._finalizer = weakref.finalize(self, _cleanup, self.launcher, self.ctx,
-                                           self.run_dir)
+        self._finalizer = weakref.finalize(self, _cleanup, self.launcher, self.client,
+                                           self.ctx, self.run_dir)
         atexit.register(self._finalizer)
         try:
             self.launcher.start_processes()
             ready = self.launcher.wait_ready(startup_timeout)[0]
-            self._wait_engine_hello(startup_timeout)
+            self.client.wait_for_engines(startup_timeout)
         except BaseException:
             self.shutdown()
             raise
         self.max_model_len = ready.max_model_len
         self.num_kv_blocks = ready.num_kv_blocks
-        self.vocab_size = self._vocab_size()
 
-    def _vocab_size(self) -> int:
-        import json
-
-        return int(json.loads((self.model_dir / "config.json").read_text())["vocab_size"])
-
-    def _wait_engine_hello(self, timeout: float) -> None:
-        if not self._input.poll(int(timeout * 1000)):
-            raise RuntimeError("the engine never connected to its input socket")
-        identity, kind, _ = self._input.recv_multipart()
-        if identity != engine_identity(0) or kind != RequestType.HELLO.value:
-            raise RuntimeError("unexpected first message from the engine")
+    def _check_engine_alive(self) -> None:
+        dead = self.launcher.dead_engines()
+        if dead:
+            raise RuntimeError(f"the engine process exited (code {dead[0][1]}); see its log "
+                               "above")
 
     # ---- public API --------------------------------------------------------------------
     def get_tokenizer(self) -> Tokenizer:
@@ -206,34 +165,31 @@ class LLM:
             encoded.append((text, ids))
 
         results: list[RequestOutput] = []
-        states: dict[str, tuple[int, RequestState]] = {}
+        states: dict[str, _Sink] = {}
         now = time.time()
-        for i, ((text, ids), p) in enumerate(zip(encoded, params)):
-            rid = f"{next(self._counter)}-{uuid.uuid4().hex[:8]}"
-            results.append(RequestOutput(rid, text, ids, []))
-            for j in range(p.n):
-                cp = child_params(p, j)
-                child_id = f"{rid}-{j}" if p.n > 1 else rid
-                states[child_id] = (i, RequestState(child_id, j, ids, cp, self.tokenizer))
-                req = EngineCoreRequest(child_id, ids, cp, self.eos_token_ids, now)
-                self._send(RequestType.ADD, req)
-
+        pending: set[str] = set()
         pbar = None
-        if use_tqdm:
-            from tqdm.auto import tqdm
-
-            pbar = tqdm(total=len(states), desc="Processed prompts", dynamic_ncols=True)
-        pending = set(states)
         try:
+            for i, ((text, ids), p) in enumerate(zip(encoded, params)):
+                rid = f"{next(self._counter)}-{uuid.uuid4().hex[:8]}"
+                results.append(RequestOutput(rid, text, ids, []))
+                for j in range(p.n):
+                    cp = child_params(p, j)
+                    child_id = f"{rid}-{j}" if p.n > 1 else rid
+                    sink = (i, RequestState(child_id, j, ids, cp, self.tokenizer))
+                    states[child_id] = sink
+                    self.client.add_request(
+                        EngineCoreRequest(child_id, ids, cp, self.eos_token_ids, now), sink)
+                    pending.add(child_id)
+            if use_tqdm:
+                from tqdm.auto import tqdm
+
+                pbar = tqdm(total=len(states), desc="Processed prompts", dynamic_ncols=True)
             while pending:
-                for out in self._recv().outputs:
-                    entry = states.get(out.request_id)
-                    if entry is None or out.request_id not in pending:
-                        continue
-                    _, state = entry
+                for (_, state), out in self.client.get_outputs():
                     delta = state.apply(out)
                     if delta is not None and delta.needs_abort:
-                        self._send(RequestType.ABORT, [out.request_id])
+                        self.client.abort([out.request_id])
                     if state.finished:
                         if state.finish_reason == "error":
                             raise RuntimeError(f"the engine failed request {out.request_id}: "
@@ -241,11 +197,11 @@ class LLM:
                         pending.discard(out.request_id)
                         if pbar is not None:
                             pbar.update(1)
-        except BaseException:
-            if pending:
-                self._send(RequestType.ABORT, sorted(pending))
-            raise
+        except EngineDeadError as e:
+            raise RuntimeError(str(e)) from None
         finally:
+            if pending:
+                self.client.abort(sorted(pending))
             if pbar is not None:
                 pbar.close()
 
@@ -264,29 +220,7 @@ class LLM:
 
     def engine_stats(self) -> SchedulerStats:
         """The engine's scheduler stats (running, waiting, KV use, cumulative counters)."""
-        call_id = next(self._counter)
-        self._send(RequestType.UTILITY, UtilityRequest(call_id, "stats", [0]))
-        while True:
-            outs = self._recv()
-            res = outs.utility_output
-            if res is not None and res.call_id == call_id:
-                if res.failure:
-                    raise RuntimeError(res.failure)
-                return msgspec.msgpack.decode(res.result, type=SchedulerStats)
-
-    def _send(self, kind: RequestType, payload: Any) -> None:
-        self._input.send_multipart([engine_identity(0), kind.value, _encoder.encode(payload)])
-
-    def _recv(self) -> EngineCoreOutputs:
-        while not self._output.poll(1000):
-            dead = self.launcher.dead_engines()
-            if dead:
-                raise RuntimeError(f"the engine process exited (code {dead[0][1]}); see its "
-                                   "log above")
-        outs = _out_decoder.decode(self._output.recv())
-        if outs.engine_dead:
-            raise RuntimeError(f"the engine died: {outs.engine_dead}")
-        return outs
+        return self.client.get_stats(0)
 
     def shutdown(self) -> None:
         if not self._closed:
@@ -300,13 +234,11 @@ class LLM:
         self.shutdown()
 
 
-def _endpoint(sock: zmq.Socket) -> str:
-    return str(sock.getsockopt_string(zmq.LAST_ENDPOINT))
-
-
-def _cleanup(launcher: EngineLauncher, ctx: zmq.Context, run_dir: Path) -> None:
+def _cleanup(launcher: EngineLauncher, client: SyncEngineClient[Any], ctx: zmq.Context,
+             run_dir: Path) -> None:
     try:
         launcher.shutdown()
     finally:
+        client.close()
         ctx.destroy(linger=0)
         remove_run_dir(run_dir)

@@ -31,10 +31,10 @@ from vserve.api.protocol import CompletionRequest
 from vserve.api.responses import ERROR_RESPONSES, CompletionResponse
 from vserve.api.serving import respond
 from vserve.api.state import ServerState
-from vserve.detokenizer import token_display
+from vserve.frontend.detokenizer import token_display
 from vserve.frontend.output_processor import CompletionDelta
+from vserve.frontend.tokenizer import Tokenizer
 from vserve.outputs import PositionLogprobs
-from vserve.tokenizer import Tokenizer
 
 
 def _merge(a: dict[str, Any] | None, b: dict[str, Any] | None) -> dict[str, Any] | None:

@@ -22,7 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 from vserve.logging_utils import get_logger
-from vserve.sampling_params import SamplingParams
+from vserve.protocol.sampling import SamplingParams
 
 logger = get_logger(__name__)
 

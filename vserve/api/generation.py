@@ -30,7 +30,6 @@ from fastapi import Request
 from vserve.api.errors import APIError
 from vserve.api.middleware import CLIENT_REQUEST_ID_KEY, REQUEST_ID_KEY
 from vserve.api.state import ServerState
-from vserve.engine.messages import EngineCoreOutput, EngineCoreRequest, RequestTiming
 from vserve.frontend.engine_client import EngineDeadError, EngineUnavailableError
 from vserve.frontend.input_processor import PromptTooLongError, check_prompt, child_params
 from vserve.frontend.output_processor import CompletionDelta, RequestState
@@ -40,7 +39,9 @@ from vserve.metrics.request_metrics import (
     SequenceTimer,
     record_request,
 )
-from vserve.sampling_params import SamplingParams
+from vserve.protocol.outputs import EngineCoreOutput, RequestTiming
+from vserve.protocol.requests import EngineCoreRequest
+from vserve.protocol.sampling import SamplingParams
 
 RETRY_AFTER_S = 1
 
@@ -129,7 +130,7 @@ def check_vocab_ids(state: ServerState, params: SamplingParams) -> None:
 
 
 def check_priority(state: ServerState, priority: int | None) -> int:
-    if priority and state.engine_config.scheduler.policy != "priority":
+    if priority and state.engine_config.scheduler.scheduling_policy != "priority":
         raise APIError(400, "priority needs the server to run with --scheduling-policy "
                        "priority", "priority")
     return priority or 0

@@ -14,11 +14,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import sys
 import time
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from pathlib import Path
 
 import msgspec
@@ -28,22 +29,28 @@ import zmq.asyncio
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from vserve.api.state import ServerState
-from vserve.frontend.engine_client import AsyncEngineClient, EngineUnavailableError
+from vserve.config import ServeConfig
+from vserve.frontend.async_client import AsyncEngineClient
+from vserve.frontend.engine_client import EngineUnavailableError
 from vserve.frontend.input_processor import load_eos_token_ids
+from vserve.frontend.tokenizer import Tokenizer
 from vserve.launch.fd_passing import receive_listen_socket
 from vserve.launch.lifetime import exit_when_parent_dies, on_parent_death, set_process_title
-from vserve.launch.messages import (
-    ApiServerArgs,
-    ApiServerControl,
-    ApiServerDrained,
-    ApiServerGo,
-    ApiServerHello,
-    ToApiServer,
-)
 from vserve.launch.rundir import remove_run_dir
 from vserve.logging_utils import get_logger, init_logging
 from vserve.metrics.exposition import add_metrics_route, with_http_metrics
-from vserve.tokenizer import Tokenizer
+from vserve.protocol import encode
+from vserve.protocol.control import (
+    ApiServerArgs,
+    ApiServerDrained,
+    ApiServerGo,
+    ApiServerHello,
+    DrainServer,
+    EngineDied,
+    ExitServer,
+    ToApiServer,
+)
+from vserve.roles import API_SERVER_INDEX_FLAG, api_server_name
 
 logger = get_logger(__name__)
 _control_decoder = msgspec.msgpack.Decoder(ToApiServer)
@@ -99,32 +106,33 @@ def with_in_flight_tracking(app: ASGIApp, state: ServerState) -> ASGIApp:
     return wrapped
 
 
-def served_model_names(args: ApiServerArgs) -> list[str]:
-    names = list(args.engine.model.served_model_name)
-    return names or [args.engine.model.model]
+def served_model_names(config: ServeConfig) -> list[str]:
+    model = config.engine.model
+    return list(model.served_model_name) or [model.model]
 
 
 async def serve(index: int, args: ApiServerArgs) -> None:
+    serve_config = ServeConfig.from_msgpack(args.config)
+    model = serve_config.engine.model
     model_dir = Path(args.model_dir)
-    tok_dir = Path(args.engine.model.tokenizer) if args.engine.model.tokenizer else model_dir
-    tokenizer = Tokenizer.from_pretrained(tok_dir, chat_template=args.engine.model.chat_template)
-    import json
-
+    tok_dir = Path(model.tokenizer) if model.tokenizer else model_dir
+    tokenizer = Tokenizer.from_pretrained(tok_dir, chat_template=model.chat_template)
     vocab_size = int(json.loads((model_dir / "config.json").read_text())["vocab_size"])
-    num_engines = args.parallel.data_parallel_size
+    num_engines = serve_config.parallel.data_parallel_size
     client = AsyncEngineClient(index, num_engines, args.input_addrs[index],
                                args.output_addrs[index], args.snapshot_addr)
     control = client.ctx.socket(zmq.DEALER)
     control.setsockopt(zmq.LINGER, 0)
     control.connect(args.handshake_addr)
-    await control.send(msgspec.msgpack.encode(
+    await control.send(encode(
         ApiServerHello(index, os.getpid(), client.input_addr, client.output_addr)))
     client.start()
     go = _control_decoder.decode(await control.recv())
     assert isinstance(go, ApiServerGo)
     state = ServerState(
-        client_index=index, engine_config=args.engine, server_config=args.server,
-        engine_client=client, tokenizer=tokenizer, model_names=served_model_names(args),
+        client_index=index, engine_config=serve_config.engine,
+        server_config=serve_config.server, engine_client=client, tokenizer=tokenizer,
+        model_names=served_model_names(serve_config),
         max_model_len=go.max_model_len, vocab_size=vocab_size,
         eos_token_ids=load_eos_token_ids(model_dir, tokenizer),
     )
@@ -140,7 +148,7 @@ async def serve(index: int, args: ApiServerArgs) -> None:
     # log_config=None keeps our process-named log format on uvicorn's lines too.
     config = uvicorn.Config(app, http="httptools", lifespan="off", access_log=False,
                             log_config=None, backlog=2048,
-                            log_level=args.server.uvicorn_log_level,
+                            log_level=serve_config.server.uvicorn_log_level,
                             timeout_graceful_shutdown=5)
     server = _Server(config)
     loop = asyncio.get_running_loop()
@@ -167,7 +175,7 @@ async def serve(index: int, args: ApiServerArgs) -> None:
 
 
 async def control_loop(control: zmq.asyncio.Socket, client: AsyncEngineClient,
-                       start_drain: object, exit_now: asyncio.Event) -> None:
+                       start_drain: Callable[[], None], exit_now: asyncio.Event) -> None:
     while True:
         frame = await control.recv()
         try:
@@ -175,14 +183,13 @@ async def control_loop(control: zmq.asyncio.Socket, client: AsyncEngineClient,
         except msgspec.DecodeError as e:
             logger.warning("dropped a malformed control frame: %s", e)
             continue
-        if isinstance(msg, ApiServerControl):
-            if msg.kind == "drain":
-                start_drain()  # type: ignore[operator]
-            elif msg.kind == "exit":
-                start_drain()  # type: ignore[operator]
-                exit_now.set()
-            elif msg.kind == "engine_died":
-                client.engine_died(msg.engine_index, msg.reason)
+        if isinstance(msg, DrainServer):
+            start_drain()
+        elif isinstance(msg, ExitServer):
+            start_drain()
+            exit_now.set()
+        elif isinstance(msg, EngineDied):
+            client.engine_died(msg.engine_index, msg.reason)
 
 
 async def drain(state: ServerState, server: uvicorn.Server, control: zmq.asyncio.Socket,
@@ -210,7 +217,7 @@ async def drain(state: ServerState, server: uvicorn.Server, control: zmq.asyncio
         flush_deadline = time.monotonic() + 2.0
         while state.http_in_flight and time.monotonic() < flush_deadline:
             await asyncio.sleep(0.05)
-    await control.send(msgspec.msgpack.encode(ApiServerDrained(state.client_index)))
+    await control.send(encode(ApiServerDrained(state.client_index)))
     # The supervisor answers "exit" once all servers drained; don't wait on it forever.
     with contextlib.suppress(asyncio.TimeoutError):
         await asyncio.wait_for(exit_now.wait(), timeout=10.0)
@@ -219,12 +226,13 @@ async def drain(state: ServerState, server: uvicorn.Server, control: zmq.asyncio
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m vserve.api.server")
-    parser.add_argument("--index", type=int, required=True)
+    parser.add_argument(API_SERVER_INDEX_FLAG, dest="index", type=int, required=True)
     parser.add_argument("--args-file", required=True)
     ns = parser.parse_args(argv)
     args = msgspec.msgpack.decode(Path(ns.args_file).read_bytes(), type=ApiServerArgs)
-    name = f"ApiServer_{ns.index}"
-    init_logging(name, args.server.log_level.upper(), extra_loggers=("uvicorn",))
+    name = api_server_name(ns.index)
+    log_level = ServeConfig.from_msgpack(args.config).server.log_level
+    init_logging(name, log_level.upper(), extra_loggers=("uvicorn",))
     set_process_title(name)
     run_dir = Path(ns.args_file).parent
     on_parent_death(lambda: remove_run_dir(run_dir))

@@ -7,8 +7,8 @@ import time
 from dataclasses import dataclass, field
 
 from vserve.config import EngineConfig, ServerConfig
-from vserve.frontend.engine_client import AsyncEngineClient
-from vserve.tokenizer import Tokenizer
+from vserve.frontend.async_client import AsyncEngineClient
+from vserve.frontend.tokenizer import Tokenizer
 
 
 @dataclass

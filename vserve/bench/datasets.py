@@ -63,7 +63,7 @@ class LocalCounter:
     """A local tokenizer directory (vserve's Tokenizer: tokenizer.json, no torch)."""
 
     def __init__(self, path: str, chat: bool, chat_template: str | None = None) -> None:
-        from vserve.tokenizer import Tokenizer
+        from vserve.frontend.tokenizer import Tokenizer
 
         self.tok = Tokenizer.from_pretrained(path, chat_template=chat_template)
         self.chat = chat

@@ -10,7 +10,7 @@ Invariants (checked by the tests after every operation):
   until ``get_new_blocks`` reuses it, which evicts the hash first. Free blocks are reused in
   LRU order: freed blocks go to the tail of the queue, allocation takes from the head.
 * The prefix index maps each hash to exactly one block, and that block's ``block_hash`` is
-  that hash; a block's hash is only cleared by eviction or ``reset_prefix_cache``.
+  that hash; a block's hash is only cleared by eviction.
 """
 
 from __future__ import annotations
@@ -208,18 +208,6 @@ class BlockPool:
     def uncache_block(self, block: KVCacheBlock) -> None:
         """Forget a block's hash (its contents are not what the hash says, or not yet)."""
         self._evict(block)
-
-    def reset_prefix_cache(self) -> int:
-        """Forget every cached hash, in-use blocks' included; returns how many were dropped.
-
-        Safe at any time: in-use blocks keep their contents and owners, they just stop being
-        shareable.
-        """
-        n = len(self._cached)
-        for block in self._cached.values():
-            block.block_hash = None
-        self._cached.clear()
-        return n
 
     def _evict(self, block: KVCacheBlock) -> None:
         if block.block_hash is None:

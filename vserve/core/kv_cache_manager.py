@@ -204,7 +204,3 @@ class KVCacheManager:
         out = (self._queries, self._hits)
         self._queries = self._hits = 0
         return out
-
-    def reset_prefix_cache(self) -> int:
-        """Drop every cached hash (see ``BlockPool.reset_prefix_cache``); returns how many."""
-        return self.block_pool.reset_prefix_cache()

@@ -5,8 +5,9 @@ from __future__ import annotations
 import enum
 import time
 
-from vserve.engine.messages import EngineCoreRequest, FinishReason
-from vserve.sampling_params import SamplingParams
+from vserve.protocol.outputs import FinishReason
+from vserve.protocol.requests import EngineCoreRequest
+from vserve.protocol.sampling import SamplingParams
 
 
 class RequestStatus(enum.IntEnum):

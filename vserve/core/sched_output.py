@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from vserve.core.request import Request
-from vserve.engine.messages import Logprobs
+from vserve.protocol.outputs import Logprobs
 
 
 @dataclass

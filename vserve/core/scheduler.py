@@ -22,7 +22,7 @@ from vserve.core.kv_cache_manager import KVCacheManager
 from vserve.core.request import Request, RequestStatus
 from vserve.core.sched_output import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
 from vserve.core.waiting_queue import WaitingQueue
-from vserve.engine.messages import EngineCoreOutput, RequestTiming, SchedulerStats
+from vserve.protocol.outputs import EngineCoreOutput, RequestTiming, SchedulerStats
 
 
 class Scheduler:
@@ -68,7 +68,7 @@ class Scheduler:
         )
         self.requests: dict[str, Request] = {}
         self.running: list[Request] = []
-        self.waiting = WaitingQueue(scheduler_config.policy)
+        self.waiting = WaitingQueue(scheduler_config.scheduling_policy)
         # Finished/aborted since the last non-empty step; kept until a step the runner sees.
         self._finished_req_ids: set[str] = set()
         self._num_preemptions = 0  # cumulative
@@ -128,9 +128,6 @@ class Scheduler:
     def num_waiting(self) -> int:
         return len(self.waiting)
 
-    def reset_prefix_cache(self) -> int:
-        return self.kv_cache_manager.reset_prefix_cache()
-
     def get_stats(self) -> SchedulerStats:
         """Current queue sizes and usage, and cumulative counters since the engine started.
 
@@ -158,7 +155,7 @@ class Scheduler:
     def _pick_victim(self) -> Request:
         """The lowest-priority running request: the latest admitted under FCFS (the running
         list is in arrival order there), the largest ``(priority, arrival_time)`` otherwise."""
-        if self.config.policy == "priority":
+        if self.config.scheduling_policy == "priority":
             return max(self.running, key=lambda r: (r.priority, r.arrival_time))
         return self.running[-1]
 

@@ -24,13 +24,13 @@ from vserve.config import EngineConfig
 from vserve.core.request import Request
 from vserve.core.sched_output import SchedulerOutput
 from vserve.core.scheduler import Scheduler
-from vserve.engine.messages import (
+from vserve.protocol.outputs import (
     EngineCoreOutput,
     EngineCoreOutputs,
-    EngineCoreRequest,
     FinishReason,
     SchedulerStats,
 )
+from vserve.protocol.requests import EngineCoreRequest
 from vserve.worker.model_runner import ModelRunner
 from vserve.worker.pending import PendingOutput
 
@@ -127,9 +127,8 @@ class EngineCore:
             if chained is not None:
                 self._in_flight = (chained, self.runner.execute_model_async(chained, pending))
         per_client = self.scheduler.update_from_output(sched, pending.result())
-        now = time.time()
         return {
-            client: EngineCoreOutputs(self.engine_index, outputs, now)
+            client: EngineCoreOutputs(self.engine_index, outputs)
             for client, outputs in per_client.items()
             if outputs
         }

@@ -6,9 +6,10 @@ Life: connect to the supervisor's handshake ROUTER, send HELLO, receive EngineSt
 load the model, send READY (or the startup error with its traceback), then serve until told
 to shut down or the parent dies.
 
-Threads keep (de)serialization and socket I/O off the model's critical path: the input
-thread decodes frames into a queue, the busy loop steps the engine, the output thread encodes
-and sends. A malformed frame is logged and dropped; it never reaches the engine.
+Threads keep socket I/O and decoding off the model's critical path: the input thread decodes
+frames into a queue of typed messages (``EngineQueueItem``), the busy loop applies them and
+steps the engine, the output thread sends what the loop encoded. A malformed frame is logged
+and dropped; it never reaches the engine.
 """
 
 from __future__ import annotations
@@ -29,31 +30,40 @@ import zmq
 
 from vserve import envs
 from vserve.config import EngineConfig
-from vserve.engine.coordinator import EngineLoad, encode_load
-from vserve.engine.messages import (
-    EngineControl,
-    EngineCoreOutputs,
-    EngineCoreRequest,
+from vserve.launch.lifetime import exit_when_parent_dies, set_process_title
+from vserve.logging_utils import get_logger, init_logging
+from vserve.protocol import encode
+from vserve.protocol.control import (
+    ClientDied,
     EngineHello,
     EngineReady,
     EngineStartupError,
     EngineStartupInfo,
-    RequestType,
-    UtilityOutput,
-    UtilityRequest,
+    ShutdownEngine,
+    ToEngine,
+)
+from vserve.protocol.load import EngineLoad
+from vserve.protocol.outputs import EngineCoreOutputs, EngineDead, EngineStats
+from vserve.protocol.requests import (
+    AbortRequests,
+    EngineAnnounce,
+    EngineCoreRequest,
+    EngineInput,
+    GetStats,
     engine_identity,
 )
-from vserve.launch.lifetime import exit_when_parent_dies, set_process_title
-from vserve.logging_utils import get_logger, init_logging
+from vserve.roles import ENGINE_INDEX_FLAG, engine_name
 
 logger = get_logger(__name__)
 
-_SHUTDOWN = object()
-_encoder = msgspec.msgpack.Encoder()
-_add_decoder = msgspec.msgpack.Decoder(EngineCoreRequest)
-_abort_decoder = msgspec.msgpack.Decoder(list[str])
-_utility_decoder = msgspec.msgpack.Decoder(UtilityRequest)
-_control_decoder = msgspec.msgpack.Decoder(EngineControl)
+_input_decoder = msgspec.msgpack.Decoder(EngineInput)
+_control_decoder = msgspec.msgpack.Decoder(ToEngine)
+
+# What the busy loop takes from its input queue: the request link's messages and the
+# supervisor's control messages, exactly as they were decoded.
+EngineQueueItem = EngineCoreRequest | AbortRequests | GetStats | ClientDied | ShutdownEngine
+# What the output thread sends: (client index, encoded frame); client -1 is the coordinator.
+_OutputItem = tuple[int, bytes]
 
 
 class EngineCoreProc:
@@ -64,9 +74,10 @@ class EngineCoreProc:
         self.info = info
         self.ctx = ctx
         self.handshake = handshake
-        self.input_queue: queue.Queue[tuple[Any, ...] | object] = queue.Queue()
-        self.output_queue: queue.Queue[tuple[int, bytes] | object] = queue.Queue()
+        self.input_queue: queue.Queue[EngineQueueItem] = queue.Queue()
+        self.output_queue: queue.Queue[_OutputItem | None] = queue.Queue()  # None: stop
         self._stop = threading.Event()
+        self._announce = encode(EngineAnnounce(self.engine_index))
         self._inputs = []
         for addr in info.input_addrs:
             sock = ctx.socket(zmq.DEALER)
@@ -74,7 +85,7 @@ class EngineCoreProc:
             sock.setsockopt(zmq.LINGER, 0)
             sock.connect(addr)
             # Announce ourselves: a ROUTER can address a peer only after hearing from it.
-            sock.send_multipart([RequestType.HELLO.value, _encoder.encode(self.engine_index)])
+            sock.send(self._announce)
             self._inputs.append(sock)
         self._outputs = []
         for addr in info.output_addrs:
@@ -91,9 +102,7 @@ class EngineCoreProc:
         if envs.prometheus_multiproc_dir():  # served: one API server exposes every process
             from vserve.metrics.engine_metrics import EngineMetrics
 
-            model = core.config.model
-            name = model.served_model_name[0] if model.served_model_name else model.model
-            self.metrics = EngineMetrics(name, self.engine_index)
+            self.metrics = EngineMetrics(core.config.model.served_name, self.engine_index)
         self._input_thread = threading.Thread(target=self._input_loop, name="engine-input",
                                               daemon=True)
         self._output_thread = threading.Thread(target=self._output_loop, name="engine-output",
@@ -112,21 +121,11 @@ class EngineCoreProc:
                     self._handle_control(frames)
                     continue
                 try:
-                    self.input_queue.put(self._decode(frames))
+                    if len(frames) != 1:
+                        raise ValueError(f"expected 1 frame, got {len(frames)}")
+                    self.input_queue.put(_input_decoder.decode(frames[0].buffer))
                 except Exception as e:  # noqa: BLE001 - hostile input must not kill us
                     logger.warning("dropped a malformed frame (%d parts): %s", len(frames), e)
-
-    def _decode(self, frames: list[Any]) -> tuple[Any, ...]:
-        if len(frames) != 2:
-            raise ValueError(f"expected 2 frames, got {len(frames)}")
-        kind, payload = bytes(frames[0].buffer), frames[1].buffer
-        if kind == RequestType.ADD.value:
-            return (RequestType.ADD, _add_decoder.decode(payload))
-        if kind == RequestType.ABORT.value:
-            return (RequestType.ABORT, _abort_decoder.decode(payload))
-        if kind == RequestType.UTILITY.value:
-            return (RequestType.UTILITY, _utility_decoder.decode(payload))
-        raise ValueError(f"unknown request type {kind!r}")
 
     def _handle_control(self, frames: list[Any]) -> None:
         try:
@@ -134,81 +133,54 @@ class EngineCoreProc:
         except Exception as e:  # noqa: BLE001
             logger.warning("dropped a malformed control frame: %s", e)
             return
-        if msg.kind == "shutdown":
-            self.input_queue.put(_SHUTDOWN)
-        elif msg.kind == "client_died":
-            self.input_queue.put(("client_died", msg.client_index))
-            if 0 <= msg.client_index < len(self._inputs):
-                # Announce ourselves again: the DEALER queues this until the replacement
-                # binds the same endpoint, whose ROUTER then knows we are there.
-                self._inputs[msg.client_index].send_multipart(
-                    [RequestType.HELLO.value, _encoder.encode(self.engine_index)])
-        else:
-            logger.warning("unknown control message %r", msg.kind)
+        if isinstance(msg, (ClientDied, ShutdownEngine)):
+            self.input_queue.put(msg)
+        if isinstance(msg, ClientDied) and 0 <= msg.client_index < len(self._inputs):
+            # Announce ourselves again: the DEALER queues this until the replacement binds
+            # the same endpoint, whose ROUTER then knows we are there.
+            self._inputs[msg.client_index].send(self._announce)
 
     def _output_loop(self) -> None:
         while True:
             item = self.output_queue.get()
-            if item is _SHUTDOWN:
+            if item is None:
                 return
-            client: int
-            data: bytes
-            client, data = item  # type: ignore[misc]
+            client, data = item
             sock = self._stats_sock if client < 0 else self._outputs[client]
             if sock is None:
                 continue
             try:
                 # Never block: a dead front end's queue fills up, and one slow peer must not
-                # stall the outputs of all others. Its requests are dropped on client_died.
+                # stall the outputs of all others. Its requests are dropped on ClientDied.
                 sock.send(data, flags=zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 logger.warning("output to client %d dropped: its queue is full", client)
 
-    def _send(self, client: int, outputs: EngineCoreOutputs) -> None:
+    def _send(self, client: int, msg: EngineCoreOutputs | EngineStats | EngineDead) -> None:
         if 0 <= client < len(self._outputs):
-            self.output_queue.put((client, _encoder.encode(outputs)))
+            self.output_queue.put((client, encode(msg)))
         else:
             logger.warning("output for unknown client %d dropped", client)
 
     # ---- busy loop ---------------------------------------------------------------------
-    def _handle(self, item: Any) -> bool:
+    def _handle(self, item: EngineQueueItem) -> bool:
         """Apply one input; False means shut down."""
-        if item is _SHUTDOWN:
-            return False
-        kind, payload = item
-        if kind == RequestType.ADD:
-            err = self.core.add_request(payload)
+        if isinstance(item, EngineCoreRequest):
+            err = self.core.add_request(item)
             if err is not None:
-                self._send(payload.client_index,
-                           EngineCoreOutputs(self.engine_index, [err], time.time()))
-        elif kind == RequestType.ABORT:
-            for client, outs in self.core.abort_requests(payload).items():
-                self._send(client, EngineCoreOutputs(self.engine_index, outs, time.time()))
-        elif kind == RequestType.UTILITY:
-            self._utility(payload)
-        elif kind == "client_died":
-            n = self.core.abort_client(payload)
-            logger.info("front end %d went away: dropped its %d requests", payload, n)
+                self._send(item.client_index,
+                           EngineCoreOutputs(self.engine_index, [err]))
+        elif isinstance(item, AbortRequests):
+            for client, outs in self.core.abort_requests(item.request_ids).items():
+                self._send(client, EngineCoreOutputs(self.engine_index, outs))
+        elif isinstance(item, GetStats):
+            self._send(item.client_index, EngineStats(item.call_id, self.core.stats()))
+        elif isinstance(item, ClientDied):
+            n = self.core.abort_client(item.client_index)
+            logger.info("front end %d went away: dropped its %d requests", item.client_index, n)
+        elif isinstance(item, ShutdownEngine):
+            return False
         return True
-
-    def _utility(self, call: UtilityRequest) -> None:
-        result: Any = None
-        failure = None
-        try:
-            if call.method == "stats":
-                result = self.core.stats()
-            elif call.method == "reset_prefix_cache":
-                result = self.core.scheduler.kv_cache_manager.reset_prefix_cache()
-            elif call.method == "ping":
-                result = "pong"
-            else:
-                failure = f"unknown utility method {call.method!r}"
-        except Exception as e:  # noqa: BLE001
-            failure = f"{type(e).__name__}: {e}"
-        out = UtilityOutput(call.call_id, _encoder.encode(result), failure)
-        client = int(call.args[0]) if call.args and isinstance(call.args[0], int) else 0
-        self._send(client, EngineCoreOutputs(self.engine_index, [], time.time(),
-                                             utility_output=out))
 
     def run(self) -> None:
         self._input_thread.start()
@@ -243,36 +215,39 @@ class EngineCoreProc:
                     # Routing needs fresh queue depths; the counters can ride along.
                     key = (load.num_waiting, load.num_running, round(load.kv_cache_usage, 3))
                     if key != last_key or now - last_stats_time > 1.0:
-                        self.output_queue.put((-1, encode_load(load)))
+                        self.output_queue.put((-1, encode(load)))
                         last_key, last_stats_time = key, now
         except BaseException as e:
             logger.exception("engine %d failed", self.engine_index)
-            dead = EngineCoreOutputs(self.engine_index, [], time.time(),
-                                     engine_dead=f"{type(e).__name__}: {e}")
+            dead = EngineDead(self.engine_index, f"{type(e).__name__}: {e}")
             for client in range(len(self._outputs)):
                 self._send(client, dead)
             raise
         finally:
             self._stop.set()
-            self.output_queue.put(_SHUTDOWN)
+            self.output_queue.put(None)
             self._output_thread.join(timeout=5)
 
 
 def run_engine(handshake_addr: str, engine_index: int, model_dir: str | None = None) -> int:
     """``model_dir`` overrides the head's path (a headless node resolves its own copy)."""
-    init_logging(f"EngineCore_DP{engine_index}")
-    set_process_title(f"EngineCore_DP{engine_index}")
+    name = engine_name(engine_index)
+    init_logging(name)
+    set_process_title(name)
     # Poll only (see exit_when_parent_dies): an LLM may start us from a short-lived thread.
     exit_when_parent_dies(use_pdeathsig=False)
     ctx = zmq.Context()
     hs = ctx.socket(zmq.DEALER)
     hs.setsockopt(zmq.LINGER, 2000)
     hs.connect(handshake_addr)
-    hs.send(_encoder.encode(EngineHello(engine_index, os.getpid())))
+    hs.send(encode(EngineHello(engine_index, os.getpid())))
     if not hs.poll(60_000):
         logger.error("no startup info from the supervisor at %s", handshake_addr)
         return 1
-    info = msgspec.msgpack.decode(hs.recv(), type=EngineStartupInfo)
+    info = _control_decoder.decode(hs.recv())
+    if not isinstance(info, EngineStartupInfo):
+        logger.error("expected startup info from the supervisor, got %s", type(info).__name__)
+        return 1
     try:
         # Imported here so that a broken torch install is reported through the handshake.
         from vserve.engine.core import EngineCore
@@ -282,14 +257,13 @@ def run_engine(handshake_addr: str, engine_index: int, model_dir: str | None = N
         proc = EngineCoreProc(core, info, ctx, hs)
     except BaseException as e:  # noqa: BLE001 - reported to the supervisor, then exit
         logger.error("engine %d failed to start: %s", engine_index, e)
-        hs.send(_encoder.encode(EngineStartupError(engine_index, "".join(
+        hs.send(encode(EngineStartupError(engine_index, "".join(
             traceback.format_exception(e)))))
         hs.close()
         return 1
-    hs.send(_encoder.encode(EngineReady(engine_index, core.num_kv_blocks - 1,
-                                        config.cache.block_size, core.max_model_len,
-                                        core.max_concurrency)))
-    signal.signal(signal.SIGTERM, lambda *_: proc.input_queue.put(_SHUTDOWN))
+    hs.send(encode(EngineReady(engine_index, core.num_kv_blocks - 1, config.cache.block_size,
+                               core.max_model_len, core.max_concurrency)))
+    signal.signal(signal.SIGTERM, lambda *_: proc.input_queue.put(ShutdownEngine()))
     # Ctrl-C in a terminal reaches the whole process group; the parent decides when we stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     proc.run()
@@ -300,7 +274,7 @@ def run_engine(handshake_addr: str, engine_index: int, model_dir: str | None = N
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="vserve-engine-core")
     parser.add_argument("--handshake", required=True)
-    parser.add_argument("--engine-index", type=int, default=0)
+    parser.add_argument(ENGINE_INDEX_FLAG, dest="engine_index", type=int, default=0)
     parser.add_argument("--model-dir", default=None)
     args = parser.parse_args(argv)
     sys.exit(run_engine(args.handshake, args.engine_index, args.model_dir))

@@ -1,40 +1,56 @@
-"""The API server's side of the request and output links (asyncio, ZMQ).
+"""The front end's end of the engine links, written once for every front end.
 
-Each API server (client_index i) binds one ROUTER (requests out, to every engine's DEALER,
-addressed by the engine's rank) and one PULL (outputs in, from every engine's PUSH). It
-routes each request to the engine with the lowest load score in the coordinator's latest
-snapshot (``LoadTracker``), remembers the owner so aborts go to the right engine, and feeds
-each request's outputs to its ``RequestStream``.
+:class:`EngineClientCore` is what an API server and an ``LLM`` both do with engines. It binds
+the request ROUTER (every engine's DEALER connects, routing id = rank) and the output PULL
+(every engine's PUSH connects); it learns which engines are connected from their
+``EngineAnnounce``; it routes each request to the least-loaded engine (``LoadTracker``),
+remembers which engine owns which request so that aborts go there, and turns each output
+frame into ``(sink, output)`` pairs for the requests it knows. It never waits; the adapters
+own the waiting:
 
-Invariant: every stream registered here ends — with a finished output, or with an error
-when its engine dies or the client shuts down — so no HTTP handler waits forever.
+- :class:`AsyncEngineClient` (``vserve.frontend.async_client``, API servers): asyncio loops
+  over the same sockets;
+- :class:`SyncEngineClient` (``vserve.frontend.sync_client``, ``LLM``): poll and receive in
+  the caller's thread.
+
+Invariants:
+- A send never blocks and never fails silently: ZMQ queues it at once or it raises
+  :class:`EngineUnavailableError` at once (also on a ``zmq.asyncio`` socket, whose
+  non-blocking send settles its future before returning).
+- A route (one request in flight) ends exactly once: with its finishing output, with
+  :meth:`engine_died` for its engine, or with :meth:`take_all`.
+- Outputs for an unknown request (aborted here already, a dead predecessor's) are dropped; a
+  message naming an engine this client does not have is dropped.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
 import msgspec
 import zmq
-import zmq.asyncio
 
-from vserve.engine.coordinator import LoadTracker, decode_snapshot
-from vserve.engine.messages import (
-    EngineCoreOutput,
-    EngineCoreOutputs,
+from vserve.frontend.load_tracker import LoadTracker
+from vserve.logging_utils import get_logger
+from vserve.protocol import encode
+from vserve.protocol.outputs import EngineCoreOutput, EngineCoreOutputs, EngineDead, EngineOutput
+from vserve.protocol.requests import (
+    AbortRequests,
+    EngineAnnounce,
     EngineCoreRequest,
-    RequestType,
-    UtilityRequest,
+    EngineInput,
+    GetStats,
     engine_identity,
 )
-from vserve.logging_utils import get_logger
 
 logger = get_logger(__name__)
-_encoder = msgspec.msgpack.Encoder()
-_decoder = msgspec.msgpack.Decoder(EngineCoreOutputs)
+_output_decoder = msgspec.msgpack.Decoder(EngineOutput)
+_announce_decoder = msgspec.msgpack.Decoder(EngineAnnounce)
+
+S = TypeVar("S")
 
 
 class EngineDeadError(RuntimeError):
@@ -42,216 +58,194 @@ class EngineDeadError(RuntimeError):
 
 
 class EngineUnavailableError(RuntimeError):
-    """No engine can take a request right now (not connected, or shutting down)."""
+    """No engine can take a request right now (not connected, queue full, shutting down)."""
 
 
 @dataclass
-class RequestStream:
+class Route(Generic[S]):
+    """One request in flight: which engine owns it and where its outputs go."""
+
     request_id: str
     engine_index: int
-    queue: asyncio.Queue[EngineCoreOutput | BaseException] = field(default_factory=asyncio.Queue)
-    finished: bool = False
+    sink: S
     started: bool = False  # an output arrived: the engine is past queueing it
-    arrival_time: float = field(default_factory=time.time)
-
-    async def get(self) -> EngineCoreOutput:
-        item = await self.queue.get()
-        if isinstance(item, BaseException):
-            raise item
-        return item
 
 
-class AsyncEngineClient:
-    def __init__(
-        self,
-        client_index: int,
-        num_engines: int,
-        input_addr: str,
-        output_addr: str,
-        snapshot_addr: str | None = None,
-    ) -> None:
+def send_now(sock: zmq.Socket[Any], frames: list[bytes]) -> None:
+    """Queue ``frames`` on ``sock`` without blocking, or raise ``zmq.ZMQError`` now.
+
+    A ``zmq.asyncio`` socket returns a future instead of raising; under ``NOBLOCK`` pyzmq
+    attempts the send before returning, so the future is already settled: read it here, or a
+    full queue's ``zmq.Again`` would vanish into a future nobody awaits.
+    """
+    result = sock.send_multipart(frames, flags=zmq.NOBLOCK)
+    if isinstance(result, asyncio.Future):
+        if not result.done():  # only if a blocking send were queued first; none ever is
+            result.cancel()
+            raise zmq.Again("the send could not be queued at once")
+        exc = result.exception()
+        if exc is not None:
+            raise exc
+
+
+class EngineClientCore(Generic[S]):
+    """Sockets, announcements, routing, ownership and output demultiplexing.
+
+    ``ctx`` is a ``zmq.Context`` or a ``zmq.asyncio.Context``; the adapter receiving on
+    :attr:`input` and :attr:`output` must match it. Not thread-safe: one thread (or one event
+    loop) uses a core.
+    """
+
+    def __init__(self, ctx: zmq.Context[Any], client_index: int, num_engines: int,
+                 input_addr: str, output_addr: str, send_hwm: int | None = None) -> None:
+        """``send_hwm``: messages queued per engine before a send fails (ZMQ's default
+        1000 when None; 0 for no limit, where the caller bounds what it sends)."""
         self.client_index = client_index
         self.num_engines = num_engines
-        self.ctx = zmq.asyncio.Context()
-        self.input = self.ctx.socket(zmq.ROUTER)
-        self.input.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.input = ctx.socket(zmq.ROUTER)
+        self.input.setsockopt(zmq.ROUTER_MANDATORY, 1)  # an unknown peer raises, not drops
         self.input.setsockopt(zmq.LINGER, 0)
-        self.input.bind(input_addr)
-        self.output = self.ctx.socket(zmq.PULL)
+        if send_hwm is not None:
+            self.input.setsockopt(zmq.SNDHWM, send_hwm)
+        self.output = ctx.socket(zmq.PULL)
         self.output.setsockopt(zmq.LINGER, 0)
-        self.output.bind(output_addr)
+        try:
+            self.input.bind(input_addr)
+            self.output.bind(output_addr)
+        except zmq.ZMQError:
+            self.input.close(linger=0)
+            self.output.close(linger=0)
+            raise
         # The real endpoints (a tcp port-0 bind picks its port here).
         self.input_addr = str(self.input.getsockopt_string(zmq.LAST_ENDPOINT))
         self.output_addr = str(self.output.getsockopt_string(zmq.LAST_ENDPOINT))
-        self.snapshot: zmq.asyncio.Socket | None = None
-        if snapshot_addr:
-            self.snapshot = self.ctx.socket(zmq.SUB)
-            self.snapshot.setsockopt(zmq.LINGER, 0)
-            self.snapshot.setsockopt(zmq.SUBSCRIBE, b"")
-            self.snapshot.connect(snapshot_addr)
         self.load = LoadTracker(num_engines)
-        self.streams: dict[str, RequestStream] = {}
+        self.routes: dict[str, Route[S]] = {}
         self.connected: set[int] = set()
         self.dead_engines: dict[int, str] = {}
-        self._utility_calls: dict[int, asyncio.Future[bytes]] = {}
         self._call_ids = itertools.count()
-        self._tasks: list[asyncio.Task[None]] = []
 
-    # ---- lifecycle -------------------------------------------------------------------
-    def start(self) -> None:
-        """Start the background loops (call from inside the running event loop)."""
-        self._tasks = [asyncio.create_task(self._output_loop(), name="engine-outputs"),
-                       asyncio.create_task(self._hello_loop(), name="engine-hello")]
-        if self.snapshot is not None:
-            self._tasks.append(asyncio.create_task(self._snapshot_loop(), name="snapshots"))
-
-    async def wait_for_engines(self, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        while len(self.connected) < self.num_engines:
-            if time.monotonic() > deadline:
-                missing = sorted(set(range(self.num_engines)) - self.connected)
-                raise EngineUnavailableError(f"engines {missing} never connected")
-            await asyncio.sleep(0.01)
-
-    def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        self.fail_all(EngineUnavailableError("the server is shutting down"))
-        self.ctx.destroy(linger=0)
-
-    @property
-    def healthy(self) -> bool:
-        return not self.dead_engines
-
-    @property
-    def num_in_flight(self) -> int:
-        return len(self.streams)
-
-    # ---- requests --------------------------------------------------------------------
-    def add_request(
-        self,
-        request: EngineCoreRequest,
-        queue: asyncio.Queue[EngineCoreOutput | BaseException] | None = None,
-    ) -> RequestStream:
-        """Route and send one request. Its outputs (and a failure, if its engine dies) go to
-        ``queue`` — pass one queue for several requests to wait on all of them at once."""
+    # ---- requests out ------------------------------------------------------------------
+    def add_request(self, request: EngineCoreRequest, sink: S) -> Route[S]:
+        """Route ``request`` to the least-loaded engine and send it; its outputs will be
+        paired with ``sink``. Raises EngineDeadError, EngineUnavailableError (nothing sent,
+        nothing registered) or ValueError for an id already in flight."""
         if self.dead_engines:
-            raise EngineDeadError(self._dead_reason())
-        if request.request_id in self.streams:
+            raise EngineDeadError(self.dead_reason())
+        if request.request_id in self.routes:
             raise ValueError(f"request id {request.request_id!r} is already in flight")
         engine = self.load.pick_and_bump()
-        stream = RequestStream(request.request_id, engine)
-        if queue is not None:
-            stream.queue = queue
-        self._send(engine, RequestType.ADD, _encoder.encode(request))
-        self.streams[request.request_id] = stream
-        return stream
+        try:
+            self._send(engine, request)
+        except EngineUnavailableError:
+            self.load.unbump(engine)
+            raise
+        route = Route(request.request_id, engine, sink)
+        self.routes[request.request_id] = route
+        return route
 
     def abort(self, request_ids: list[str]) -> None:
-        """Abort requests still in flight; each goes only to the engine that owns it."""
+        """Abort requests still in flight, each at the engine that owns it; unknown or
+        finished ids are ignored. Their routes end here (no output reaches a sink after)."""
         per_engine: dict[int, list[str]] = {}
         for rid in request_ids:
-            stream = self.streams.pop(rid, None)
-            if stream is not None and not stream.finished:
-                per_engine.setdefault(stream.engine_index, []).append(rid)
-                if not stream.started:
-                    stream.started = True
-                    self.load.unbump(stream.engine_index)
+            route = self.routes.pop(rid, None)
+            if route is None:
+                continue
+            per_engine.setdefault(route.engine_index, []).append(rid)
+            self._mark_started(route)
         for engine, ids in per_engine.items():
             if engine in self.dead_engines:
                 continue
             try:
-                self._send(engine, RequestType.ABORT, _encoder.encode(ids))
+                self._send(engine, AbortRequests(ids))
             except EngineUnavailableError as e:
                 logger.warning("abort of %d requests not delivered: %s", len(ids), e)
 
-    async def call_utility(self, engine: int, method: str, timeout: float = 10.0) -> bytes:
+    def request_stats(self, engine: int) -> int:
+        """Ask ``engine`` for its SchedulerStats; returns the call id its reply carries."""
         call_id = next(self._call_ids)
-        fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-        self._utility_calls[call_id] = fut
-        try:
-            req = UtilityRequest(call_id, method, [self.client_index])
-            self._send(engine, RequestType.UTILITY, _encoder.encode(req))
-            return await asyncio.wait_for(fut, timeout)
-        finally:
-            self._utility_calls.pop(call_id, None)
+        self._send(engine, GetStats(call_id, self.client_index))
+        return call_id
 
-    def _send(self, engine: int, kind: RequestType, payload: bytes) -> None:
+    def _send(self, engine: int, msg: EngineInput) -> None:
         try:
-            self.input.send_multipart([engine_identity(engine), kind.value, payload],
-                                      flags=zmq.NOBLOCK)
+            send_now(self.input, [engine_identity(engine), encode(msg)])
         except zmq.ZMQError as e:
-            raise EngineUnavailableError(f"engine {engine} is not reachable: {e}") from e
+            why = "its queue is full" if isinstance(e, zmq.Again) else str(e)
+            raise EngineUnavailableError(f"engine {engine} is not reachable: {why}") from e
 
-    # ---- engine failure --------------------------------------------------------------
-    def _dead_reason(self) -> str:
+    # ---- frames in ---------------------------------------------------------------------
+    def on_request_link(self, frames: list[bytes]) -> None:
+        """A frame on the ROUTER: an engine announcing itself."""
+        try:
+            if len(frames) != 2:
+                raise msgspec.DecodeError(f"{len(frames)} frames, expected 2")
+            announce = _announce_decoder.decode(frames[1])
+        except msgspec.DecodeError as e:
+            logger.warning("dropped a malformed frame on the request link: %s", e)
+            return
+        rank = announce.engine_index
+        if frames[0] != engine_identity(rank) or not 0 <= rank < self.num_engines:
+            logger.warning("dropped an announcement of unknown engine %d", rank)
+            return
+        self.connected.add(rank)
+        logger.debug("engine %d connected", rank)
+
+    def decode_output(self, frame: bytes) -> EngineOutput | None:
+        """One output-link frame, decoded; None (logged) for garbage or an unknown engine."""
+        try:
+            msg = _output_decoder.decode(frame)
+        except msgspec.DecodeError as e:
+            logger.warning("dropped a malformed output frame: %s", e)
+            return None
+        if isinstance(msg, (EngineCoreOutputs, EngineDead)) and not (
+                0 <= msg.engine_index < self.num_engines):
+            logger.warning("dropped an output frame from unknown engine %d", msg.engine_index)
+            return None
+        return msg
+
+    def dispatch(self, outs: EngineCoreOutputs) -> list[tuple[S, EngineCoreOutput]]:
+        """Pair each output with its request's sink; a finishing output ends its route."""
+        delivered: list[tuple[S, EngineCoreOutput]] = []
+        routes = self.routes
+        for out in outs.outputs:
+            route = routes.get(out.request_id)
+            if route is None:
+                continue
+            self._mark_started(route)
+            if out.finish_reason is not None:
+                del routes[out.request_id]
+            delivered.append((route.sink, out))
+        return delivered
+
+    def _mark_started(self, route: Route[S]) -> None:
+        if not route.started:
+            route.started = True
+            self.load.unbump(route.engine_index)
+
+    # ---- failures ------------------------------------------------------------------------
+    def dead_reason(self) -> str:
         return "; ".join(f"engine {r}: {why}" for r, why in sorted(self.dead_engines.items()))
 
-    def engine_died(self, engine: int, reason: str) -> None:
-        """Fail every request that engine owned (the supervisor or the engine told us)."""
+    def engine_died(self, engine: int, reason: str) -> list[Route[S]]:
+        """Record ``engine`` as dead; returns (and ends) the routes it owned. A second call
+        for the same engine returns nothing."""
         if engine in self.dead_engines:
-            return
+            return []
         self.dead_engines[engine] = reason
         logger.error("engine %d died (%s): failing its requests", engine, reason)
-        for rid, stream in list(self.streams.items()):
-            if stream.engine_index == engine:
-                self.streams.pop(rid, None)
-                stream.queue.put_nowait(EngineDeadError(f"engine {engine} died: {reason}"))
+        lost = [r for r in self.routes.values() if r.engine_index == engine]
+        for route in lost:
+            del self.routes[route.request_id]
+        return lost
 
-    def fail_all(self, error: BaseException) -> None:
-        """End every stream in flight with ``error`` and abort them in their engines."""
-        streams = list(self.streams.values())
-        self.abort([s.request_id for s in streams])
-        for stream in streams:
-            stream.queue.put_nowait(error)
-        self.streams.clear()
+    def take_all(self) -> list[Route[S]]:
+        """End every route, aborting them in their engines; returns them."""
+        routes = list(self.routes.values())
+        self.abort([r.request_id for r in routes])
+        return routes
 
-    # ---- background loops ------------------------------------------------------------
-    async def _hello_loop(self) -> None:
-        while True:
-            frames = await self.input.recv_multipart()
-            if len(frames) == 3 and frames[1] == RequestType.HELLO.value:
-                rank = int.from_bytes(frames[0], "little")
-                self.connected.add(rank)
-                logger.debug("engine %d connected", rank)
-            else:
-                logger.warning("unexpected message on the request link dropped")
-
-    async def _output_loop(self) -> None:
-        while True:
-            frame = await self.output.recv()
-            try:
-                outs = _decoder.decode(frame)
-            except msgspec.DecodeError as e:
-                logger.warning("dropped a malformed output frame: %s", e)
-                continue
-            if outs.engine_dead:
-                self.engine_died(outs.engine_index, outs.engine_dead)
-                continue
-            if outs.utility_output is not None:
-                fut = self._utility_calls.get(outs.utility_output.call_id)
-                if fut is not None and not fut.done():
-                    if outs.utility_output.failure:
-                        fut.set_exception(RuntimeError(outs.utility_output.failure))
-                    else:
-                        fut.set_result(outs.utility_output.result)
-            for out in outs.outputs:
-                stream = self.streams.get(out.request_id)
-                if stream is None:
-                    continue  # aborted here already, or a dead predecessor's request
-                if not stream.started:
-                    stream.started = True
-                    self.load.unbump(stream.engine_index)
-                if out.finished:
-                    stream.finished = True
-                    del self.streams[out.request_id]
-                stream.queue.put_nowait(out)
-
-    async def _snapshot_loop(self) -> None:
-        assert self.snapshot is not None
-        while True:
-            frame = await self.snapshot.recv()
-            try:
-                self.load.update(decode_snapshot(frame))
-            except msgspec.DecodeError as e:
-                logger.warning("dropped a malformed load snapshot: %s", e)
+    def close(self) -> None:
+        self.input.close(linger=0)
+        self.output.close(linger=0)

@@ -7,8 +7,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from vserve.sampling_params import SamplingParams
-from vserve.tokenizer import Tokenizer
+from vserve.frontend.tokenizer import Tokenizer
+from vserve.protocol.sampling import SamplingParams
 
 PromptInput = str | list[int] | dict[str, Any]
 

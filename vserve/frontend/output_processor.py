@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vserve.detokenizer import IncrementalDetokenizer, token_display
-from vserve.engine.messages import EngineCoreOutput, FinishReason, Logprobs
+from vserve.frontend.detokenizer import IncrementalDetokenizer, token_display
+from vserve.frontend.tokenizer import Tokenizer
 from vserve.outputs import Logprob, PositionLogprobs
-from vserve.sampling_params import SamplingParams
-from vserve.tokenizer import Tokenizer
+from vserve.protocol.outputs import EngineCoreOutput, FinishReason, Logprobs
+from vserve.protocol.sampling import SamplingParams
 
 
 @dataclass

@@ -4,7 +4,7 @@ The launcher binds the handshake ROUTER, starts each engine in a clean interpret
 (``python -m vserve.engine.core_proc``), answers each HELLO with EngineStartupInfo and waits
 until every engine reports READY. A startup error comes back with the engine's own
 traceback; an engine that exits without a word is noticed by polling its process.
-After startup the handshake link carries EngineControl messages (client_died, shutdown).
+After startup the handshake link carries ``ClientDied`` and ``ShutdownEngine``.
 """
 
 from __future__ import annotations
@@ -20,15 +20,18 @@ import msgspec
 import zmq
 
 from vserve.config import EngineConfig
-from vserve.engine.messages import (
-    EngineControl,
+from vserve.logging_utils import get_logger
+from vserve.protocol import encode
+from vserve.protocol.control import (
     EngineHello,
     EngineReady,
     EngineStartupError,
     EngineStartupInfo,
+    ShutdownEngine,
+    ToEngine,
+    ToSupervisor,
 )
-from vserve.launch.messages import ToSupervisor
-from vserve.logging_utils import get_logger
+from vserve.roles import ENGINE_INDEX_FLAG, ENGINE_MODULE, engine_name
 
 logger = get_logger(__name__)
 _decoder = msgspec.msgpack.Decoder(ToSupervisor)
@@ -63,17 +66,17 @@ class EngineLauncher:
         # The real endpoint (a tcp port 0 bind picks the port here, not ahead of time).
         self.handshake_addr = str(self.sock.getsockopt_string(zmq.LAST_ENDPOINT))
         self._peer_ids: dict[int, bytes] = {}
-        self._others: list[tuple[bytes, msgspec.Struct]] = []
+        self._others: list[tuple[bytes, ToSupervisor]] = []
         # Engine messages that arrived while someone else was polling (a remote engine may
         # say HELLO before the head is ready to answer it).
-        self._engine_msgs: list[tuple[bytes, msgspec.Struct]] = []
+        self._engine_msgs: list[tuple[bytes, ToSupervisor]] = []
 
     def start_processes(self) -> None:
         for rank in self.engine_ranks:
-            cmd = [sys.executable, "-m", "vserve.engine.core_proc",
-                   "--handshake", self.handshake_addr, "--engine-index", str(rank)]
+            cmd = [sys.executable, "-m", ENGINE_MODULE,
+                   "--handshake", self.handshake_addr, ENGINE_INDEX_FLAG, str(rank)]
             self.procs[rank] = subprocess.Popen(cmd)
-            logger.info("started EngineCore_DP%d (pid %d)", rank, self.procs[rank].pid)
+            logger.info("started %s (pid %d)", engine_name(rank), self.procs[rank].pid)
 
     def wait_ready(self, timeout: float = 600.0,
                    on_poll: Callable[[], None] | None = None) -> dict[int, EngineReady]:
@@ -82,7 +85,7 @@ class EngineLauncher:
         kept for ``poll_other``."""
         info = EngineStartupInfo(self.config.to_msgpack(), str(self.model_dir),
                                  self.input_addrs, self.output_addrs, self.stats_addr)
-        info_bytes = msgspec.msgpack.encode(info)
+        info_bytes = encode(info)
         deadline = time.monotonic() + timeout
         while len(self.ready) < self.num_engines:
             for rank, proc in self.procs.items():
@@ -113,7 +116,7 @@ class EngineLauncher:
                 self._others.append((peer, msg))
         return self.ready
 
-    def _recv(self, timeout_ms: int) -> tuple[bytes, msgspec.Struct] | None:
+    def _recv(self, timeout_ms: int) -> tuple[bytes, ToSupervisor] | None:
         if not self.sock.poll(timeout_ms):
             return None
         frames = self.sock.recv_multipart()
@@ -125,7 +128,7 @@ class EngineLauncher:
             logger.warning("dropped a malformed handshake frame: %s", e)
             return None
 
-    def poll_other(self, timeout_ms: int) -> list[tuple[bytes, msgspec.Struct]]:
+    def poll_other(self, timeout_ms: int) -> list[tuple[bytes, ToSupervisor]]:
         """Messages from non-engine peers (API servers), waiting up to ``timeout_ms``."""
         if not self._others:
             received = self._recv(timeout_ms)
@@ -139,8 +142,8 @@ class EngineLauncher:
         out, self._others = self._others, []
         return out
 
-    def send_control(self, control: EngineControl) -> None:
-        data = msgspec.msgpack.encode(control)
+    def send_control(self, control: ToEngine) -> None:
+        data = encode(control)
         for rank, peer in self._peer_ids.items():
             try:
                 self.sock.send_multipart([peer, data], flags=zmq.NOBLOCK)
@@ -151,7 +154,7 @@ class EngineLauncher:
         return [(r, p.returncode) for r, p in self.procs.items() if p.poll() is not None]
 
     def shutdown(self, timeout: float = 5.0) -> None:
-        self.send_control(EngineControl("shutdown"))
+        self.send_control(ShutdownEngine())
         deadline = time.monotonic() + timeout
         for proc in self.procs.values():
             try:

@@ -23,39 +23,51 @@ import threading
 import time
 from pathlib import Path
 
-import msgspec
 import zmq
 
 from vserve import envs
-from vserve.config import EngineConfig, ParallelConfig, ServerConfig
-from vserve.engine.coordinator import Coordinator
-from vserve.engine.messages import EngineControl, EngineReady
+from vserve.config import ServeConfig
+from vserve.launch.coordinator import Coordinator
 from vserve.launch.engines import EngineLauncher, EngineStartupFailed
 from vserve.launch.fd_passing import ListenSocketServer
 from vserve.launch.lifetime import set_process_title, spawn_child, terminate_children
 from vserve.launch.listen import bind_listen_socket, describe
-from vserve.launch.messages import (
-    ApiServerArgs,
-    ApiServerControl,
-    ApiServerDrained,
-    ApiServerGo,
-    ApiServerHello,
-)
 from vserve.launch.rundir import ipc_endpoint, make_run_dir, remove_run_dir
 from vserve.logging_utils import get_logger
 from vserve.metrics.exposition import mark_process_dead
 from vserve.metrics.stats_logger import StatsLogger
+from vserve.protocol import encode
+from vserve.protocol.control import (
+    ApiServerArgs,
+    ApiServerDrained,
+    ApiServerGo,
+    ApiServerHello,
+    ClientDied,
+    DrainServer,
+    EngineDied,
+    EngineReady,
+    ExitServer,
+    ToApiServer,
+)
+from vserve.roles import (
+    API_SERVER_INDEX_FLAG,
+    API_SERVER_MODULE,
+    ENGINE_INDEX_FLAG,
+    ENGINE_MODULE,
+    api_server_name,
+    engine_name,
+)
 
 logger = get_logger(__name__)
 _MAX_RESTARTS_PER_MINUTE = 5
 
 
 class Supervisor:
-    def __init__(self, engine: EngineConfig, server: ServerConfig, parallel: ParallelConfig,
-                 model_dir: Path) -> None:
-        self.engine_config = engine
-        self.server = server
-        self.parallel = parallel
+    def __init__(self, config: ServeConfig, model_dir: Path) -> None:
+        self.config = config
+        self.engine_config = config.engine
+        self.server = config.server
+        self.parallel = config.parallel
         self.model_dir = model_dir
         self.ctx = zmq.Context()
         self.run_dir = make_run_dir()
@@ -73,6 +85,7 @@ class Supervisor:
         self.stats_logger: StatsLogger | None = None
         self.listen_sock: socket.socket | None = None
         self.uds_inode: int | None = None
+        self.headless_procs: dict[int, subprocess.Popen[bytes]] = {}
 
     # ---- addresses ---------------------------------------------------------------------
     def _addr(self, name: str) -> str:
@@ -127,8 +140,7 @@ class Supervisor:
         self.launcher.stats_addr = self.coordinator.stats_in_addr
         snapshot_addr = self.coordinator.snapshot_out_addr
         self.api_args = ApiServerArgs(
-            engine=self.engine_config, server=server, parallel=self.parallel,
-            model_dir=str(self.model_dir), handshake_addr=self.launcher.handshake_addr,
+            config=self.config.to_msgpack(), model_dir=str(self.model_dir), handshake_addr=self.launcher.handshake_addr,
             fd_socket_path=self.listen_server.path,
             input_addrs=[self._addr(f"input-{i}") for i in range(n)],
             output_addrs=[self._addr(f"output-{i}") for i in range(n)],
@@ -158,50 +170,50 @@ class Supervisor:
         for i in range(n):
             self._send_api(i, self.go)
         logger.info("vserve is serving %s on %s with %d API servers and %d engines",
-                    self.engine_config.model.model, describe(sock), n,
+                    self.engine_config.model.served_name, describe(sock), n,
                     self.parallel.data_parallel_size)
         return self._watch()
 
     def _run_headless(self) -> int:
         """Engines only, joining the head node's handshake over TCP."""
         addr = self._handshake_addr()
-        procs = {}
+        procs = self.headless_procs
         for rank in self.parallel.local_ranks:
-            procs[rank] = spawn_child("vserve.engine.core_proc",
-                                      ["--handshake", addr, "--engine-index", str(rank),
+            procs[rank] = spawn_child(ENGINE_MODULE,
+                                      ["--handshake", addr, ENGINE_INDEX_FLAG, str(rank),
                                        "--model-dir", str(self.model_dir)],
-                                      f"EngineCore_DP{rank}")
+                                      engine_name(rank))
         logger.info("headless: started engines %s joining %s", self.parallel.local_ranks, addr)
-        self.headless_procs = procs
         while not self.stop_requested.wait(0.2):
             for rank, p in procs.items():
                 if p.poll() is not None:
                     if p.returncode == 0:  # the head told it to shut down
-                        logger.info("EngineCore_DP%d stopped; headless node exits", rank)
+                        logger.info("%s stopped; headless node exits", engine_name(rank))
                         return 0
-                    logger.error("EngineCore_DP%d exited with code %s", rank, p.returncode)
+                    logger.error("%s exited with code %s", engine_name(rank), p.returncode)
                     return 1
         return 0
 
     # ---- API servers -------------------------------------------------------------------
     def _write_api_args(self) -> None:
         path = self.run_dir / "api_server_args.msgpack"
-        path.write_bytes(msgspec.msgpack.encode(self.api_args))
+        path.write_bytes(encode(self.api_args))
         self.api_args_path = path
 
     def _start_api_server(self, index: int) -> None:
         self.api_procs[index] = spawn_child(
-            "vserve.api.server", ["--index", str(index), "--args-file", str(self.api_args_path)],
-            f"ApiServer_{index}")
+            API_SERVER_MODULE,
+            [API_SERVER_INDEX_FLAG, str(index), "--args-file", str(self.api_args_path)],
+            api_server_name(index))
 
-    def _send_api(self, index: int, msg: msgspec.Struct) -> None:
+    def _send_api(self, index: int, msg: ToApiServer) -> None:
         peer = self.api_peers.get(index)
         if peer is None or self.launcher is None:
             return
         try:
-            self.launcher.sock.send_multipart([peer, msgspec.msgpack.encode(msg)], zmq.NOBLOCK)
+            self.launcher.sock.send_multipart([peer, encode(msg)], zmq.NOBLOCK)
         except zmq.ZMQError as e:
-            logger.warning("message to ApiServer_%d not delivered: %s", index, e)
+            logger.warning("message to %s not delivered: %s", api_server_name(index), e)
 
     def _collect_api_hellos(self, n: int, timeout: float = 120.0) -> dict[int, ApiServerHello]:
         assert self.launcher is not None
@@ -220,7 +232,8 @@ class Supervisor:
     def _check_api_alive_during_startup(self) -> None:
         for i, p in self.api_procs.items():
             if p.poll() is not None:
-                raise RuntimeError(f"ApiServer_{i} exited with code {p.returncode} at startup")
+                raise RuntimeError(
+                    f"{api_server_name(i)} exited with code {p.returncode} at startup")
         if self.stop_requested.is_set():
             raise RuntimeError("interrupted during startup")
 
@@ -248,10 +261,10 @@ class Supervisor:
             dead = launcher.dead_engines()
             if dead:
                 rank, code = dead[0]
-                reason = f"EngineCore_DP{rank} exited with code {code}"
+                reason = f"{engine_name(rank)} exited with code {code}"
                 logger.error("%s: failing its requests and stopping", reason)
                 for i in self.api_procs:
-                    self._send_api(i, ApiServerControl("engine_died", rank, reason))
+                    self._send_api(i, EngineDied(rank, reason))
                 time.sleep(envs.engine_death_grace())
                 return 1
             for i, p in list(self.api_procs.items()):
@@ -260,9 +273,10 @@ class Supervisor:
 
     def _replace_api_server(self, index: int, code: int | None) -> None:
         assert self.launcher is not None
-        logger.error("ApiServer_%d exited with code %s: starting a replacement", index, code)
+        logger.error("%s exited with code %s: starting a replacement", api_server_name(index),
+                     code)
         mark_process_dead(self.api_procs[index].pid)
-        self.launcher.send_control(EngineControl("client_died", index))
+        self.launcher.send_control(ClientDied(index))
         self.api_peers.pop(index, None)
         now = time.monotonic()
         self.restarts = [t for t in self.restarts if now - t < 60] + [now]
@@ -276,7 +290,7 @@ class Supervisor:
     def _drain(self) -> int:
         assert self.launcher is not None
         for i in self.api_procs:
-            self._send_api(i, ApiServerControl("drain"))
+            self._send_api(i, DrainServer())
         deadline = time.monotonic() + self.server.shutdown_timeout + 5
         drained: set[int] = set()
         while len(drained) < len(self.api_procs) and time.monotonic() < deadline:
@@ -285,7 +299,7 @@ class Supervisor:
                     drained.add(msg.client_index)
             drained |= {i for i, p in self.api_procs.items() if p.poll() is not None}
         for i in self.api_procs:
-            self._send_api(i, ApiServerControl("exit"))
+            self._send_api(i, ExitServer())
         deadline = time.monotonic() + 15
         for p in self.api_procs.values():
             try:
@@ -300,7 +314,7 @@ class Supervisor:
         terminate_children(self.api_procs.values(), timeout=5)
         if self.launcher is not None:
             self.launcher.shutdown(timeout=5)
-        if getattr(self, "headless_procs", None):
+        if self.headless_procs:
             terminate_children(self.headless_procs.values(), timeout=5)
         if self.coordinator is not None:
             self.coordinator.stop()

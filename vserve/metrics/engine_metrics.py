@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from vserve.engine.messages import SchedulerStats
+from vserve.protocol.outputs import SchedulerStats
 
 _LABELS = ["model_name", "engine"]
 

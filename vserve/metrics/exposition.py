@@ -23,17 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from vserve import envs
 from vserve.metrics.request_metrics import HTTP_DURATION, HTTP_REQUESTS
-
-
-def process_role(cmdline: list[str]) -> tuple[str, str] | None:
-    """(role, index) of a vserve process from its command line, None for others."""
-    cmd = " ".join(cmdline)
-    for module, role, flag in (("vserve.api.server", "api_server", "--index"),
-                               ("vserve.engine.core_proc", "engine", "--engine-index")):
-        if module in cmd:
-            index = cmdline[cmdline.index(flag) + 1] if flag in cmdline else "0"
-            return role, index
-    return None
+from vserve.roles import process_role
 
 
 class VserveProcessCollector(Collector):

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from vserve.engine.messages import RequestTiming
+from vserve.protocol.outputs import RequestTiming
 
 _M = ["model_name"]
 _LATENCY = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,

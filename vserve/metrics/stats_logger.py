@@ -10,8 +10,8 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
-from vserve.engine.coordinator import EngineLoad
 from vserve.logging_utils import get_logger
+from vserve.protocol.load import EngineLoad
 
 logger = get_logger(__name__)
 

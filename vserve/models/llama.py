@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vserve.attention.backend import AttentionBackend, AttentionMetadata
 from vserve.models.arch import ModelArchConfig
 from vserve.models.layers import (
     RMSNorm,
@@ -32,7 +33,6 @@ from vserve.models.layers import (
     norm_linear,
 )
 from vserve.ops import use_kernels
-from vserve.worker.attention.backend import AttentionBackend, AttentionMetadata
 
 # (merged parameter, checkpoint name, shard index): shards are stacked along dim 0.
 _STACKED_PARAMS: tuple[tuple[str, str, int], ...] = (
@@ -115,7 +115,8 @@ class LlamaAttention(nn.Module):
         k_cache, v_cache = kv_cache
         if rope.fused:
             # RoPE inside the attention kernels (q rotated in place, k on its way to the cache).
-            out = self.attn_backend.forward_rope(  # type: ignore[attr-defined]
+            assert rope.cos_cache is not None and rope.sin_cache is not None
+            out = self.attn_backend.forward_rope(
                 q, k, v, rope.positions, rope.cos_cache, rope.sin_cache, k_cache, v_cache,
                 attn_metadata, self.scale)
         else:
@@ -181,7 +182,7 @@ class LlamaModel(nn.Module):
         self.rotary_emb = RotaryEmbedding(
             arch.head_dim, arch.max_position_embeddings, arch.rope_theta, arch.rope_scaling
         )
-        self._fused_rope = bool(getattr(attn_backend, "supports_fused_rope", False))
+        self._fused_rope = attn_backend.fuses_rope
 
     def forward(
         self,

@@ -1,4 +1,5 @@
-"""Finding a model's files, choosing its dtype, reading its safetensors, building it."""
+"""Choosing a model's dtype, reading its safetensors, building it (model paths are resolved
+by the torch-free :mod:`vserve.models.source`)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,9 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from vserve.attention.backend import AttentionBackend
 from vserve.models.arch import ModelArchConfig
 from vserve.models.registry import get_model_class
-from vserve.worker.attention.backend import AttentionBackend
 
 _DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -21,34 +22,7 @@ _DTYPES: dict[str, torch.dtype] = {
 }
 # Checkpoint names transformers has written over the years for the same dtypes.
 _DTYPE_ALIASES = {"float": "float32", "half": "float16", "fp16": "float16", "bf16": "bfloat16"}
-_HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.model", "*.txt"]
 _INDEX_FILE = "model.safetensors.index.json"
-
-
-def resolve_model_dir(model: str, revision: str | None = None) -> Path:
-    """A local directory as is; ``demo`` → the built-in demo model; else a hub download.
-
-    Hub downloads fetch only what serving needs (configs, safetensors, tokenizer files, chat
-    templates), never ``*.bin``/``*.pt`` pickles.
-    """
-    path = Path(model).expanduser()
-    if path.is_dir():
-        return path
-    if model == "demo":
-        # Lazy: the demo module builds a model on first use and is not needed otherwise.
-        from vserve.demo import build_demo_model
-
-        return build_demo_model()
-    try:
-        from huggingface_hub import snapshot_download
-
-        local = snapshot_download(repo_id=model, revision=revision, allow_patterns=_HUB_PATTERNS)
-    except Exception as exc:
-        raise ValueError(
-            f"Model {model!r} is neither a local directory nor downloadable from the Hugging "
-            f"Face hub (offline?): {exc}"
-        ) from exc
-    return Path(local)
 
 
 def resolve_dtype(arch: ModelArchConfig, requested: str, device: torch.device) -> torch.dtype:

@@ -1,6 +1,6 @@
 """Triton kernels for attention over the paged KV cache.
 
-Layout (see :mod:`vserve.worker.attention.backend`): ``k_cache``/``v_cache`` are
+Layout (see :mod:`vserve.attention.backend`): ``k_cache``/``v_cache`` are
 ``[num_blocks, block_size, num_kv_heads, head_dim]``; token ``t`` of a sequence lives in block
 ``block_table[t // block_size]`` at offset ``t % block_size``.
 

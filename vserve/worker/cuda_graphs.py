@@ -13,8 +13,8 @@ and the graph launch:
     stage[4·mb]             the block table's row width for this step
     stage[4·mb + 16 : …]    the block table, packed ``[bs, width]``
 
-The attention kernel reads the width from the device (``GraphAttentionMetadata``), so one
-graph serves every context length and table width. Outputs: ``logits`` [mb, vocab] float32
+The attention kernel reads the width from the device (``AttentionMetadata.block_table_stride``),
+so one graph serves every context length and table width. Outputs: ``logits`` [mb, vocab] float32
 (a persistent buffer) and the greedy tokens, written by the graph's last kernel over the
 input ids ``stage[0 : bs]``, so that a batch of plain greedy requests needs no kernel after
 the graph (one device→host copy) and a chained next step (async scheduling) finds its input
@@ -28,21 +28,13 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from vserve.worker.attention.backend import AttentionMetadata
+from vserve.attention.backend import AttentionMetadata
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class GraphAttentionMetadata(AttentionMetadata):
-    """Metadata whose block table's row stride lives on the device (``[1]`` int32)."""
-
-    block_table_stride: torch.Tensor | None = None
 
 
 #: Where the block table starts after the four ``[mb]`` arrays and the width entry.
@@ -96,7 +88,7 @@ class DecodeGraphs:
         return None  # pragma: no cover
 
     def _metadata(self, bs: int) -> AttentionMetadata:
-        return GraphAttentionMetadata(
+        return AttentionMetadata(
             slot_mapping=self.small[2, :bs],
             query_start_loc=self.query_start[: bs + 1],
             seq_lens=self.small[3, :bs],

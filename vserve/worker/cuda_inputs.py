@@ -18,8 +18,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from vserve.attention.backend import AttentionMetadata
 from vserve.core.sched_output import ScheduledRequest
-from vserve.worker.attention.backend import AttentionMetadata
 from vserve.worker.cuda_graphs import table_offset
 
 _ALIGN_PAD = [0] * 16

@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from vserve.attention.backend import AttentionMetadata
 from vserve.logging_utils import get_logger
-from vserve.worker.attention.backend import AttentionMetadata
 
 if TYPE_CHECKING:
     from vserve.worker.model_runner import ModelRunner

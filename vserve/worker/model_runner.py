@@ -23,13 +23,13 @@ from typing import Any
 
 import torch
 
+from vserve.attention.backend import AttentionBackend, AttentionMetadata
 from vserve.config import EngineConfig
 from vserve.core.sched_output import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
-from vserve.engine.messages import Logprobs
 from vserve.models.arch import ModelArchConfig, load_arch_config
 from vserve.models.loader import load_model, resolve_dtype
+from vserve.protocol.outputs import Logprobs
 from vserve.worker import kv_sizing
-from vserve.worker.attention.backend import AttentionBackend, AttentionMetadata
 from vserve.worker.cuda_graphs import DecodeGraphs, table_offset
 from vserve.worker.cuda_inputs import CudaInputs, input_token
 from vserve.worker.pending import PendingOutput
@@ -49,10 +49,10 @@ def select_device(requested: str) -> torch.device:
 def select_attention_backend(device: torch.device) -> AttentionBackend:
     # The Triton backend lives in vserve.ops and is imported only on CUDA.
     if device.type == "cuda":
-        from vserve.worker.attention.triton_backend import TritonAttentionBackend
+        from vserve.attention.triton_backend import TritonAttentionBackend
 
         return TritonAttentionBackend()
-    from vserve.worker.attention.torch_ref import TorchReferenceBackend
+    from vserve.attention.torch_ref import TorchReferenceBackend
 
     return TorchReferenceBackend()
 
@@ -141,7 +141,8 @@ class ModelRunner:
             for _ in range(self.arch.num_hidden_layers)
         ]
         self.num_blocks = num_blocks
-        if self.inputs is not None and not self.config.device.enforce_eager:
+        if (self.inputs is not None and not self.config.device.enforce_eager
+                and self.attn_backend.supports_decode_graphs):
             self.graphs = DecodeGraphs(
                 self.model, self.kv_caches, self.graph_batch_size(), self.max_blocks_per_seq,
                 self.arch.vocab_size, self.device, self.inputs.stage)
@@ -190,11 +191,6 @@ class ModelRunner:
         pos = torch.tensor(positions, dtype=torch.int64).to(dev, non_blocking=True)
         return ids, pos, meta
 
-    def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:
-        """Run one step and wait for its output."""
-        return self.execute_model_async(sched).result()
-
-    @torch.inference_mode()
     def execute_model_async(self, sched: SchedulerOutput,
                             in_flight: PendingOutput | None = None) -> PendingOutput:
         """Launch one step; its output may still be on the device when this returns.

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from vserve.core.request import Request
-from vserve.engine.messages import Logprobs
+from vserve.protocol.outputs import Logprobs
 
 
 @dataclass

@@ -85,9 +85,9 @@ app.kubernetes.io/part-of: vserve
 {{- define "vserve.validate" -}}
 {{- $v := .Values -}}
 {{- if ne (int $v.server.tensorParallelSize) 1 -}}
-{{- fail (printf "server.tensorParallelSize=%v: vserve supports tensor parallel size 1 only (it rejects --tensor-parallel-size %v at start); scale with server.dataParallelSize instead" $v.server.tensorParallelSize $v.server.tensorParallelSize) -}}
+{{- fail (printf "server.tensorParallelSize=%v: vserve has no tensor parallelism yet (tensor parallel size 1 only); scale with server.dataParallelSize instead" $v.server.tensorParallelSize) -}}
 {{- end -}}
-{{- $managed := list "--host" "--port" "--uds" "--api-server-count" "-asc" "--data-parallel-size" "-dp" "--tensor-parallel-size" "-tp" "--shutdown-timeout" "--served-model-name" "--headless" -}}
+{{- $managed := list "--host" "--port" "--uds" "--api-server-count" "-asc" "--data-parallel-size" "-dp" "--shutdown-timeout" "--served-model-name" "--headless" -}}
 {{- range $v.server.extraArgs -}}
 {{- $flag := regexReplaceAll "=.*$" (toString .) "" -}}
 {{- if has $flag $managed -}}

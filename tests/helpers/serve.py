@@ -1,0 +1,136 @@
+"""Start a real `vserve serve` for a test and tear it down without leaving anything behind."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import psutil
+
+from vserve.roles import process_role
+
+VSERVE = [sys.executable, "-m", "vserve.cli.main", "serve"]
+_SERVING = re.compile(r"vserve is serving .* on (http://\S+|unix:\S+)")
+
+
+class ServeProcess:
+    def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
+        self.log_path = Path(tempfile.mkstemp(prefix="vserve-test-", suffix=".log")[1])
+        self._log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
+        full_env = dict(os.environ)
+        full_env.update(env or {})
+        full_env.setdefault("PYTHONUNBUFFERED", "1")
+        self.proc = subprocess.Popen(VSERVE + args, stdout=self._log, stderr=subprocess.STDOUT,
+                                     env=full_env, start_new_session=True)
+        self.base_url = ""
+        self.children: list[psutil.Process] = []
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def wait_serving(self, timeout: float = 120.0) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            m = _SERVING.search(self.log())
+            if m:
+                self.base_url = m.group(1)
+                break
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"vserve exited with {self.proc.returncode}:\n{self.log()}")
+            time.sleep(0.1)
+        else:
+            raise TimeoutError(f"vserve did not start:\n{self.log()}")
+        if self.base_url.startswith("http"):
+            while time.monotonic() < deadline:
+                try:
+                    if httpx.get(self.base_url + "/ready", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.05)
+        self.children = psutil.Process(self.pid).children(recursive=True)
+        return self.base_url
+
+    def process_names(self) -> dict[int, str]:
+        """pid → role (``api_server``, ``engine``) of each vserve child."""
+        out = {}
+        for p in psutil.Process(self.pid).children(recursive=True):
+            try:
+                found = process_role(p.cmdline())
+            except psutil.Error:
+                continue
+            if found is not None:
+                out[p.pid] = found[0]
+        return out
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int | None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        self.kill_all()
+        self._log.close()
+        return self.proc.returncode
+
+    def kill_all(self) -> None:
+        procs = [p for p in self.children if p.is_running()]
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        for p in procs:
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+
+    def leftovers(self, timeout: float = 10.0) -> list[psutil.Process]:
+        """Children still alive after ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        alive = list(self.children)
+        while time.monotonic() < deadline:
+            alive = [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+            if not alive:
+                return []
+            time.sleep(0.1)
+        return alive
+
+
+@contextmanager
+def serve(*args: str, env: dict[str, str] | None = None,
+          timeout: float = 120.0) -> Iterator[ServeProcess]:
+    """``with serve("demo", "--api-server-count", "2") as srv: httpx.get(srv.base_url…)``.
+
+    Uses ``--port 0`` unless a port or --uds is given: the real port is read from the log.
+    """
+    argv = list(args)
+    if "--port" not in argv and "--uds" not in argv:
+        argv += ["--port", "0"]
+    srv = ServeProcess(argv, env)
+    try:
+        srv.wait_serving(timeout)
+        yield srv
+    finally:
+        srv.stop()
+
+
+def run_in_thread(fn, *args):  # type: ignore[no-untyped-def]
+    t = threading.Thread(target=fn, args=args, daemon=True)
+    t.start()
+    return t

@@ -1,0 +1,104 @@
+"""The attention backend interface.
+
+A step's tokens form one flat batch: sequence s owns query rows
+``query_start_loc[s] : query_start_loc[s+1]``; those rows are the *last* ``q_len`` tokens of
+its context of ``seq_lens[s]`` tokens (the earlier ones are already in the paged KV cache,
+from an earlier step or a prefix-cache hit). Backends first write the new keys and values
+into the cache at ``slot_mapping`` and then attend over the whole context through the block
+table, so a sequence may read blocks that another sequence of the same batch writes in the
+same layer (n > 1 sharing a prompt, prefix hits inside one step).
+
+KV cache layout per layer: ``k_cache`` and ``v_cache`` of shape
+``[num_blocks, block_size, num_kv_heads, head_dim]``; token ``t`` of a sequence lives at
+block ``block_table[t // block_size]``, offset ``t % block_size``, i.e. flat slot
+``block_id * block_size + offset``.
+
+Everything the model, the model runner and the CUDA graphs ask of a backend is declared on
+:class:`AttentionBackend`: ``forward``, the fused-RoPE entry ``forward_rope`` (with
+``fuses_rope`` saying whether to use it) and ``supports_decode_graphs`` (whether pure-decode
+steps may be captured and replayed over the graphs' persistent buffers, see
+:attr:`AttentionMetadata.block_table_stride`).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [num_tokens] int64, flat slot per new token
+    query_start_loc: torch.Tensor  # [num_seqs + 1] int32
+    seq_lens: torch.Tensor  # [num_seqs] int32, context length including this step's tokens
+    block_tables: torch.Tensor  # [num_seqs, max_blocks_per_seq] int32, padded with 0
+    max_query_len: int
+    max_seq_len: int
+    # Host copies, so that backends needing Python loops never synchronize with the device.
+    query_start_loc_cpu: list[int]
+    seq_lens_cpu: list[int]
+    # Set by the CUDA graphs, whose block table lives in a capture buffer reused for every
+    # table width: a device ``[1]`` int32 holding this step's row width, which a graph-safe
+    # decode path reads instead of ``block_tables.stride(0)``. None everywhere else.
+    block_table_stride: torch.Tensor | None = None
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seq_lens_cpu)
+
+    @property
+    def is_pure_decode(self) -> bool:
+        return self.max_query_len == 1
+
+
+class AttentionBackend(ABC):
+    """Computes causal attention for a flat batch over the paged KV cache."""
+
+    name: ClassVar[str] = "abstract"
+    #: ``forward_rope`` applies RoPE inside the attention kernels. When False the model
+    #: rotates q and k itself and calls ``forward``; ``forward_rope`` is never called.
+    fuses_rope: ClassVar[bool] = False
+    #: A pure-decode ``forward`` (``max_query_len == 1``) reads no host-side metadata (the
+    #: ``*_cpu`` lists, ``max_seq_len``) and honours ``metadata.block_table_stride``, so the
+    #: model runner may capture it in a CUDA graph and replay it over persistent buffers.
+    supports_decode_graphs: ClassVar[bool] = False
+
+    @abstractmethod
+    def forward(
+        self,
+        q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+        k: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+        v: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        metadata: AttentionMetadata,
+        scale: float,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]: ``out`` when given
+        """Write k, v into the cache at ``metadata.slot_mapping``, then attend.
+
+        Grouped-query attention: query head h reads KV head ``h // (num_heads // num_kv_heads)``.
+        A query row at context position p attends to positions ``0..p`` of its own sequence.
+        """
+
+    def forward_rope(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        positions: torch.Tensor,  # [num_tokens] int64
+        cos_cache: torch.Tensor,  # [max_positions, head_dim // 2] float32
+        sin_cache: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        metadata: AttentionMetadata,
+        scale: float,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``forward`` with RoPE (rotate-half, angles ``cos_cache[positions]``) applied to q
+        and k first; q may be rotated in place. Only backends with ``fuses_rope`` implement
+        it."""
+        raise NotImplementedError(f"the {self.name} attention backend does not fuse RoPE")

@@ -1,0 +1,81 @@
+"""The reference attention backend: plain PyTorch, one sequence at a time.
+
+Clear rather than fast: it is the correctness oracle that optimized kernels are tested
+against, and the CPU path. Per sequence it gathers the context's keys and values through the
+block table into a dense ``[seq_len, kv_heads, head_dim]`` tensor and calls
+``scaled_dot_product_attention`` with an explicit bottom-right-aligned causal mask.
+
+Computation stays in the inputs' dtype (no upcast), like HF's SDPA path, so float32 inputs
+give float32-accurate results and bf16 runs show bf16 numerics.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from vserve.attention.backend import AttentionBackend, AttentionMetadata
+
+
+class TorchReferenceBackend(AttentionBackend):
+    """Paged causal attention with ``torch.nn.functional.scaled_dot_product_attention``.
+
+    Preconditions (from :mod:`vserve.attention.backend`): every entry of
+    ``slot_mapping`` is a valid slot; sequence ``s``'s block table covers ``seq_lens[s]``
+    tokens; positions ``0 .. seq_lens[s] - 1`` of each sequence are in the cache once this
+    step's writes are done. Cache slots past ``seq_lens[s]`` are never read, so they may hold
+    anything (tests fill them with NaN to prove it).
+    """
+
+    name = "torch_ref"
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        metadata: AttentionMetadata,
+        scale: float,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        _, block_size, num_kv_heads, head_dim = k_cache.shape
+        num_heads = q.shape[1]
+        group = num_heads // num_kv_heads
+
+        # Write first: a sequence may read blocks another sequence writes in this same step.
+        slots = metadata.slot_mapping.long()
+        k_cache.view(-1, num_kv_heads, head_dim)[slots] = k.to(k_cache.dtype)
+        v_cache.view(-1, num_kv_heads, head_dim)[slots] = v.to(v_cache.dtype)
+
+        if out is None:
+            out = torch.empty_like(q)
+        starts = metadata.query_start_loc_cpu
+        for s, seq_len in enumerate(metadata.seq_lens_cpu):
+            start, end = starts[s], starts[s + 1]
+            q_len = end - start
+            if q_len == 0:
+                continue
+            num_blocks = -(-seq_len // block_size)
+            blocks = metadata.block_tables[s, :num_blocks].long()
+            # [num_blocks, block_size, Hk, D] → the first seq_len tokens, heads first.
+            keys = k_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len].transpose(0, 1)
+            values = v_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len].transpose(0, 1)
+            if group > 1:
+                # Query head h reads KV head h // group.
+                keys = keys.repeat_interleave(group, dim=0)
+                values = values.repeat_interleave(group, dim=0)
+            # Query row i sits at position seq_len - q_len + i and sees positions 0..that.
+            mask = torch.ones(q_len, seq_len, dtype=torch.bool, device=q.device).tril(
+                diagonal=seq_len - q_len
+            )
+            attn = F.scaled_dot_product_attention(
+                q[start:end].transpose(0, 1),
+                keys.to(q.dtype),
+                values.to(q.dtype),
+                attn_mask=mask,
+                scale=scale,
+            )
+            out[start:end] = attn.transpose(0, 1)
+        return out
