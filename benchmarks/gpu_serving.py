@@ -209,7 +209,7 @@ def engine_decode(model_dir: Path, weight_bytes: int, copy_bw: float, args: argp
         while core.has_unfinished_requests():
             a = time.perf_counter()
             for outs in core.step().values():
-                decoded += sum(len(o.new_token_ids) for o in outs.outputs)
+                decoded += len(outs.token_ids)
             steps.append(time.perf_counter() - a)
         t2 = time.perf_counter()
         suffix = "" if mode == "async" else "_sync"

@@ -116,7 +116,7 @@ def make_request(
 def step(sched: Scheduler, runner: FakeRunner) -> tuple[SchedulerOutput, list[EngineCoreOutput]]:
     out = sched.schedule()
     outputs = sched.update_from_output(out, runner(out))
-    return out, [o for outs in outputs.values() for o in outs]
+    return out, [o for outs in outputs.values() for o in outs.unpack()]
 
 
 def run_all(
@@ -315,12 +315,15 @@ def test_identical_requests_share_prompt_blocks_in_one_step() -> None:
     kv = sched.kv_cache_manager
     assert kv.get_block_ids("s0")[:3] == kv.get_block_ids("s1")[:3]
     assert [s.num_new_tokens for s in out.scheduled] == [14, 2]
-    assert {o.request_id: o.num_cached_tokens for o in outs} == {"s0": 0, "s1": 12}
+    assert {r: sched.requests[r].num_cached_tokens for r in ("s0", "s1")} == {"s0": 0, "s1": 12}
     stats = sched.get_stats()
     assert (stats.prefix_cache_queries, stats.prefix_cache_hits) == (28, 12)
     assert stats.num_scheduled_tokens == 16
     assert stats.num_running_reqs == 2 and stats.num_waiting_reqs == 0
     assert stats.kv_cache_usage == pytest.approx(5 / 63)
+    # The front end learns the hits with each request's finish.
+    per_req, _ = run_all(sched, runner)
+    assert {r: o[-1].num_cached_tokens for r, o in per_req.items()} == {"s0": 0, "s1": 12}
 
 
 def test_later_request_hits_a_finished_requests_prefix() -> None:
@@ -397,7 +400,7 @@ def test_abort_between_schedule_and_update_emits_nothing_for_it() -> None:
     res = runner(out)
     sched.abort_requests(["a"])
     outs = sched.update_from_output(out, res)
-    assert [o.request_id for o in outs[0]] == ["b"]
+    assert [o.request_id for o in outs[0].unpack()] == ["b"]
 
 
 # ---- stop conditions and outputs ------------------------------------------------------
@@ -466,7 +469,7 @@ def test_outputs_are_routed_by_client_index() -> None:
         sched.add_request(make_request(f"r{i}", 4, client=client))
     out = sched.schedule()
     outputs = sched.update_from_output(out, runner(out))
-    assert {k: [o.request_id for o in v] for k, v in outputs.items()} == {
+    assert {k: [o.request_id for o in v.unpack()] for k, v in outputs.items()} == {
         0: ["r0"],
         2: ["r1", "r2"],
         5: ["r3"],

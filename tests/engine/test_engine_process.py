@@ -16,6 +16,7 @@ from vserve.protocol import encode
 from vserve.protocol.outputs import EngineCoreOutputs, EngineOutput, EngineStats, FinishReason
 from vserve.protocol.requests import (
     AbortRequests,
+    AddRequests,
     EngineAnnounce,
     EngineCoreRequest,
     GetStats,
@@ -29,7 +30,7 @@ _decoder = msgspec.msgpack.Decoder(EngineOutput)
 def _step_outputs(frame: bytes) -> list:
     msg = _decoder.decode(frame)
     assert isinstance(msg, EngineCoreOutputs), msg
-    return msg.outputs
+    return msg.unpack()
 
 
 @pytest.fixture()
@@ -67,7 +68,7 @@ def _run(router, pull, rid: str, max_tokens: int = 4) -> list[int]:
     req = EngineCoreRequest(rid, [1, 2, 3, 4, 5], SamplingParams(temperature=0,
                                                                  max_tokens=max_tokens),
                             [296], time.time())
-    router.send_multipart([engine_identity(0), encode(req)])
+    router.send_multipart([engine_identity(0), encode(AddRequests([req]))])
     tokens: list[int] = []
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
@@ -100,7 +101,7 @@ def test_malformed_frames_are_dropped_and_the_engine_keeps_serving(engine):
         router.send_multipart([target, *frames])
     # An invalid request that decodes fine is answered with an error, not a crash.
     bad = EngineCoreRequest("bad", [10**7], SamplingParams(), [296], time.time())
-    router.send_multipart([target, encode(bad)])
+    router.send_multipart([target, encode(AddRequests([bad]))])
     assert pull.poll(10_000)
     outs = _step_outputs(pull.recv())
     assert outs[0].request_id == "bad" and outs[0].finish_reason == FinishReason.ERROR
@@ -114,7 +115,7 @@ def test_abort_frees_the_request(engine):
     router, pull, launcher = engine
     req = EngineCoreRequest("long", [1, 2, 3], SamplingParams(max_tokens=3000, ignore_eos=True),
                             [296], time.time())
-    router.send_multipart([engine_identity(0), encode(req)])
+    router.send_multipart([engine_identity(0), encode(AddRequests([req]))])
     assert pull.poll(10_000)
     router.send_multipart([engine_identity(0), encode(AbortRequests(["long"]))])
     deadline = time.monotonic() + 10
@@ -154,7 +155,7 @@ def test_duplicate_request_id_is_refused_not_fatal(engine):
     req = EngineCoreRequest("dup", [1, 2, 3], SamplingParams(max_tokens=200, ignore_eos=True),
                             [296], time.time())
     for _ in range(2):
-        router.send_multipart([engine_identity(0), encode(req)])
+        router.send_multipart([engine_identity(0), encode(AddRequests([req]))])
     errors, finished = [], 0
     deadline = time.monotonic() + 30
     while finished < 2 and time.monotonic() < deadline:

@@ -65,7 +65,7 @@ def _generate(core, prompts, max_tokens=NEW_TOKENS, logprobs=None):
     lps = {r: [] for r in ids}
     while core.has_unfinished_requests():
         for outs in core.step().values():
-            for o in outs.outputs:
+            for o in outs.unpack():
                 tokens[o.request_id].extend(o.new_token_ids)
                 if o.new_logprobs is not None:
                     lps[o.request_id].append(o.new_logprobs)

@@ -35,7 +35,12 @@ from vserve.frontend.engine_client import EngineUnavailableError
 from vserve.frontend.input_processor import load_eos_token_ids
 from vserve.frontend.tokenizer import Tokenizer
 from vserve.launch.fd_passing import receive_listen_socket
-from vserve.launch.lifetime import exit_when_parent_dies, on_parent_death, set_process_title
+from vserve.launch.lifetime import (
+    exit_when_parent_dies,
+    freeze_startup_heap,
+    on_parent_death,
+    set_process_title,
+)
 from vserve.launch.rundir import remove_run_dir
 from vserve.logging_utils import get_logger, init_logging
 from vserve.metrics.exposition import add_metrics_route, with_http_metrics
@@ -165,6 +170,7 @@ async def serve(index: int, args: ApiServerArgs) -> None:
     loop.add_signal_handler(signal.SIGINT, lambda: None)
     control_task = asyncio.create_task(control_loop(control, client, start_drain, exit_now))
     state.ready = True
+    freeze_startup_heap()
     logger.info("serving on the shared socket (engines: %d)", num_engines)
     try:
         await server.serve(sockets=[sock])

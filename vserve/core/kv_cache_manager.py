@@ -137,7 +137,7 @@ class KVCacheManager:
 
         if held is None:
             held = self._req_blocks[rid] = []
-            self._req_block_ids[rid] = []
+            request.block_ids = self._req_block_ids[rid] = []
             self._num_cached_blocks[rid] = 0
             if self._lookup_applies(request):
                 # Counted on admission, not per lookup: a request that waits for blocks and
@@ -179,6 +179,7 @@ class KVCacheManager:
         rid = request.request_id
         blocks = self._req_blocks.pop(rid, None)
         self._req_block_ids.pop(rid, None)
+        request.block_ids = []
         self._num_cached_blocks.pop(rid, None)
         if not blocks:
             return

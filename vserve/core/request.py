@@ -23,11 +23,16 @@ class RequestStatus(enum.IntEnum):
         return self >= RequestStatus.FINISHED_STOPPED
 
     def finish_reason(self) -> FinishReason | None:
-        return {
-            RequestStatus.FINISHED_STOPPED: FinishReason.STOP,
-            RequestStatus.FINISHED_LENGTH: FinishReason.LENGTH,
-            RequestStatus.FINISHED_ABORTED: FinishReason.ABORT,
-        }.get(self)
+        return _FINISH_REASONS.get(self)
+
+
+_FINISH_REASONS = {
+    RequestStatus.FINISHED_STOPPED: FinishReason.STOP,
+    RequestStatus.FINISHED_LENGTH: FinishReason.LENGTH,
+    RequestStatus.FINISHED_ABORTED: FinishReason.ABORT,
+}
+#: Statuses at or above this one are finished (a plain int compare on the hot path).
+FINISHED = int(RequestStatus.FINISHED_STOPPED)
 
 
 class Request:
@@ -67,6 +72,15 @@ class Request:
         # The last prompt position whose logprob was sent (inclusive; 0 = none yet).
         self.num_prompt_logprobs_done = 0
         self.max_tokens = sampling_params.max_tokens
+        self.num_prompt_tokens = len(self.prompt_token_ids)
+        # What the stop checks read every step, taken out of the parameters once.
+        self.min_tokens = sampling_params.min_tokens
+        self.stop_token_ids = frozenset(sampling_params.stop_token_ids or ())
+        self.eos_ids_active = frozenset() if sampling_params.ignore_eos else self.eos_token_ids
+        self.wants_logprobs = sampling_params.logprobs is not None
+        # The live list of block ids the KV cache manager holds for this request (empty when
+        # it holds none); the manager appends to it in place.
+        self.block_ids: list[int] = []
         # Engine-clock timestamps for the request's metrics (0.0 = not yet).
         self.received_time = time.time()
         self.first_scheduled_time = 0.0
@@ -87,10 +101,6 @@ class Request:
     @property
     def num_tokens(self) -> int:
         return len(self.all_token_ids)
-
-    @property
-    def num_prompt_tokens(self) -> int:
-        return len(self.prompt_token_ids)
 
     @property
     def num_output_tokens(self) -> int:

@@ -8,31 +8,36 @@ from vserve.core.request import Request
 from vserve.protocol.outputs import Logprobs
 
 
-@dataclass
+@dataclass(slots=True)
 class ScheduledRequest:
     """One request's share of a step.
 
-    The runner computes tokens ``request.all_token_ids[c : c + num_new_tokens]`` where
-    ``c = request.num_computed_tokens`` (not yet advanced: the scheduler advances it in
-    ``update_from_output``). ``block_ids`` cover at least ``c + num_new_tokens`` tokens and
-    stay pinned until the request finishes or is preempted. When
-    ``c + num_new_tokens == request.num_tokens`` the runner samples the next token.
+    The runner computes positions ``start .. start + num_new_tokens - 1`` with
+    ``start = request.num_computed_tokens + num_ahead`` (``num_computed_tokens`` is not
+    advanced yet: the scheduler advances it in ``update_from_output``). ``block_ids`` cover
+    every one of them and stay pinned until the request finishes or is preempted. ``sample``:
+    the row's last position is the sequence's last, so the runner samples the next token.
 
-    A *chained* decode step (async scheduling, ``Scheduler.schedule_chained``) is built and
-    run while the previous step is still in flight: the runner then computes position
-    ``c + num_ahead`` (``num_ahead == 1``), whose token id is the one the step in flight
-    samples, so it comes from that step's output, not from ``all_token_ids``. By the time the
-    scheduler applies a chained step's output, the previous step's is applied and ``c`` has
-    caught up, so ``samples`` and ``update_from_output`` need no special case.
+    ``num_ahead`` is non-zero only in a *chained* step (async scheduling,
+    ``Scheduler.schedule_chained``), built and launched while the previous step is still in
+    flight: it is how many of the request's tokens that step computes. The token id of a
+    position the runner is asked for is ``request.all_token_ids[p]`` when
+    ``p < len(request.all_token_ids)`` at launch; the only other case is
+    ``p == len(request.all_token_ids)``, the token the step in flight is sampling, which comes
+    from that step's output. By the time the scheduler applies a chained step's output, the
+    previous step's is applied and ``num_computed_tokens`` has caught up, so ``samples`` and
+    ``update_from_output`` need no special case.
     """
 
     request: Request
     num_new_tokens: int
     block_ids: list[int]
     num_ahead: int = 0
+    sample: bool = False
 
     @property
     def samples(self) -> bool:
+        """``sample``, re-derived once every step before this one is applied."""
         return self.request.num_computed_tokens + self.num_new_tokens == self.request.num_tokens
 
 

@@ -19,10 +19,33 @@ from collections.abc import Iterable
 
 from vserve.config import CacheConfig, SchedulerConfig
 from vserve.core.kv_cache_manager import KVCacheManager
-from vserve.core.request import Request, RequestStatus
+from vserve.core.request import FINISHED, Request, RequestStatus
 from vserve.core.sched_output import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
 from vserve.core.waiting_queue import WaitingQueue
-from vserve.protocol.outputs import EngineCoreOutput, RequestTiming, SchedulerStats
+from vserve.protocol.outputs import (
+    EngineCoreOutputs,
+    FinishedRequest,
+    FinishReason,
+    RequestLogprobs,
+    RequestTiming,
+    SchedulerStats,
+)
+
+_STOPPED = RequestStatus.FINISHED_STOPPED
+_LENGTH = RequestStatus.FINISHED_LENGTH
+_FINISH_REASON = {_STOPPED: FinishReason.STOP, _LENGTH: FinishReason.LENGTH}
+
+
+class _ClientStep:
+    """One front end's share of a step's outputs, gathered into the packed lists."""
+
+    __slots__ = ("request_ids", "token_ids", "logprobs", "finished")
+
+    def __init__(self) -> None:
+        self.request_ids: list[str] = []
+        self.token_ids: list[int] = []
+        self.logprobs: list[RequestLogprobs] = []
+        self.finished: list[FinishedRequest] = []
 
 
 class Scheduler:
@@ -40,6 +63,7 @@ class Scheduler:
         cache_config: CacheConfig,
         num_kv_blocks: int,
         max_model_len: int,
+        engine_index: int = 0,
     ) -> None:
         capacity = (num_kv_blocks - 1) * cache_config.block_size  # block 0 is the null block
         if max_model_len > capacity:
@@ -76,7 +100,8 @@ class Scheduler:
         self._prefix_hits_total = 0  # tokens found, cumulative
         self._prompt_tokens_total = 0  # prompt tokens computed, cumulative
         self._generation_tokens_total = 0  # tokens sampled, cumulative
-        self._last_num_scheduled_tokens = 0
+        self.last_num_scheduled_tokens = 0  # of the latest step built
+        self.engine_index = engine_index  # stamped on the outputs
 
     # ---- queue management -------------------------------------------------------------
 
@@ -144,7 +169,7 @@ class Scheduler:
             prefix_cache_queries=self._prefix_queries_total,
             prefix_cache_hits=self._prefix_hits_total,
             num_preemptions=self._num_preemptions,
-            num_scheduled_tokens=self._last_num_scheduled_tokens,
+            num_scheduled_tokens=self.last_num_scheduled_tokens,
             prompt_tokens_total=self._prompt_tokens_total,
             generation_tokens_total=self._generation_tokens_total,
         )
@@ -174,15 +199,25 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         scheduled: dict[str, ScheduledRequest] = {}  # insertion order = batch order
         preempted: list[str] = []
+        bs = kv.block_size
+        # A decode row whose token lands inside a block it holds, without filling it (which
+        # would register the block in the prefix index), needs nothing of the KV manager.
+        fast_fill = not kv.enable_prefix_caching
 
         idx = 0
-        while idx < len(self.running) and budget > 0:
-            request = self.running[idx]
-            num_new = min(
-                request.num_tokens - request.num_computed_tokens,
-                budget,
-                self.max_model_len - request.num_computed_tokens,
-            )
+        running = self.running
+        while idx < len(running) and budget > 0:
+            request = running[idx]
+            c = request.num_computed_tokens
+            num_new = len(request.all_token_ids) - c
+            if (num_new == 1 and c < len(request.block_ids) * bs
+                    and (fast_fill or (c + 1) % bs)):
+                scheduled[request.request_id] = ScheduledRequest(request, 1, request.block_ids,
+                                                                 0, True)
+                budget -= 1
+                idx += 1
+                continue
+            num_new = min(num_new, budget, self.max_model_len - c)
             if num_new <= 0:  # cannot happen with the finish checks; never loop on it
                 idx += 1
                 continue
@@ -203,8 +238,7 @@ class Scheduler:
                 # (the list shifted into ``idx``). Under FCFS it was the last one anyway.
                 continue
             scheduled[request.request_id] = ScheduledRequest(
-                request, num_new, kv.get_block_ids(request.request_id)
-            )
+                request, num_new, request.block_ids, 0, c + num_new == len(request.all_token_ids))
             budget -= num_new
             idx += 1
 
@@ -221,45 +255,69 @@ class Scheduler:
         )
         if not out.is_empty:
             self._finished_req_ids.clear()
-        self._last_num_scheduled_tokens = out.total_num_scheduled_tokens
+        self.last_num_scheduled_tokens = out.total_num_scheduled_tokens
         return out
 
     def schedule_chained(self, in_flight: SchedulerOutput) -> SchedulerOutput | None:
-        """The decode step after ``in_flight``, built before ``in_flight``'s output is known
-        (async scheduling), or None when it cannot be predicted.
+        """The step after ``in_flight``, built while ``in_flight`` runs and before its output
+        is known (async scheduling); None when there is nothing to chain or it would need a
+        preemption.
 
-        Call only while ``in_flight`` runs and before its ``update_from_output``. The new
-        step holds exactly ``in_flight``'s requests, in the same order, each computing the
-        token ``in_flight`` is sampling for it (``ScheduledRequest.num_ahead == 1``). That is
-        predictable only when ``in_flight`` was a pure decode step of every running request
-        (nothing waiting to be admitted, nothing preempted) and no request can reach its
-        length limit (``max_tokens`` or ``max_model_len``) with ``in_flight``'s token. A
-        request that stops on a stop token or is aborted meanwhile costs one wasted row: its
-        result is dropped by ``update_from_output``, its blocks freed as usual.
+        Call only while ``in_flight`` runs and before its ``update_from_output``. Every
+        running request gets a row as if ``in_flight`` had been applied: its
+        ``in_flight`` tokens count as computed (``ScheduledRequest.num_ahead``), and a row
+        of ``in_flight`` that samples adds one token whose id the device still holds — the
+        chained row computing that position reads it from the previous step's output.
+        Requests still waiting are admitted as prefill rows, under the same token budget
+        and sequence cap as :meth:`schedule`.
+
+        What cannot be known ahead costs a wasted row, never a wrong token: a request that
+        stops on a stop token or is aborted while its chained row is in flight gets that
+        row's result dropped by ``update_from_output``, and its blocks are freed as usual
+        (the chained step's writes to them precede, on the device, any later owner's).
+        Rows that surely finish with the in-flight token (``max_tokens``, the model's
+        window) are left out. Nothing is ever preempted here: when blocks run out, the
+        chain stops and the next step is scheduled once ``in_flight`` is applied.
         """
-        rows = in_flight.scheduled
-        if (not rows or len(self.waiting) or in_flight.preempted_request_ids
-                or len(rows) != len(self.running)):
-            return None
-        for s in rows:
-            req = s.request
-            if (s.num_new_tokens != 1 or not s.samples or req.is_finished
-                    or req.num_tokens + 1 >= self.max_model_len
-                    or (req.max_tokens is not None
-                        and req.num_output_tokens + 1 >= req.max_tokens)):
-                return None
+        ahead: dict[str, tuple[int, bool]] = {
+            s.request.request_id: (s.num_new_tokens, s.samples) for s in in_flight.scheduled}
         kv = self.kv_cache_manager
-        scheduled: list[ScheduledRequest] = []
-        for s in rows:
-            req = s.request
-            # The in-flight token's slot is held already; hold one more for this step's.
-            if kv.allocate_slots(req, 1, num_lookahead_tokens=1) is None:
+        budget = self.config.max_num_batched_tokens
+        scheduled: dict[str, ScheduledRequest] = {}
+        for request in self.running:
+            if budget <= 0:
+                break
+            if request.status >= FINISHED:
+                continue
+            num_ahead, samples_ahead = ahead.get(request.request_id, (0, False))
+            c = request.num_computed_tokens + num_ahead
+            num_tokens = len(request.all_token_ids) + samples_ahead
+            if samples_ahead:
+                num_output = len(request.output_token_ids) + 1
+                if ((request.max_tokens is not None and num_output >= request.max_tokens)
+                        or num_tokens >= self.max_model_len):
+                    continue  # it finishes with the in-flight token
+            num_new = min(num_tokens - c, budget, self.max_model_len - c)
+            if num_new <= 0:
+                continue
+            # The last row token is the in-flight sample when the row reaches it: its slot
+            # is held as lookahead (only blocks full of known tokens get registered).
+            lookahead = 1 if samples_ahead and c + num_new == num_tokens else 0
+            if kv.allocate_slots(request, num_ahead + num_new - lookahead,
+                                 num_lookahead_tokens=lookahead) is None:
                 return None  # slots taken so far are the next steps' anyway
-            scheduled.append(ScheduledRequest(req, 1, kv.get_block_ids(req.request_id),
-                                              num_ahead=1))
-        self._last_num_scheduled_tokens = len(scheduled)
-        return SchedulerOutput(scheduled=scheduled, total_num_scheduled_tokens=len(scheduled),
-                               chained=True)
+            scheduled[request.request_id] = ScheduledRequest(
+                request, num_new, request.block_ids, num_ahead, c + num_new == num_tokens)
+            budget -= num_new
+        self._schedule_waiting(budget, scheduled)
+        if not scheduled:
+            return None
+        self.last_num_scheduled_tokens = sum(x.num_new_tokens for x in scheduled.values())
+        out = SchedulerOutput(scheduled=list(scheduled.values()),
+                              total_num_scheduled_tokens=self.last_num_scheduled_tokens,
+                              finished_request_ids=set(self._finished_req_ids), chained=True)
+        self._finished_req_ids.clear()
+        return out
 
     def _schedule_waiting(self, budget: int, scheduled: dict[str, ScheduledRequest]) -> None:
         kv = self.kv_cache_manager
@@ -282,85 +340,96 @@ class Scheduler:
                 request.num_cached_tokens = num_hit
             self.running.append(request)
             scheduled[request.request_id] = ScheduledRequest(
-                request, num_new, kv.get_block_ids(request.request_id)
-            )
+                request, num_new, request.block_ids, 0, num_hit + num_new == request.num_tokens)
             budget -= num_new
 
     # ---- results ----------------------------------------------------------------------
 
-    def _check_stop(self, request: Request, token: int) -> RequestStatus | None:
-        params = request.sampling_params
-        if request.num_output_tokens >= params.min_tokens:
-            if params.stop_token_ids and token in params.stop_token_ids:
+    def _check_stop(self, request: Request, token: int, num_output: int) -> RequestStatus | None:
+        """The status ``request`` finishes with after sampling ``token`` (its
+        ``num_output``-th output token), or None."""
+        if num_output >= request.min_tokens:
+            if token in request.stop_token_ids:
                 request.stop_reason = token
-                return RequestStatus.FINISHED_STOPPED
-            if not params.ignore_eos and token in request.eos_token_ids:
+                return _STOPPED
+            if token in request.eos_ids_active:
                 request.stop_reason = None
-                return RequestStatus.FINISHED_STOPPED
-        if request.max_tokens is not None and request.num_output_tokens >= request.max_tokens:
-            return RequestStatus.FINISHED_LENGTH
-        if request.num_tokens >= self.max_model_len:
-            return RequestStatus.FINISHED_LENGTH
+                return _STOPPED
+        max_tokens = request.max_tokens
+        if max_tokens is not None and num_output >= max_tokens:
+            return _LENGTH
+        if len(request.all_token_ids) >= self.max_model_len:
+            return _LENGTH
         return None
 
-    def update_from_output(
-        self, scheduler_output: SchedulerOutput, runner_output: ModelRunnerOutput
-    ) -> dict[int, list[EngineCoreOutput]]:
-        """Apply a step's results; returns the outputs to send, keyed by client index.
+    def update_from_output(self, scheduler_output: SchedulerOutput,
+                           runner_output: ModelRunnerOutput) -> dict[int, EngineCoreOutputs]:
+        """Apply a step's results; returns the step's packed outputs, one per front end
+        (client index) that has any.
 
         Finished requests are freed here and announced in the next step's
-        ``finished_request_ids``.
+        ``finished_request_ids``. Hot path: per row, only list appends and integer checks;
+        objects are made only for requests that finish or asked for logprobs.
         """
-        outputs: dict[int, list[EngineCoreOutput]] = {}
-        any_finished = False
+        clients: dict[int, _ClientStep] = {}
+        finished: list[Request] = []
+        sampled = runner_output.sampled_token_ids
+        token_logprobs = runner_output.logprobs
+        prompt_logprobs = runner_output.prompt_logprobs
+        prompt_total = generated = 0
+        now = 0.0
         for sched in scheduler_output.scheduled:
             request = sched.request
-            if request.is_finished:  # aborted after the step was built
+            if request.status >= FINISHED:  # aborted after the step was built
                 continue
-            samples = sched.samples  # must be read before advancing num_computed_tokens
             start = request.num_computed_tokens
-            self._prompt_tokens_total += max(
-                0, min(start + sched.num_new_tokens, request.num_prompt_tokens) - start)
-            self._generation_tokens_total += int(samples)
-            request.num_computed_tokens += sched.num_new_tokens
+            n = sched.num_new_tokens
+            num_tokens = len(request.all_token_ids)
+            samples = start + n == num_tokens  # read before advancing num_computed_tokens
+            if start < request.num_prompt_tokens:
+                prompt_total += min(start + n, request.num_prompt_tokens) - start
+            request.num_computed_tokens = start + n
             rid = request.request_id
-            prompt_lps = runner_output.prompt_logprobs.get(rid)
             if samples:
-                token = runner_output.sampled_token_ids[rid]
-                request.append_output_token(token)
+                generated += 1
+                token = sampled[rid]
+                request.output_token_ids.append(token)
+                request.all_token_ids.append(token)
                 if not request.first_token_time:
-                    request.first_token_time = time.time()
-                status = self._check_stop(request, token)
-                timing = None
+                    now = now or time.time()
+                    request.first_token_time = now
+                client = clients.get(request.client_index)
+                if client is None:
+                    client = clients[request.client_index] = _ClientStep()
+                client.request_ids.append(rid)
+                client.token_ids.append(token)
+                status = self._check_stop(request, token, len(request.output_token_ids))
                 if status is not None:
+                    now = now or time.time()
                     self._finish(request, status)
-                    any_finished = True
-                    timing = RequestTiming(request.received_time, request.first_scheduled_time,
-                                           request.first_token_time, time.time(),
-                                           request.num_preemptions)
-                out = EngineCoreOutput(
-                    rid,
-                    [token],
-                    new_logprobs=runner_output.logprobs.get(rid),
-                    new_prompt_logprobs=prompt_lps,
-                    finish_reason=request.status.finish_reason(),
-                    stop_reason=request.stop_reason,
-                    num_cached_tokens=max(request.num_cached_tokens, 0),
-                    timing=timing,
-                )
-            elif prompt_lps is not None and prompt_lps.ranks:
-                out = EngineCoreOutput(
-                    rid,
-                    [],
-                    new_prompt_logprobs=prompt_lps,
-                    num_cached_tokens=max(request.num_cached_tokens, 0),
-                )
-            else:
-                continue
-            outputs.setdefault(request.client_index, []).append(out)
-        if any_finished:
-            self.running = [r for r in self.running if not r.is_finished]
-        return outputs
+                    finished.append(request)
+                    client.finished.append(FinishedRequest(
+                        rid, _FINISH_REASON[status], request.stop_reason,
+                        max(request.num_cached_tokens, 0),
+                        timing=RequestTiming(request.received_time,
+                                             request.first_scheduled_time,
+                                             request.first_token_time, now,
+                                             request.num_preemptions)))
+            if prompt_logprobs or token_logprobs:
+                plp = prompt_logprobs.get(rid)
+                tlp = token_logprobs.get(rid) if samples else None
+                if tlp is not None or (plp is not None and plp.ranks):
+                    client = clients.get(request.client_index)
+                    if client is None:
+                        client = clients[request.client_index] = _ClientStep()
+                    client.logprobs.append(RequestLogprobs(rid, tlp, plp))
+        self._prompt_tokens_total += prompt_total
+        self._generation_tokens_total += generated
+        if finished:
+            self.running = [r for r in self.running if r.status < FINISHED]
+        return {index: EngineCoreOutputs(self.engine_index, c.request_ids, c.token_ids,
+                                         c.logprobs, c.finished)
+                for index, c in clients.items()}
 
     def _finish(self, request: Request, status: RequestStatus) -> None:
         """Mark finished and free; the caller drops it from ``running``."""

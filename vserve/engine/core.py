@@ -3,13 +3,14 @@
 ``step()`` is one iteration of the busy loop: schedule → run the model → update requests →
 outputs grouped by the front end (client_index) that owns each request.
 
-With async scheduling, ``step()`` also launches the next decode step before it waits for
-this one's tokens (``Scheduler.schedule_chained``), so the GPU never idles while the host
-reads results, updates requests and schedules: the step after a chained one is already
-queued behind it. A step is chained only when nothing can change the batch (nothing
-waiting, nothing at its length limit); when anything does (a new request, an abort, a stop
-token), the pipeline drains: the step in flight is finished and the next is scheduled from
-the updated state. ``schedule()`` only ever runs with nothing in flight. The process shell
+With async scheduling, ``step()`` also launches the next step before it waits for this
+one's tokens (``Scheduler.schedule_chained``), so the GPU never idles while the host reads
+results, updates requests and schedules. Churn does not break the chain: requests that
+arrived join the next step as prefill rows, and a request that stops or is aborted while its
+next row is in flight only wastes that row. The chain stops (the step in flight is finished
+and the next one scheduled from the updated state) only when sampling reads the output
+history (penalties, a pending ``min_tokens``) or blocks run out; ``schedule()`` only ever
+runs with nothing in flight, so preemption never meets a step in flight. The process shell
 around it (sockets, threads) lives in ``core_proc.py``; tests and benchmarks can drive this
 class directly.
 """
@@ -25,8 +26,8 @@ from vserve.core.request import Request
 from vserve.core.sched_output import SchedulerOutput
 from vserve.core.scheduler import Scheduler
 from vserve.protocol.outputs import (
-    EngineCoreOutput,
     EngineCoreOutputs,
+    FinishedRequest,
     FinishReason,
     SchedulerStats,
 )
@@ -48,8 +49,8 @@ class EngineCore:
         self.max_model_len = self.runner.max_model_len
         self.vocab_size = self.runner.arch.vocab_size
         self.scheduler = Scheduler(
-            config.scheduler, config.cache, self.num_kv_blocks, self.max_model_len
-        )
+            config.scheduler, config.cache, self.num_kv_blocks, self.max_model_len,
+            engine_index)
         # Async scheduling by default where it pays: on the GPU (host work hides behind the
         # step in flight). On CPU it works the same way but gains nothing.
         requested = config.scheduler.async_scheduling
@@ -78,30 +79,32 @@ class EngineCore:
             return (f"the prompt has {n} tokens; this model's context window is "
                     f"{self.max_model_len} tokens, so at most {self.max_model_len - 1} fit "
                     "with one generated token")
-        bad = [t for t in req.prompt_token_ids if not 0 <= t < self.vocab_size]
-        if bad:
-            return f"token id {bad[0]} is out of the vocabulary (size {self.vocab_size})"
+        ids = req.prompt_token_ids
+        if min(ids) < 0 or max(ids) >= self.vocab_size:  # builtins: no Python loop
+            bad = next(t for t in ids if not 0 <= t < self.vocab_size)
+            return f"token id {bad} is out of the vocabulary (size {self.vocab_size})"
         return None
 
-    def add_request(self, req: EngineCoreRequest) -> EngineCoreOutput | None:
-        """Queue a request; returns an error output instead when it cannot run."""
+    def add_request(self, req: EngineCoreRequest) -> FinishedRequest | None:
+        """Queue a request; returns its error ending instead when it cannot run."""
         error = self.validate(req)
-        if error is not None:
-            return EngineCoreOutput(req.request_id, [], finish_reason=FinishReason.ERROR,
-                                    error=error)
-        try:
-            self.scheduler.add_request(Request.from_engine_core_request(req))
-        except ValueError as e:  # e.g. a duplicate id: refuse it, never die of it
-            return EngineCoreOutput(req.request_id, [], finish_reason=FinishReason.ERROR,
-                                    error=str(e))
-        return None
+        if error is None:
+            try:
+                self.scheduler.add_request(Request.from_engine_core_request(req))
+                return None
+            except ValueError as e:  # e.g. a duplicate id: refuse it, never die of it
+                error = str(e)
+        return FinishedRequest(req.request_id, FinishReason.ERROR, error=error)
 
-    def abort_requests(self, request_ids: list[str]) -> dict[int, list[EngineCoreOutput]]:
-        out: dict[int, list[EngineCoreOutput]] = {}
+    def abort_requests(self, request_ids: list[str]) -> dict[int, EngineCoreOutputs]:
+        """Abort; returns each affected front end's outputs announcing the aborts."""
+        out: dict[int, EngineCoreOutputs] = {}
         for req in self.scheduler.abort_requests(request_ids):
-            out.setdefault(req.client_index, []).append(
-                EngineCoreOutput(req.request_id, [], finish_reason=FinishReason.ABORT)
-            )
+            outs = out.get(req.client_index)
+            if outs is None:
+                outs = out[req.client_index] = EngineCoreOutputs(self.engine_index)
+                outs.finished = []
+            outs.finished.append(FinishedRequest(req.request_id, FinishReason.ABORT))
         return out
 
     def abort_client(self, client_index: int) -> int:
@@ -126,12 +129,7 @@ class EngineCore:
             chained = self.scheduler.schedule_chained(sched)
             if chained is not None:
                 self._in_flight = (chained, self.runner.execute_model_async(chained, pending))
-        per_client = self.scheduler.update_from_output(sched, pending.result())
-        return {
-            client: EngineCoreOutputs(self.engine_index, outputs)
-            for client, outputs in per_client.items()
-            if outputs
-        }
+        return self.scheduler.update_from_output(sched, pending.result())
 
     def stats(self) -> SchedulerStats:
         return self.scheduler.get_stats()

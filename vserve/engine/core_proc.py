@@ -30,7 +30,11 @@ import zmq
 
 from vserve import envs
 from vserve.config import EngineConfig
-from vserve.launch.lifetime import exit_when_parent_dies, set_process_title
+from vserve.launch.lifetime import (
+    exit_when_parent_dies,
+    freeze_startup_heap,
+    set_process_title,
+)
 from vserve.logging_utils import get_logger, init_logging
 from vserve.protocol import encode
 from vserve.protocol.control import (
@@ -46,8 +50,8 @@ from vserve.protocol.load import EngineLoad
 from vserve.protocol.outputs import EngineCoreOutputs, EngineDead, EngineStats
 from vserve.protocol.requests import (
     AbortRequests,
+    AddRequests,
     EngineAnnounce,
-    EngineCoreRequest,
     EngineInput,
     GetStats,
     engine_identity,
@@ -61,9 +65,11 @@ _control_decoder = msgspec.msgpack.Decoder(ToEngine)
 
 # What the busy loop takes from its input queue: the request link's messages and the
 # supervisor's control messages, exactly as they were decoded.
-EngineQueueItem = EngineCoreRequest | AbortRequests | GetStats | ClientDied | ShutdownEngine
+EngineQueueItem = AddRequests | AbortRequests | GetStats | ClientDied | ShutdownEngine
 # What the output thread sends: (client index, encoded frame); client -1 is the coordinator.
 _OutputItem = tuple[int, bytes]
+_LOAD_INTERVAL_S = 0.005
+_METRICS_INTERVAL_S = 0.1
 
 
 class EngineCoreProc:
@@ -78,6 +84,9 @@ class EngineCoreProc:
         self.output_queue: queue.Queue[_OutputItem | None] = queue.Queue()  # None: stop
         self._stop = threading.Event()
         self._announce = encode(EngineAnnounce(self.engine_index))
+        self._last_load_key: tuple[int, int] | None = None
+        self._last_load_time = float("-inf")
+        self._last_metrics_time = float("-inf")
         self._inputs = []
         for addr in info.input_addrs:
             sock = ctx.socket(zmq.DEALER)
@@ -163,16 +172,46 @@ class EngineCoreProc:
             logger.warning("output for unknown client %d dropped", client)
 
     # ---- busy loop ---------------------------------------------------------------------
+    def _report(self, idle: bool = False) -> None:
+        """Load to the coordinator and engine gauges to Prometheus, rate-limited.
+
+        The coordinator publishes at most every 100 ms, so a load report goes out when the
+        queue depths changed and at least ``_LOAD_INTERVAL_S`` passed, and every second
+        regardless; gauges and counters are written every ``_METRICS_INTERVAL_S`` (a scrape
+        reads them every few seconds). Reading the stats costs a few microseconds; at
+        thousands of steps a second this keeps it off the per-step path. ``idle``: the loop
+        is about to block for input, so whatever changed is reported now (nothing else
+        would report it until the next request).
+        """
+        now = time.monotonic()
+        sched = self.core.scheduler
+        key = (sched.num_waiting, sched.num_running)
+        changed = key != self._last_load_key
+        if self._stats_sock is not None and (
+                (changed and (idle or now - self._last_load_time >= _LOAD_INTERVAL_S))
+                or now - self._last_load_time >= 1.0):
+            stats = self.core.stats()
+            self._last_load_key, self._last_load_time = key, now
+            self.output_queue.put((-1, encode(EngineLoad(
+                self.engine_index, stats.num_waiting_reqs, stats.num_running_reqs,
+                stats.kv_cache_usage, stats.prompt_tokens_total, stats.generation_tokens_total,
+                stats.prefix_cache_queries, stats.prefix_cache_hits))))
+        if self.metrics is not None and (
+                idle or now - self._last_metrics_time >= _METRICS_INTERVAL_S):
+            self._last_metrics_time = now
+            self.metrics.update(self.core.stats())
+
     def _handle(self, item: EngineQueueItem) -> bool:
         """Apply one input; False means shut down."""
-        if isinstance(item, EngineCoreRequest):
-            err = self.core.add_request(item)
-            if err is not None:
-                self._send(item.client_index,
-                           EngineCoreOutputs(self.engine_index, [err]))
+        if isinstance(item, AddRequests):
+            for req in item.requests:
+                err = self.core.add_request(req)
+                if err is not None:
+                    self._send(req.client_index,
+                               EngineCoreOutputs(self.engine_index, finished=[err]))
         elif isinstance(item, AbortRequests):
             for client, outs in self.core.abort_requests(item.request_ids).items():
-                self._send(client, EngineCoreOutputs(self.engine_index, outs))
+                self._send(client, outs)
         elif isinstance(item, GetStats):
             self._send(item.client_index, EngineStats(item.call_id, self.core.stats()))
         elif isinstance(item, ClientDied):
@@ -185,38 +224,24 @@ class EngineCoreProc:
     def run(self) -> None:
         self._input_thread.start()
         self._output_thread.start()
-        last_key: tuple[int, int, float] | None = None
-        last_stats_time = 0.0
+        core, inputs = self.core, self.input_queue
         try:
             running = True
             while running:
-                if not self.core.has_unfinished_requests():
-                    running = self._handle(self.input_queue.get())
+                if not core.has_unfinished_requests():
+                    self._report(idle=True)  # before blocking: everyone sees the idle state
+                    running = self._handle(inputs.get())
                 while running:
                     try:
-                        running = self._handle(self.input_queue.get_nowait())
+                        running = self._handle(inputs.get_nowait())
                     except queue.Empty:
                         break
-                stepped = False
-                if running and self.core.has_unfinished_requests():
-                    for client, outs in self.core.step().items():
+                if running and core.has_unfinished_requests():
+                    for client, outs in core.step().items():
                         self._send(client, outs)
-                    stepped = True
-                stats = self.core.stats()
-                if self.metrics is not None:
-                    self.metrics.update(stats, stepped)
-                if self._stats_sock is not None:
-                    now = time.monotonic()
-                    load = EngineLoad(self.engine_index, stats.num_waiting_reqs,
-                                      stats.num_running_reqs, stats.kv_cache_usage,
-                                      stats.prompt_tokens_total,
-                                      stats.generation_tokens_total,
-                                      stats.prefix_cache_queries, stats.prefix_cache_hits)
-                    # Routing needs fresh queue depths; the counters can ride along.
-                    key = (load.num_waiting, load.num_running, round(load.kv_cache_usage, 3))
-                    if key != last_key or now - last_stats_time > 1.0:
-                        self.output_queue.put((-1, encode(load)))
-                        last_key, last_stats_time = key, now
+                    if self.metrics is not None:
+                        self.metrics.observe_step(core.scheduler.last_num_scheduled_tokens)
+                    self._report()
         except BaseException as e:
             logger.exception("engine %d failed", self.engine_index)
             dead = EngineDead(self.engine_index, f"{type(e).__name__}: {e}")
@@ -266,6 +291,7 @@ def run_engine(handshake_addr: str, engine_index: int, model_dir: str | None = N
     signal.signal(signal.SIGTERM, lambda *_: proc.input_queue.put(ShutdownEngine()))
     # Ctrl-C in a terminal reaches the whole process group; the parent decides when we stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    freeze_startup_heap()
     proc.run()
     logger.info("engine %d stopped", engine_index)
     return 0

@@ -47,6 +47,7 @@ class AsyncEngineClient:
             self.snapshot.setsockopt(zmq.SUBSCRIBE, b"")
             self.snapshot.connect(snapshot_addr)
         self._tasks: list[asyncio.Task[None]] = []
+        self._flush_scheduled = False
 
     @property
     def input_addr(self) -> str:
@@ -90,12 +91,26 @@ class AsyncEngineClient:
     # ---- requests --------------------------------------------------------------------
     def add_request(self, request: EngineCoreRequest,
                     queue: OutputQueue | None = None) -> Route[OutputQueue]:
-        """Route and send one request. Its outputs (and a failure, if its engine dies) go to
+        """Route one request; it is sent with the others routed in this turn of the event
+        loop. Its outputs (and a failure: it could not be sent, its engine died) go to
         ``queue`` — pass one queue for several requests to wait on all of them at once."""
-        return self.core.add_request(request, asyncio.Queue() if queue is None else queue)
+        route = self.core.add_request(request, asyncio.Queue() if queue is None else queue)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+        return route
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        self._fail(self.core.flush())
+
+    @staticmethod
+    def _fail(failed: list[tuple[Route[OutputQueue], EngineUnavailableError]]) -> None:
+        for route, error in failed:
+            route.sink.put_nowait(error)
 
     def abort(self, request_ids: list[str]) -> None:
-        self.core.abort(request_ids)
+        self._fail(self.core.abort(request_ids))
 
     # ---- failures --------------------------------------------------------------------
     def engine_died(self, engine: int, reason: str) -> None:

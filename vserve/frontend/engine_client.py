@@ -5,8 +5,10 @@ the request ROUTER (every engine's DEALER connects, routing id = rank) and the o
 (every engine's PUSH connects); it learns which engines are connected from their
 ``EngineAnnounce``; it routes each request to the least-loaded engine (``LoadTracker``),
 remembers which engine owns which request so that aborts go there, and turns each output
-frame into ``(sink, output)`` pairs for the requests it knows. It never waits; the adapters
-own the waiting:
+frame into ``(sink, output)`` pairs for the requests it knows. Requests routed to an engine
+are queued and sent together by :meth:`EngineClientCore.flush` (the asyncio adapter flushes
+once per turn of its event loop), so a burst costs one message per engine, not one per
+request. It never waits; the adapters own the waiting:
 
 - :class:`AsyncEngineClient` (``vserve.frontend.async_client``, API servers): asyncio loops
   over the same sockets;
@@ -14,9 +16,11 @@ own the waiting:
   the caller's thread.
 
 Invariants:
-- A send never blocks and never fails silently: ZMQ queues it at once or it raises
-  :class:`EngineUnavailableError` at once (also on a ``zmq.asyncio`` socket, whose
-  non-blocking send settles its future before returning).
+- A send never blocks and never fails silently: ZMQ queues it at once or it fails at once
+  (also on a ``zmq.asyncio`` socket, whose non-blocking send settles its future before
+  returning). Requests whose ``AddRequests`` could not be queued come back from
+  :meth:`EngineClientCore.flush` with the error, for the adapter to end them.
+- On each engine's link, requests queued before an abort or a stats call are sent before it.
 - A route (one request in flight) ends exactly once: with its finishing output, with
   :meth:`engine_died` for its engine, or with :meth:`take_all`.
 - Outputs for an unknown request (aborted here already, a dead predecessor's) are dropped; a
@@ -39,6 +43,7 @@ from vserve.protocol import encode
 from vserve.protocol.outputs import EngineCoreOutput, EngineCoreOutputs, EngineDead, EngineOutput
 from vserve.protocol.requests import (
     AbortRequests,
+    AddRequests,
     EngineAnnounce,
     EngineCoreRequest,
     EngineInput,
@@ -124,29 +129,56 @@ class EngineClientCore(Generic[S]):
         self.connected: set[int] = set()
         self.dead_engines: dict[int, str] = {}
         self._call_ids = itertools.count()
+        # Requests routed but not sent yet, per engine (see flush).
+        self._unsent: dict[int, list[EngineCoreRequest]] = {}
 
     # ---- requests out ------------------------------------------------------------------
     def add_request(self, request: EngineCoreRequest, sink: S) -> Route[S]:
-        """Route ``request`` to the least-loaded engine and send it; its outputs will be
-        paired with ``sink``. Raises EngineDeadError, EngineUnavailableError (nothing sent,
-        nothing registered) or ValueError for an id already in flight."""
+        """Route ``request`` to the least-loaded engine and queue it for the next
+        :meth:`flush`; its outputs will be paired with ``sink``. Raises EngineDeadError or
+        ValueError for an id already in flight (nothing queued, nothing registered)."""
         if self.dead_engines:
             raise EngineDeadError(self.dead_reason())
         if request.request_id in self.routes:
             raise ValueError(f"request id {request.request_id!r} is already in flight")
         engine = self.load.pick_and_bump()
-        try:
-            self._send(engine, request)
-        except EngineUnavailableError:
-            self.load.unbump(engine)
-            raise
         route = Route(request.request_id, engine, sink)
         self.routes[request.request_id] = route
+        unsent = self._unsent.get(engine)
+        if unsent is None:
+            self._unsent[engine] = [request]
+        else:
+            unsent.append(request)
         return route
 
-    def abort(self, request_ids: list[str]) -> None:
+    @property
+    def has_unsent(self) -> bool:
+        return bool(self._unsent)
+
+    def flush(self) -> list[tuple[Route[S], EngineUnavailableError]]:
+        """Send the queued requests, one ``AddRequests`` per engine. Returns the routes of
+        requests that could not be sent (now ended) with the reason, for the caller to
+        fail their sinks."""
+        if not self._unsent:
+            return []
+        unsent, self._unsent = self._unsent, {}
+        failed: list[tuple[Route[S], EngineUnavailableError]] = []
+        for engine, requests in unsent.items():
+            try:
+                self._send(engine, AddRequests(requests))
+            except EngineUnavailableError as e:
+                for req in requests:
+                    route = self.routes.pop(req.request_id, None)
+                    if route is not None:
+                        self._mark_started(route)
+                        failed.append((route, e))
+        return failed
+
+    def abort(self, request_ids: list[str]) -> list[tuple[Route[S], EngineUnavailableError]]:
         """Abort requests still in flight, each at the engine that owns it; unknown or
-        finished ids are ignored. Their routes end here (no output reaches a sink after)."""
+        finished ids are ignored. Their routes end here (no output reaches a sink after).
+        Queued requests are flushed first; returns what that flush could not send."""
+        failed = self.flush()
         per_engine: dict[int, list[str]] = {}
         for rid in request_ids:
             route = self.routes.pop(rid, None)
@@ -161,10 +193,12 @@ class EngineClientCore(Generic[S]):
                 self._send(engine, AbortRequests(ids))
             except EngineUnavailableError as e:
                 logger.warning("abort of %d requests not delivered: %s", len(ids), e)
+        return failed
 
     def request_stats(self, engine: int) -> int:
         """Ask ``engine`` for its SchedulerStats; returns the call id its reply carries."""
         call_id = next(self._call_ids)
+        self.flush()
         self._send(engine, GetStats(call_id, self.client_index))
         return call_id
 
@@ -206,10 +240,11 @@ class EngineClientCore(Generic[S]):
         return msg
 
     def dispatch(self, outs: EngineCoreOutputs) -> list[tuple[S, EngineCoreOutput]]:
-        """Pair each output with its request's sink; a finishing output ends its route."""
+        """Pair each request's output of the step with its sink; a finishing output ends
+        its route."""
         delivered: list[tuple[S, EngineCoreOutput]] = []
         routes = self.routes
-        for out in outs.outputs:
+        for out in outs.unpack():
             route = routes.get(out.request_id)
             if route is None:
                 continue
@@ -234,6 +269,7 @@ class EngineClientCore(Generic[S]):
         if engine in self.dead_engines:
             return []
         self.dead_engines[engine] = reason
+        self._unsent.pop(engine, None)
         logger.error("engine %d died (%s): failing its requests", engine, reason)
         lost = [r for r in self.routes.values() if r.engine_index == engine]
         for route in lost:

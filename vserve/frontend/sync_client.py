@@ -9,7 +9,12 @@ from typing import Generic, TypeVar
 
 import zmq
 
-from vserve.frontend.engine_client import EngineClientCore, EngineDeadError, Route
+from vserve.frontend.engine_client import (
+    EngineClientCore,
+    EngineDeadError,
+    EngineUnavailableError,
+    Route,
+)
 from vserve.protocol.outputs import (
     EngineCoreOutput,
     EngineCoreOutputs,
@@ -48,14 +53,21 @@ class SyncEngineClient(Generic[S]):
                 self.check_alive()
 
     def add_request(self, request: EngineCoreRequest, sink: S) -> Route[S]:
+        """Route ``request``; it is sent with the others at the next :meth:`get_outputs`."""
         return self.core.add_request(request, sink)
 
     def abort(self, request_ids: list[str]) -> None:
-        self.core.abort(request_ids)
+        self._raise_failed(self.core.abort(request_ids))
+
+    @staticmethod
+    def _raise_failed(failed: list[tuple[Route[S], EngineUnavailableError]]) -> None:
+        if failed:
+            raise failed[0][1]
 
     def get_outputs(self) -> list[tuple[S, EngineCoreOutput]]:
-        """Wait for the next step's outputs of known requests (RuntimeError when the engine
-        is gone)."""
+        """Send what was added, then wait for the next step's outputs of known requests
+        (RuntimeError when the engine is gone)."""
+        self._raise_failed(self.core.flush())
         while True:
             delivered = self._receive()
             if delivered:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import gc
 import logging
 import os
 import queue
@@ -224,3 +225,16 @@ def terminate_children(procs: Iterable[subprocess.Popen[bytes]], timeout: float)
     if killed:
         logger.warning("killed %d child process(es) that ignored SIGTERM: %s", len(killed), killed)
     return killed
+
+
+def freeze_startup_heap() -> None:
+    """Collect, then move everything alive into the garbage collector's permanent
+    generation. Call once a process has finished starting (modules, model, sockets).
+
+    The objects made at startup live as long as the process; without this every full
+    collection walks them all again (a 0.2 s pause was measured in an engine serving a
+    batch of 256), and serving pays for it in latency spikes. Objects made later are
+    collected as usual.
+    """
+    gc.collect()
+    gc.freeze()

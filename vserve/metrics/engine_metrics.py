@@ -32,7 +32,11 @@ ITERATION_TOKENS = Histogram(
 
 
 class EngineMetrics:
-    """Turns the scheduler's cumulative stats into Prometheus series for one engine."""
+    """Turns the scheduler's cumulative stats into Prometheus series for one engine.
+
+    ``observe_step`` runs every step; ``update`` may run less often (the gauges are read at
+    scrape time, the counters take the increments since the last call).
+    """
 
     def __init__(self, model_name: str, engine_index: int) -> None:
         labels = {"model_name": model_name, "engine": str(engine_index)}
@@ -44,9 +48,13 @@ class EngineMetrics:
         self.preemptions = PREEMPTIONS.labels(**labels)
         self.iteration_tokens = ITERATION_TOKENS.labels(**labels)
         self._last = SchedulerStats()
-        self.update(SchedulerStats(), stepped=False)
+        self.update(SchedulerStats())
 
-    def update(self, stats: SchedulerStats, stepped: bool) -> None:
+    def observe_step(self, num_scheduled_tokens: int) -> None:
+        if num_scheduled_tokens:
+            self.iteration_tokens.observe(num_scheduled_tokens)
+
+    def update(self, stats: SchedulerStats) -> None:
         self.running.set(stats.num_running_reqs)
         self.waiting.set(stats.num_waiting_reqs)
         self.kv_usage.set(stats.kv_cache_usage)
@@ -58,6 +66,4 @@ class EngineMetrics:
             self.prefix_hits.inc(stats.prefix_cache_hits - last.prefix_cache_hits)
         if stats.num_preemptions > last.num_preemptions:
             self.preemptions.inc(stats.num_preemptions - last.num_preemptions)
-        if stepped and stats.num_scheduled_tokens:
-            self.iteration_tokens.observe(stats.num_scheduled_tokens)
         self._last = stats

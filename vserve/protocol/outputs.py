@@ -1,8 +1,9 @@
 """The output link: each API server (or ``LLM``) binds a PULL, every engine connects a PUSH.
 
 Engine → front end, one frame each, decoded as :data:`EngineOutput`:
-``EngineCoreOutputs`` (one step's outputs for this front end's requests), ``EngineStats``
-(the answer to a ``GetStats``) and ``EngineDead`` (the engine is going away).
+``EngineCoreOutputs`` (one step's outputs for this front end's requests, packed: a few lists
+per step, not an object per request), ``EngineStats`` (the answer to a ``GetStats``) and
+``EngineDead`` (the engine is going away).
 """
 
 from __future__ import annotations
@@ -47,7 +48,9 @@ class RequestTiming(msgspec.Struct, array_like=True, omit_defaults=True, gc=Fals
 
 
 class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
-    """What one step produced for one request."""
+    """What one step produced for one request: the per-request view of a step that
+    :meth:`EngineCoreOutputs.unpack` gives the front end (on the wire, a step's outputs are
+    packed; see there)."""
 
     request_id: str
     new_token_ids: list[int]
@@ -66,12 +69,67 @@ class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True, gc=F
         return self.finish_reason is not None
 
 
+class RequestLogprobs(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
+    """Logprobs a request asked for, of this step's token and/or of prompt positions."""
+
+    request_id: str
+    new_logprobs: Logprobs | None = None
+    new_prompt_logprobs: Logprobs | None = None
+
+
+class FinishedRequest(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
+    """A request that ended in this step (after its token of the step, if it got one)."""
+
+    request_id: str
+    finish_reason: FinishReason
+    stop_reason: int | str | None = None
+    num_cached_tokens: int = 0  # prompt tokens that were prefix-cache hits
+    error: str | None = None
+    timing: RequestTiming | None = None
+
+
 class EngineCoreOutputs(msgspec.Struct, tag="step", array_like=True, omit_defaults=True,
                         gc=False):
-    """One step's outputs for the requests of one front end (never empty)."""
+    """One step's outputs for the requests of one front end, packed.
+
+    ``request_ids[i]`` got the new token ``token_ids[i]`` (one token per request per step).
+    ``logprobs`` and ``finished`` list only the requests concerned, so a plain decode step
+    costs two lists however large the batch; a request may appear in them without a token
+    (a prompt chunk's logprobs, an abort, an error).
+    """
 
     engine_index: int
-    outputs: list[EngineCoreOutput]
+    request_ids: list[str] = []
+    token_ids: list[int] = []
+    logprobs: list[RequestLogprobs] = []
+    finished: list[FinishedRequest] = []
+
+    def unpack(self) -> list[EngineCoreOutput]:
+        """The step as one output per request, in order: tokens first, then requests that
+        only have logprobs or a finish."""
+        outs = [EngineCoreOutput(rid, [tok])
+                for rid, tok in zip(self.request_ids, self.token_ids, strict=True)]
+        if not self.logprobs and not self.finished:
+            return outs
+        by_id = {o.request_id: o for o in outs}
+        for lp in self.logprobs:
+            out = by_id.get(lp.request_id)
+            if out is None:
+                out = by_id[lp.request_id] = EngineCoreOutput(lp.request_id, [])
+                outs.append(out)
+            out.new_logprobs = lp.new_logprobs
+            out.new_prompt_logprobs = lp.new_prompt_logprobs
+        for fin in self.finished:
+            out = by_id.get(fin.request_id)
+            if out is None:
+                out = by_id[fin.request_id] = EngineCoreOutput(fin.request_id, [])
+                outs.append(out)
+            out.finish_reason = fin.finish_reason
+            out.stop_reason = fin.stop_reason
+            out.num_cached_tokens = fin.num_cached_tokens
+            out.error = fin.error
+            out.timing = fin.timing
+        return outs
 
 
 class SchedulerStats(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):

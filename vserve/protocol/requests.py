@@ -1,8 +1,9 @@
 """The request link: each API server (or ``LLM``) binds a ROUTER, every engine connects a
 DEALER whose routing id is its rank (:func:`engine_identity`).
 
-Front end → engine, one frame each, decoded as :data:`EngineInput`:
-``EngineCoreRequest`` (add a request), ``AbortRequests``, ``GetStats``.
+Front end → engine, one frame each, decoded as :data:`EngineInput`: ``AddRequests`` (the
+requests a front end routed to this engine within one turn of its event loop),
+``AbortRequests``, ``GetStats``.
 
 Engine → front end, one frame: :class:`EngineAnnounce`, sent when the DEALER connects and
 again when the front end at that endpoint was replaced (a ROUTER can address a peer only
@@ -16,8 +17,7 @@ import msgspec
 from vserve.protocol.sampling import SamplingParams
 
 
-class EngineCoreRequest(msgspec.Struct, tag="add", array_like=True, omit_defaults=True,
-                        gc=False):
+class EngineCoreRequest(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
     """One sequence to generate (``n > 1`` arrives as n of these, seeds ``seed + i``).
 
     Its outputs go to the front end ``client_index`` only.
@@ -30,6 +30,12 @@ class EngineCoreRequest(msgspec.Struct, tag="add", array_like=True, omit_default
     arrival_time: float
     client_index: int = 0
     priority: int = 0
+
+
+class AddRequests(msgspec.Struct, tag="add", array_like=True, gc=False):
+    """Requests to add, in order."""
+
+    requests: list[EngineCoreRequest]
 
 
 class AbortRequests(msgspec.Struct, tag="abort", array_like=True, gc=False):
@@ -47,7 +53,7 @@ class GetStats(msgspec.Struct, tag="stats", array_like=True, gc=False):
     client_index: int
 
 
-EngineInput = EngineCoreRequest | AbortRequests | GetStats
+EngineInput = AddRequests | AbortRequests | GetStats
 
 
 class EngineAnnounce(msgspec.Struct, tag="announce", array_like=True, gc=False):

@@ -9,18 +9,21 @@ The graphs read their inputs straight from the model runner's device staging buf
 fixed offsets (``mb`` = the largest captured size), so a step costs one host→device copy
 and the graph launch:
 
-    stage[0 : 4·mb]         [4, mb] int32: input ids, positions, slot mapping, seq lens
-    stage[4·mb]             the block table's row width for this step
-    stage[4·mb + 16 : …]    the block table, packed ``[bs, width]``
+    stage[0 : 5·mb]         [5, mb] int32: input ids, positions, slot mapping, seq lens,
+                            persistent rows
+    stage[5·mb]             the block table's row width for this step
+    stage[5·mb + 16 : …]    the block table, packed ``[bs, width]``
 
 The attention kernel reads the width from the device (``AttentionMetadata.block_table_stride``),
 so one graph serves every context length and table width. Outputs: ``logits`` [mb, vocab] float32
-(a persistent buffer) and the greedy tokens, written by the graph's last kernel over the
-input ids ``stage[0 : bs]``, so that a batch of plain greedy requests needs no kernel after
-the graph (one device→host copy) and a chained next step (async scheduling) finds its input
-tokens in place. Padded rows have
-token 0 at position 0, write their K/V to slot 0 of the reserved null block 0 and attend to
-that one token only; their outputs are never read. All graphs share one memory pool
+(a persistent buffer) and the greedy tokens, written by the graph's argmax over the input ids
+``stage[0 : bs]`` and into ``last_tokens[row]``, so that a batch of plain greedy requests
+needs no kernel after the graph (one device→host copy). An input id of ``DEVICE_TOKEN`` (-1)
+is replaced by ``last_tokens[row]`` inside the graph: a step chained behind one in flight
+(async scheduling) finds there the tokens that step sampled, whatever joined or left the
+batch in between. Padded rows have token 0 at position 0, write their K/V to slot 0 of the
+reserved null block 0, attend to that one token only and write their token to the dummy
+row; their outputs are never read. All graphs share one memory pool
 (captured largest first, as their intermediates are dead between replays).
 """
 
@@ -37,9 +40,9 @@ from vserve.attention.backend import AttentionMetadata
 logger = logging.getLogger(__name__)
 
 
-#: Where the block table starts after the four ``[mb]`` arrays and the width entry.
+#: Where the block table starts after the five ``[mb]`` arrays and the width entry.
 def table_offset(max_batch_size: int) -> int:
-    return 4 * max_batch_size + 16
+    return 5 * max_batch_size + 16
 
 
 def capture_sizes(max_batch_size: int) -> list[int]:
@@ -61,6 +64,7 @@ class DecodeGraphs:
         vocab_size: int,
         device: torch.device,
         stage: torch.Tensor,
+        last_tokens: torch.Tensor,
     ) -> None:
         self.model = model
         self.kv_caches = kv_caches
@@ -70,8 +74,10 @@ class DecodeGraphs:
         off = table_offset(mb)
         assert stage.numel() >= off + mb * max_blocks_per_seq
         self.stage = stage
-        self.small = stage[: 4 * mb].view(4, mb)
-        self.width = stage[4 * mb : 4 * mb + 1]
+        self.small = stage[: 5 * mb].view(5, mb)
+        self.width = stage[5 * mb : 5 * mb + 1]
+        self.last_tokens = last_tokens
+        self.dummy_row = last_tokens.shape[0] - 1
         self.table = stage[off:]
         self.query_start = torch.arange(mb + 1, dtype=torch.int32, device=device)
         self.logits = torch.zeros(mb, vocab_size, dtype=torch.float32, device=device)
@@ -104,21 +110,25 @@ class DecodeGraphs:
 
     def reset_inputs(self) -> None:
         """Dummy inputs: token 0 at position 0 in slot 0 of the null block, one token of
-        context, a table of width 1 pointing at block 0."""
+        context, a table of width 1 pointing at block 0, the dummy row."""
         self.small.zero_()
         self.small[3].fill_(1)
+        self.small[4].fill_(self.dummy_row)
         self.width.fill_(1)
         self.table[: self.max_batch_size].zero_()
 
     def _forward(self, bs: int) -> None:
-        hidden = self.model(self.small[0, :bs], self.small[1, :bs], self.kv_caches,
-                            self._metadata(bs))
         from vserve.ops.sampling import argmax  # triton: CUDA only
 
+        host_ids, rows = self.small[0, :bs], self.small[4, :bs].long()
+        ids = torch.where(host_ids >= 0, host_ids, self.last_tokens[rows])
+        hidden = self.model(ids, self.small[1, :bs], self.kv_caches, self._metadata(bs))
         logits = self.model.compute_logits(hidden, out=self.logits[:bs])
-        # Greedy tokens come out of the graph too, written over the input ids: that is where
-        # a chained next step reads them (and where ``sampled_ids`` finds them).
+        # Greedy tokens come out of the graph too: over the input ids (where ``sampled_ids``
+        # finds them) and into each row's ``last_tokens`` entry (where a chained step reads
+        # them).
         argmax(logits, out=self.small[0, :bs])
+        self.last_tokens.index_copy_(0, rows, self.small[0, :bs])
 
     @torch.inference_mode()
     def capture(self) -> None:

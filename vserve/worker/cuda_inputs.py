@@ -6,6 +6,12 @@ copy into one device staging buffer, whose slices are the step's tensors (decode
 fixed offsets of the same buffer, see ``vserve.worker.cuda_graphs``). Every CUDA API call
 costs the host 5-12 us on the machines measured, so a step makes as few as it can.
 
+A step chained behind one in flight (async scheduling) may need tokens that step is still
+sampling. Every request in the batch holds a persistent *row*; each step scatters the tokens
+it samples into ``last_tokens[row]`` on the device, and a position whose token the host does
+not know yet is uploaded as ``DEVICE_TOKEN`` (-1) and gathered from there, so the chained
+step never waits for the one before it, whatever joined or left the batch in between.
+
 Two pinned buffers are used in turn, so that with async scheduling the inputs of step n+1
 can be written while step n's copy may still be queued. Invariant: a pinned buffer is
 written only once the copy that last read it is known to be complete, either because a
@@ -14,6 +20,8 @@ copy (steps that sample nothing record one, as no result sync will follow them).
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -36,21 +44,34 @@ def block_table_rows(scheduled: list[ScheduledRequest], width: int, out: list[in
             out.extend([0] * (width - len(b)))
 
 
-def input_token(s: ScheduledRequest, start: int, overrides: dict[str, int] | None) -> int:
-    """The token at ``start`` for a one-token row: the in-flight step's sampled token for a
-    chained row (``overrides``), else the request's own."""
-    if s.num_ahead:
-        assert overrides is not None, "a chained row needs the previous step's tokens"
-        return overrides[s.request.request_id]
-    return s.request.all_token_ids[start]
+def input_token(s: ScheduledRequest, p: int, overrides: dict[str, int] | None) -> int:
+    """The token at position ``p`` of a one-token row: the request's own when it is known,
+    else the token the step in flight samples for it (``overrides``; -1 when there are
+    none: the device holds it, see ``CudaInputs``)."""
+    tokens = s.request.all_token_ids
+    if p < len(tokens):
+        return tokens[p]
+    if overrides is None:
+        return DEVICE_TOKEN
+    return overrides[s.request.request_id]
+
+
+#: A host token id meaning "the last token sampled for this row, on the device".
+DEVICE_TOKEN = -1
 
 
 class CudaInputs:
-    def __init__(self, size: int, graph_batch_size: int, device: torch.device) -> None:
+    """``max_rows``: rows a batch may hold (``last_tokens`` has one more, the dummy row that
+    padded graph rows write to)."""
+
+    def __init__(self, size: int, graph_batch_size: int, max_rows: int,
+                 device: torch.device) -> None:
         self.host = [torch.zeros(size, dtype=torch.int32, pin_memory=True) for _ in range(2)]
         self.host_np = [h.numpy() for h in self.host]
         self.stage = torch.zeros(size, dtype=torch.int32, device=device)
         self.mb = graph_batch_size  # the graphs' input layout (cuda_graphs) uses it
+        self.dummy_row = max_rows
+        self.last_tokens = torch.zeros(max_rows + 1, dtype=torch.int32, device=device)
         self._events = [torch.cuda.Event(), torch.cuda.Event()]
         self._last_use = [0, 0]  # number of the upload that last read each pinned buffer
         self._recorded = [False, False]  # an event follows that upload
@@ -58,8 +79,8 @@ class CudaInputs:
         self._done = 0  # uploads known complete
         self._next = 0
         # Sampled ids come back through pinned buffers used in turn as well.
-        self._out = [torch.zeros(max(graph_batch_size, 1), dtype=torch.int32, pin_memory=True)
-                     for _ in range(2)]
+        self._out = [torch.zeros(max(graph_batch_size, max_rows, 1), dtype=torch.int32,
+                                 pin_memory=True) for _ in range(2)]
         self._out_events = [torch.cuda.Event(), torch.cuda.Event()]
         self._next_out = 0
 
@@ -104,12 +125,13 @@ class CudaInputs:
         return host, ev
 
     # ---- eager steps --------------------------------------------------------------------
-    def prepare_eager(self, scheduled: list[ScheduledRequest], block_size: int,
-                      overrides: dict[str, int] | None = None) -> tuple[
-        torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor | None, int
-    ]:
-        """Inputs of any step in one copy: ``(ids, positions, metadata, rows to sample or
-        None, upload number)``."""
+    def prepare_eager(self, scheduled: list[ScheduledRequest], rows: list[int],
+                      block_size: int, overrides: dict[str, int] | None = None) -> EagerInputs:
+        """Inputs of any step in one copy. ``rows[i]`` is scheduled row i's persistent row.
+
+        A position whose token the host does not know (the step in flight samples it, and
+        ``overrides`` is None) is gathered from ``last_tokens`` on the device.
+        """
         bs = block_size
         ids: list[int] = []
         positions: list[int] = []
@@ -117,31 +139,41 @@ class CudaInputs:
         qsl = [0]
         seq_lens: list[int] = []
         sample_rows: list[int] = []
+        sample_row_ids: list[int] = []
+        token_rows: list[int] = []
+        dummy = self.dummy_row
         width = 0
-        for s in scheduled:
+        any_device = False
+        for s, row in zip(scheduled, rows, strict=True):
             req, n = s.request, s.num_new_tokens
             start = req.num_computed_tokens + s.num_ahead
             end = start + n
             blocks = s.block_ids
             if n == 1:
-                ids.append(input_token(s, start, overrides))
+                tok = input_token(s, start, overrides)
+                any_device |= tok == DEVICE_TOKEN
+                ids.append(tok)
                 positions.append(start)
                 slots.append(blocks[start // bs] * bs + start % bs)
+                token_rows.append(row)
             else:
                 ids.extend(req.all_token_ids[start:end])
                 positions.extend(range(start, end))
                 slots.extend(blocks[p // bs] * bs + p % bs for p in range(start, end))
+                token_rows.extend([dummy] * n)
             qsl.append(qsl[-1] + n)
             seq_lens.append(end)
-            if s.num_ahead or end == req.num_tokens:  # s.samples
+            if s.sample:
                 sample_rows.append(qsl[-1] - 1)
+                sample_row_ids.append(row)
             width = max(width, -(-end // bs))
         t, ns, nr = len(ids), len(seq_lens), len(sample_rows)
         # Segments start at multiples of 16 entries (64 bytes), so the kernels always see
         # 16-byte-aligned pointers (Triton specializes on alignment: no extra compilations).
         data: list[int] = []
         offsets = []
-        for seg in (ids, positions, slots, qsl, seq_lens, sample_rows):
+        for seg in (ids, positions, slots, qsl, seq_lens, sample_rows, sample_row_ids,
+                    token_rows if any_device else []):
             offsets.append(len(data))
             data.extend(seg)
             data.extend(_ALIGN_PAD[: -len(data) % 16])
@@ -151,7 +183,7 @@ class CudaInputs:
         self._writable()[:n_all] = data
         upload = self._upload(0, n_all, record=not sample_rows)
         stage = self.stage
-        o_ids, o_pos, o_slot, o_qsl, o_len, o_rows, o_bt = offsets
+        o_ids, o_pos, o_slot, o_qsl, o_len, o_rows, o_srow, o_trow, o_bt = offsets
         meta = AttentionMetadata(
             slot_mapping=stage[o_slot : o_slot + t],
             query_start_loc=stage[o_qsl : o_qsl + ns + 1],
@@ -162,19 +194,29 @@ class CudaInputs:
             query_start_loc_cpu=qsl,
             seq_lens_cpu=seq_lens,
         )
-        rows = stage[o_rows : o_rows + nr] if nr else None
-        return stage[o_ids : o_ids + t], stage[o_pos : o_pos + t], meta, rows, upload
+        input_ids = stage[o_ids : o_ids + t]
+        if any_device:
+            rows_t = stage[o_trow : o_trow + t].long()
+            input_ids = torch.where(input_ids >= 0, input_ids, self.last_tokens[rows_t])
+        return EagerInputs(
+            input_ids, stage[o_pos : o_pos + t], meta,
+            stage[o_rows : o_rows + nr] if nr else None,
+            stage[o_srow : o_srow + nr] if nr else None, upload)
+
+    def scatter_last_tokens(self, row_ids: torch.Tensor, tokens: torch.Tensor) -> None:
+        """Record ``tokens`` (int32, on the device) as the last sampled token of ``row_ids``."""
+        self.last_tokens.index_copy_(0, row_ids.long(), tokens.to(torch.int32))
 
     # ---- decode graphs ------------------------------------------------------------------
-    def prepare_decode(self, scheduled: list[ScheduledRequest], padded: int, block_size: int,
-                       samples: bool = True, ids_on_device: bool = False,
+    def prepare_decode(self, scheduled: list[ScheduledRequest], rows: list[int], padded: int,
+                       block_size: int, samples: bool = True,
                        overrides: dict[str, int] | None = None) -> int:
         """Write a pure decode step's inputs where the graphs read them with one copy;
-        returns the upload number. Padded rows: position 0, slot 0 of the null block, one
-        token of context, a table row of zeros (their token is whatever id is there).
+        returns the upload number. Padded rows: token 0 at position 0, slot 0 of the null
+        block, one token of context, a table row of zeros, the dummy row.
 
-        ``ids_on_device``: a chained step; its token ids are already in place, written by
-        the previous graph's argmax (same rows, same order), so the copy starts after them.
+        A row whose token the host does not know yet is uploaded as ``DEVICE_TOKEN``: the
+        graph gathers it from ``last_tokens`` (and scatters the tokens it samples there).
         """
         bs = block_size
         mb = self.mb
@@ -187,8 +229,7 @@ class CudaInputs:
             req = s.request
             p = req.num_computed_tokens + s.num_ahead
             q, r = divmod(p, bs)
-            if not ids_on_device:
-                ids.append(input_token(s, p, overrides))
+            ids.append(input_token(s, p, overrides))
             positions.append(p)
             slots.append(s.block_ids[q] * bs + r)
             seq_lens.append(p + 1)
@@ -200,17 +241,27 @@ class CudaInputs:
         off = table_offset(mb)
         end = off + padded * width
         h = self._writable()
-        if not ids_on_device:
-            h[0:n] = ids
-            h[n:padded] = 0
+        h[0:n] = ids
         h[mb : mb + n] = positions
         h[2 * mb : 2 * mb + n] = slots
         h[3 * mb : 3 * mb + n] = seq_lens
+        h[4 * mb : 4 * mb + n] = rows
         if padded > n:
+            h[n:padded] = 0
             h[mb + n : mb + padded] = 0
             h[2 * mb + n : 2 * mb + padded] = 0
             h[3 * mb + n : 3 * mb + padded] = 1
+            h[4 * mb + n : 4 * mb + padded] = self.dummy_row
             h[off + n * width : end] = 0
-        h[4 * mb] = width
+        h[5 * mb] = width
         h[off : off + n * width] = table
-        return self._upload(mb if ids_on_device else 0, end, record=not samples)
+        return self._upload(0, end, record=not samples)
+
+
+class EagerInputs(NamedTuple):
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    metadata: AttentionMetadata
+    sample_rows: torch.Tensor | None  # token index of each sampling row's last token
+    sample_row_ids: torch.Tensor | None  # the persistent row of each sampling row
+    upload: int

@@ -31,9 +31,9 @@ from vserve.models.loader import load_model, resolve_dtype
 from vserve.protocol.outputs import Logprobs
 from vserve.worker import kv_sizing
 from vserve.worker.cuda_graphs import DecodeGraphs, table_offset
-from vserve.worker.cuda_inputs import CudaInputs, input_token
+from vserve.worker.cuda_inputs import DEVICE_TOKEN, CudaInputs, input_token
 from vserve.worker.pending import PendingOutput
-from vserve.worker.sampler import Sampler, gather_logprobs
+from vserve.worker.sampler import Sampler, _argmax, gather_logprobs
 
 logger = logging.getLogger(__name__)
 
@@ -90,11 +90,17 @@ class ModelRunner:
             gbs = self.graph_batch_size()
             max_tokens = max(sc.max_num_batched_tokens, gbs)
             max_seqs = max(sc.max_num_seqs, gbs)
-            # ids, positions, slots (tokens); query starts, seq lens, sample rows (seqs);
-            # table; plus alignment padding of each segment — or the graphs' layout.
-            size = max(3 * max_tokens + 3 * max_seqs + 1 + max_seqs * self.max_blocks_per_seq
-                       + 6 * 16, table_offset(gbs) + gbs * self.max_blocks_per_seq)
-            self.inputs = CudaInputs(size, gbs, self.device)
+            # ids, positions, slots, token rows (tokens); query starts, seq lens, sample rows
+            # and their row ids (seqs); table; alignment padding of each segment — or the
+            # graphs' layout.
+            size = max(4 * max_tokens + 4 * max_seqs + 1 + max_seqs * self.max_blocks_per_seq
+                       + 8 * 16, table_offset(gbs) + gbs * self.max_blocks_per_seq)
+            # Every request in the batch holds a persistent row of ``last_tokens`` from its
+            # first step until the step that reports it finished (see CudaInputs).
+            self._max_rows = 2 * max_seqs
+            self._rows: dict[str, int] = {}
+            self._free_rows = list(range(self._max_rows - 1, -1, -1))
+            self.inputs = CudaInputs(size, gbs, self._max_rows, self.device)
 
     def _max_model_len(self) -> int:
         limit = self.arch.max_position_embeddings
@@ -145,7 +151,7 @@ class ModelRunner:
                 and self.attn_backend.supports_decode_graphs):
             self.graphs = DecodeGraphs(
                 self.model, self.kv_caches, self.graph_batch_size(), self.max_blocks_per_seq,
-                self.arch.vocab_size, self.device, self.inputs.stage)
+                self.arch.vocab_size, self.device, self.inputs.stage, self.inputs.last_tokens)
             self.graphs.capture()
 
     # ---- one step --------------------------------------------------------------------
@@ -165,7 +171,9 @@ class ModelRunner:
             start = req.num_computed_tokens + s.num_ahead
             end = start + n
             if n == 1:
-                input_ids.append(input_token(s, start, overrides))
+                tok = input_token(s, start, overrides)
+                assert tok != DEVICE_TOKEN, "a chained CPU step needs the previous tokens"
+                input_ids.append(tok)
             else:
                 input_ids.extend(req.all_token_ids[start:end])
             positions.extend(range(start, end))
@@ -195,34 +203,33 @@ class ModelRunner:
                             in_flight: PendingOutput | None = None) -> PendingOutput:
         """Launch one step; its output may still be on the device when this returns.
 
-        A chained step (``sched.chained``) takes its input tokens from ``in_flight``, the
-        step before it, whose ``result()`` has not been read yet: a decode graph reads them
-        where the previous graph left them, otherwise they are waited for.
+        A chained step (``sched.chained``) is launched while ``in_flight``, the step before
+        it, still runs. Tokens it needs from that step are taken from its result when the
+        host has it already, else (CUDA) gathered on the device from ``last_tokens``, so
+        nothing waits for the step in flight.
         """
         if sched.finished_request_ids:
             self.sampler.forget(sched.finished_request_ids)
+            self._release_rows(sched.finished_request_ids)
+        if sched.preempted_request_ids:
+            self._release_rows(sched.preempted_request_ids)
         if sched.is_empty:
             return PendingOutput(ModelRunnerOutput())
         if self.skip_compute:
-            assert not sched.chained
-            return PendingOutput(self._fake_step(sched))
+            return PendingOutput(self._fake_step(sched), chainable=True)
         scheduled = sched.scheduled
         overrides: dict[str, int] | None = None
         if sched.chained:
             assert in_flight is not None
-            ids = in_flight.device_request_ids
-            padded = self._graph_size(scheduled)
-            if (padded is not None and ids is not None
-                    and ids == [s.request.request_id for s in scheduled]):
-                return self._greedy_graph_step(scheduled, padded, ids_on_device=True)
-            overrides = in_flight.result().sampled_token_ids
+            if in_flight.ready or not self.is_cuda:
+                overrides = in_flight.result().sampled_token_ids
         if self.is_cuda:
             return self._execute_cuda(scheduled, overrides)
         ids_t, pos, meta = self._prepare(scheduled, overrides)
         hidden = self.model(ids_t, pos, self.kv_caches, meta)
         row0 = meta.query_start_loc_cpu
         logits = None
-        sampling = [i for i, s in enumerate(scheduled) if s.samples]
+        sampling = [i for i, s in enumerate(scheduled) if s.sample]
         if sampling:
             rows = torch.tensor([row0[i + 1] - 1 for i in sampling], device=hidden.device)
             logits = self.model.compute_logits(hidden[rows])
@@ -232,13 +239,35 @@ class ModelRunner:
         return PendingOutput(self._sample(scheduled, hidden, logits, row0),
                              chainable=Sampler.history_free([s.request for s in scheduled]))
 
+    # ---- persistent rows (CUDA) ------------------------------------------------------
+    def _batch_rows(self, scheduled: list[ScheduledRequest]) -> list[int]:
+        rows = self._rows
+        out = []
+        for s in scheduled:
+            rid = s.request.request_id
+            row = rows.get(rid)
+            if row is None:
+                if not self._free_rows:
+                    raise RuntimeError(f"no free batch row for {rid!r} ({self._max_rows} rows)")
+                row = rows[rid] = self._free_rows.pop()
+            out.append(row)
+        return out
+
+    def _release_rows(self, request_ids: set[str] | list[str]) -> None:
+        if not self.is_cuda:
+            return
+        for rid in request_ids:
+            row = self._rows.pop(rid, None)
+            if row is not None:
+                self._free_rows.append(row)
+
     def _sample(self, scheduled: list[ScheduledRequest], hidden: torch.Tensor | None,
                 logits: torch.Tensor | None, row0: list[int]) -> ModelRunnerOutput:
-        """Sampled tokens (of the rows whose ``samples``, in order: ``logits``' rows) and
+        """Sampled tokens (of the rows that ``sample``, in order: ``logits``' rows) and
         prompt logprobs into one output."""
         out = ModelRunnerOutput()
         if logits is not None:
-            reqs = [s.request for s in scheduled if s.samples]
+            reqs = [s.request for s in scheduled if s.sample]
             result = self.sampler(logits, reqs)
             for req, tok, lp in zip(reqs, result.sampled, result.logprobs):
                 out.sampled_token_ids[req.request_id] = tok
@@ -257,35 +286,29 @@ class ModelRunner:
             return None
         return self.graphs.padded_size(len(scheduled))
 
-    def _greedy_graph_step(self, scheduled: list[ScheduledRequest], padded: int,
-                           overrides: dict[str, int] | None = None,
-                           ids_on_device: bool = False) -> PendingOutput:
-        """A decode step of plain greedy rows through the graph of size ``padded``, whose
-        argmax is the output: one device→host copy, not waited for here."""
-        graphs, inputs = self.graphs, self.inputs
-        assert graphs is not None and inputs is not None
-        upload = inputs.prepare_decode(scheduled, padded, self.block_size, True,
-                                       ids_on_device, overrides)
-        graphs.replay(padded)
-        host, event = inputs.read_back(graphs.sampled_ids(len(scheduled)))
-        return PendingOutput.on_device([s.request.request_id for s in scheduled], host, event,
-                                       lambda: inputs.completed(upload))
-
     def _execute_cuda(self, scheduled: list[ScheduledRequest],
                       overrides: dict[str, int] | None) -> PendingOutput:
         graphs, inputs = self.graphs, self.inputs
         assert inputs is not None
         n = len(scheduled)
+        rows = self._batch_rows(scheduled)
+        requests = [s.request for s in scheduled]
         hidden: torch.Tensor | None = None
         logits: torch.Tensor | None = None
+        samples = [s.sample for s in scheduled]
+        chainable = Sampler.history_free(requests)
         padded = self._graph_size(scheduled)
         if graphs is not None and padded is not None:
-            samples = [s.num_ahead > 0 or s.samples for s in scheduled]
-            if all(samples) and Sampler.plain_greedy([s.request for s in scheduled]):
-                return self._greedy_graph_step(scheduled, padded, overrides)
-            upload = inputs.prepare_decode(scheduled, padded, self.block_size, any(samples),
-                                           False, overrides)
+            greedy = all(samples) and Sampler.plain_greedy(requests)
+            upload = inputs.prepare_decode(scheduled, rows, padded, self.block_size,
+                                           any(samples), overrides)
             all_logits = graphs.replay(padded)
+            if greedy:
+                # The graph's argmax is the output: one device→host copy, not waited for.
+                host, event = inputs.read_back(graphs.sampled_ids(n))
+                return PendingOutput.on_device([r.request_id for r in requests], host, event,
+                                               lambda: inputs.completed(upload),
+                                               chainable=chainable)
             if all(samples):
                 logits = all_logits[:n]
             elif any(samples):
@@ -293,33 +316,51 @@ class ModelRunner:
                 logits = all_logits[torch.tensor(idx, device=self.device)]
             row0 = list(range(n + 1))
         else:
-            ids, pos, meta, rows, upload = inputs.prepare_eager(scheduled, self.block_size,
-                                                                overrides)
-            hidden = self.model(ids, pos, self.kv_caches, meta)
-            if rows is not None:
-                logits = self.model.compute_logits(hidden[rows])
-            row0 = meta.query_start_loc_cpu
+            eager = inputs.prepare_eager(scheduled, rows, self.block_size, overrides)
+            upload = eager.upload
+            hidden = self.model(eager.input_ids, eager.positions, self.kv_caches,
+                                eager.metadata)
+            if eager.sample_rows is not None:
+                logits = self.model.compute_logits(hidden[eager.sample_rows])
+                sampling = [r for r, x in zip(requests, samples, strict=True) if x]
+                if (Sampler.plain_greedy(sampling)
+                        and not any(r.sampling_params.prompt_logprobs is not None
+                                    for r in requests)):
+                    assert eager.sample_row_ids is not None
+                    tokens = _argmax(logits).to(torch.int32)
+                    inputs.scatter_last_tokens(eager.sample_row_ids, tokens)
+                    host, event = inputs.read_back(tokens)
+                    return PendingOutput.on_device(
+                        [r.request_id for r in sampling], host, event,
+                        lambda: inputs.completed(upload), chainable=chainable)
+            row0 = eager.metadata.query_start_loc_cpu
         out = self._sample(scheduled, hidden, logits, row0)
         if logits is not None:
             # The sampled ids came back to the host: the stream has passed the upload.
             inputs.completed(upload)
-        return PendingOutput(out)
+        # The host holds this step's tokens, so a chained step takes them from here.
+        return PendingOutput(out, chainable=chainable)
 
     def _fake_step(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         """Benchmark mode: a deterministic token per sampling request, never an EOS or
         special id below 32, and logprob rows of 0.0 where asked, with no arithmetic."""
         out = ModelRunnerOutput()
-        vocab = self.arch.vocab_size
+        sampled = out.sampled_token_ids
+        top = self.arch.vocab_size - 1
         for s in sched.scheduled:
-            req = s.request
-            if not s.samples:
+            if not s.sample:
                 continue
-            tok = min(vocab - 1, 32 + (req.num_tokens * 7) % 64)
+            req = s.request
+            # The position after the row's last one: the length the sequence will have.
+            n = req.num_computed_tokens + s.num_ahead + s.num_new_tokens
+            tok = 32 + (n * 7) % 64
+            if tok > top:
+                tok = top
             while tok in req.eos_token_ids and tok > 0:
                 tok -= 1
-            out.sampled_token_ids[req.request_id] = tok
-            k = req.sampling_params.logprobs
-            if k is not None:
+            sampled[req.request_id] = tok
+            if req.wants_logprobs:
+                k = req.sampling_params.logprobs or 0
                 out.logprobs[req.request_id] = Logprobs([[tok] * (k + 1)], [[0.0] * (k + 1)],
                                                         [1])
         return out
@@ -333,7 +374,7 @@ class ModelRunner:
         recomputed (preempted) request from sending a position twice.
         """
         req = s.request
-        c, n, p = req.num_computed_tokens, s.num_new_tokens, req.num_prompt_tokens
+        c, n, p = req.num_computed_tokens + s.num_ahead, s.num_new_tokens, req.num_prompt_tokens
         first = max(c + 1, req.num_prompt_logprobs_done + 1)
         last = min(c + n, p - 1)
         if first > last:

@@ -13,10 +13,10 @@ class PendingOutput:
     """One step's ``ModelRunnerOutput``; ``result()`` waits for it (call it any number of
     times).
 
-    ``chainable``: the engine may build and launch the next decode step before calling
-    ``result()`` (async scheduling). True where that step can take its input tokens without
-    waiting: a decode graph leaves its sampled ids on the device where the next graph reads
-    them (``device_request_ids`` names the rows); on CPU the step is already complete.
+    ``chainable``: the engine may build and launch the next step before calling
+    ``result()`` (async scheduling): that step can take its input tokens without waiting
+    (on CUDA they stay in ``last_tokens`` on the device; a step already complete gives them
+    from its result) and sampling does not read the output history.
     """
 
     __slots__ = ("_output", "_host", "_event", "_on_done", "device_request_ids", "chainable")
@@ -34,11 +34,16 @@ class PendingOutput:
 
     @classmethod
     def on_device(cls, request_ids: list[str], host: torch.Tensor, event: torch.cuda.Event,
-                  on_done: Callable[[], None]) -> PendingOutput:
+                  on_done: Callable[[], None], chainable: bool = True) -> PendingOutput:
         """Greedy tokens being copied into the pinned ``host`` (one per row, in order of
         ``request_ids``), complete once ``event`` is; ``on_done`` runs after the wait."""
-        return cls(None, chainable=True, device_request_ids=request_ids, host=host,
+        return cls(None, chainable=chainable, device_request_ids=request_ids, host=host,
                    event=event, on_done=on_done)
+
+    @property
+    def ready(self) -> bool:
+        """The output is on the host already (``result()`` will not wait)."""
+        return self._output is not None
 
     def result(self) -> ModelRunnerOutput:
         if self._output is None:
