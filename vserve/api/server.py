@@ -17,6 +17,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import sys
 import time
 from collections.abc import Callable, Generator
@@ -28,12 +29,14 @@ import zmq
 import zmq.asyncio
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from vserve.api.acceptor import BalancedAcceptor
 from vserve.api.state import ServerState
 from vserve.config import ServeConfig
 from vserve.frontend.async_client import AsyncEngineClient
 from vserve.frontend.engine_client import EngineUnavailableError
 from vserve.frontend.input_processor import load_eos_token_ids
 from vserve.frontend.tokenizer import Tokenizer
+from vserve.launch.connections import ConnectionTable
 from vserve.launch.fd_passing import receive_listen_socket
 from vserve.launch.lifetime import (
     exit_when_parent_dies,
@@ -62,11 +65,40 @@ _control_decoder = msgspec.msgpack.Decoder(ToApiServer)
 
 
 class _Server(uvicorn.Server):
-    """uvicorn without its own signal handlers: this process decides what signals mean."""
+    """uvicorn serving the shared listening socket through a ``BalancedAcceptor`` (not its
+    own accept loop), without its own signal handlers: this process decides what signals
+    mean."""
+
+    def __init__(self, config: uvicorn.Config, acceptor: BalancedAcceptor) -> None:
+        super().__init__(config)
+        self.acceptor = acceptor
 
     @contextlib.contextmanager
     def capture_signals(self) -> Generator[None, None, None]:
         yield
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        # No listeners of uvicorn's own; the acceptor hands connections to its protocol.
+        await super().startup(sockets=[])
+        base = self.config.http_protocol_class
+        acceptor = self.acceptor
+
+        class CountedProtocol(base):  # type: ignore[valid-type,misc]
+            def connection_lost(self, exc: Exception | None) -> None:
+                super().connection_lost(exc)
+                acceptor.connection_closed()
+
+        config, state = self.config, self.server_state
+
+        def create_protocol() -> asyncio.Protocol:
+            return CountedProtocol(config=config, server_state=state,  # type: ignore[no-any-return]
+                                   app_state=self.lifespan.state)
+
+        acceptor.start(create_protocol)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        self.acceptor.stop()
+        await super().shutdown(sockets=sockets)
 
 
 def with_server_header(app: ASGIApp, index: int) -> ASGIApp:
@@ -143,6 +175,7 @@ async def serve(index: int, args: ApiServerArgs) -> None:
     )
     await client.wait_for_engines()
     sock = receive_listen_socket(args.fd_socket_path)
+    table = ConnectionTable(args.connections_path, serve_config.server.api_server_count)
 
     from vserve.api.app import build_app
 
@@ -155,7 +188,7 @@ async def serve(index: int, args: ApiServerArgs) -> None:
                             log_config=None, backlog=2048,
                             log_level=serve_config.server.uvicorn_log_level,
                             timeout_graceful_shutdown=5)
-    server = _Server(config)
+    server = _Server(config, BalancedAcceptor(sock, table, index))
     loop = asyncio.get_running_loop()
     drain_task: asyncio.Task[None] | None = None
 

@@ -27,6 +27,7 @@ import zmq
 
 from vserve import envs
 from vserve.config import ServeConfig
+from vserve.launch.connections import ConnectionTable
 from vserve.launch.coordinator import Coordinator
 from vserve.launch.engines import EngineLauncher, EngineStartupFailed
 from vserve.launch.fd_passing import ListenSocketServer
@@ -86,6 +87,7 @@ class Supervisor:
         self.listen_sock: socket.socket | None = None
         self.uds_inode: int | None = None
         self.headless_procs: dict[int, subprocess.Popen[bytes]] = {}
+        self.connections: ConnectionTable | None = None
 
     # ---- addresses ---------------------------------------------------------------------
     def _addr(self, name: str) -> str:
@@ -126,6 +128,7 @@ class Supervisor:
         if server.uds:
             self.uds_inode = os.stat(server.uds).st_ino
         self.listen_server = ListenSocketServer(sock, str(self.run_dir / "listen.sock"))
+        self.connections = ConnectionTable(self.run_dir / "connections", n, create=True)
         self.launcher = EngineLauncher(
             ctx=self.ctx, config=self.engine_config, model_dir=self.model_dir,
             handshake_addr=self._handshake_addr(), input_addrs=[], output_addrs=[],
@@ -142,6 +145,7 @@ class Supervisor:
         self.api_args = ApiServerArgs(
             config=self.config.to_msgpack(), model_dir=str(self.model_dir), handshake_addr=self.launcher.handshake_addr,
             fd_socket_path=self.listen_server.path,
+            connections_path=str(self.connections.path),
             input_addrs=[self._addr(f"input-{i}") for i in range(n)],
             output_addrs=[self._addr(f"output-{i}") for i in range(n)],
             snapshot_addr=snapshot_addr, supervisor_pid=os.getpid())
@@ -276,6 +280,8 @@ class Supervisor:
         logger.error("%s exited with code %s: starting a replacement", api_server_name(index),
                      code)
         mark_process_dead(self.api_procs[index].pid)
+        if self.connections is not None:
+            self.connections.mark_absent(index)  # the others stop deferring to it
         self.launcher.send_control(ClientDied(index))
         self.api_peers.pop(index, None)
         now = time.monotonic()

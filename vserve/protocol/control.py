@@ -129,6 +129,7 @@ class ApiServerArgs(msgspec.Struct, gc=False):
     model_dir: str
     handshake_addr: str
     fd_socket_path: str
+    connections_path: str  # the ConnectionTable every API server shares
     input_addrs: list[str]  # per client index: where to bind (replacements reuse them)
     output_addrs: list[str]
     snapshot_addr: str | None
