@@ -32,6 +32,7 @@ import gc
 import json
 import math
 import os
+import random
 import re
 import signal
 import subprocess
@@ -275,6 +276,7 @@ def engine_decode(model_dir: Path, weight_bytes: int, copy_bw: float, args: argp
 
     inputs.prepare_decode = timed("prepare_upload", orig_prepare)
     graphs.replay = timed("graph_launch", orig_replay)
+    core.async_scheduling = False  # the loop below steps the parts by hand, in order
     _add(core, random_prompts(1, 128, vocab, 3), 64)
     core.step()
     for v in parts.values():
@@ -292,6 +294,7 @@ def engine_decode(model_dir: Path, weight_bytes: int, copy_bw: float, args: argp
         parts["update"].append(d - c)
         parts["step_total"].append(d - a)
     del inputs.prepare_decode, graphs.replay  # back to the class's methods
+    core.async_scheduling = True
     res["host_breakdown_us"] = {k: float(np.median(v)) * 1e6 for k, v in parts.items() if v}
     # The pieces of the input upload, each timed alone (GPU idle).
     torch.cuda.synchronize()
@@ -328,6 +331,24 @@ def engine_decode(model_dir: Path, weight_bytes: int, copy_bw: float, args: argp
         core.step()
     torch.cuda.synchronize()
     res["engine_batch256_output_tokens_per_s"] = n * 128 / (time.perf_counter() - t0)
+
+    # Steady churn, in-process: 256 in flight, each finished request replaced at once by a
+    # new one, output lengths spread over 64..192 (mean 128) so that requests arrive and
+    # finish at every step, as behind an HTTP front end.
+    rng = random.Random(5)
+    total, started, done, produced = 1024, 0, 0, 0
+    t0 = time.perf_counter()
+    while True:
+        while started < total and started - done < n:
+            _add(core, random_prompts(1, 128, vocab, 1000 + started), rng.randrange(64, 193))
+            started += 1
+        if not core.has_unfinished_requests():
+            break
+        for outs in core.step().values():
+            produced += len(outs.token_ids)
+            done += len(outs.finished)
+    torch.cuda.synchronize()
+    res["engine_churn256_output_tokens_per_s"] = produced / (time.perf_counter() - t0)
 
     if args.profile:
         profile_steps(core, out, vocab)
@@ -609,7 +630,8 @@ def report(s: dict[str, Any]) -> str:
                 f"tok/s, {e[f'graph_gbps_bs{b}']:.0f} GB/s)"
                 for b in (1, 16, 64, 256) if f"graph_step_ms_bs{b}" in e),
             f"engine, 256 x (128 in, 128 out), in process: "
-            f"{e['engine_batch256_output_tokens_per_s']:.0f} output tokens/s",
+            f"{e['engine_batch256_output_tokens_per_s']:.0f} output tokens/s; steady churn "
+            f"(256 in flight, 64..192 out): {e.get('engine_churn256_output_tokens_per_s', 0):.0f}",
             f"KV blocks {e['num_kv_blocks']}, max concurrency at 4096 tokens "
             f"{e['max_concurrency_at_4096']:.1f}"]
     sv = s.get("serving")
