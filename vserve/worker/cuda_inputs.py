@@ -12,9 +12,8 @@ it samples into ``last_tokens[row]`` on the device, and a position whose token t
 not know yet is uploaded as ``DEVICE_TOKEN`` (-1) and gathered from there, so the chained
 step never waits for the one before it, whatever joined or left the batch in between.
 
-``_NUM_BUFFERS`` pinned buffers are used in turn, so that with async scheduling the inputs
-of step n+1 can be written while step n's copies may still be queued (a step may make two
-uploads: a mixed step runs its decode rows through a graph and its prefill rows eagerly). Invariant: a pinned buffer is
+Two pinned buffers are used in turn, so that with async scheduling the inputs of step n+1
+can be written while step n's copy may still be queued. Invariant: a pinned buffer is
 written only once the copy that last read it is known to be complete, either because a
 later result was synchronized (``completed``) or by waiting on the event recorded after that
 copy (steps that sample nothing record one, as no result sync will follow them).
@@ -59,8 +58,6 @@ def input_token(s: ScheduledRequest, p: int, overrides: dict[str, int] | None) -
 
 #: A host token id meaning "the last token sampled for this row, on the device".
 DEVICE_TOKEN = -1
-#: Pinned buffers each way: two uploads (and two read-backs) per step, one step in flight.
-_NUM_BUFFERS = 4
 
 
 class CudaInputs:
@@ -69,25 +66,22 @@ class CudaInputs:
 
     def __init__(self, size: int, graph_batch_size: int, max_rows: int,
                  device: torch.device) -> None:
-        self.host = [torch.zeros(size, dtype=torch.int32, pin_memory=True)
-                     for _ in range(_NUM_BUFFERS)]
+        self.host = [torch.zeros(size, dtype=torch.int32, pin_memory=True) for _ in range(2)]
         self.host_np = [h.numpy() for h in self.host]
         self.stage = torch.zeros(size, dtype=torch.int32, device=device)
         self.mb = graph_batch_size  # the graphs' input layout (cuda_graphs) uses it
         self.dummy_row = max_rows
         self.last_tokens = torch.zeros(max_rows + 1, dtype=torch.int32, device=device)
-        self._events = [torch.cuda.Event() for _ in range(_NUM_BUFFERS)]
-        # Number of the upload that last read each pinned buffer, and whether an event
-        # follows it.
-        self._last_use = [0] * _NUM_BUFFERS
-        self._recorded = [False] * _NUM_BUFFERS
+        self._events = [torch.cuda.Event(), torch.cuda.Event()]
+        self._last_use = [0, 0]  # number of the upload that last read each pinned buffer
+        self._recorded = [False, False]  # an event follows that upload
         self._uploads = 0
         self._done = 0  # uploads known complete
         self._next = 0
         # Sampled ids come back through pinned buffers used in turn as well.
         self._out = [torch.zeros(max(graph_batch_size, max_rows, 1), dtype=torch.int32,
-                                 pin_memory=True) for _ in range(_NUM_BUFFERS)]
-        self._out_events = [torch.cuda.Event() for _ in range(_NUM_BUFFERS)]
+                                 pin_memory=True) for _ in range(2)]
+        self._out_events = [torch.cuda.Event(), torch.cuda.Event()]
         self._next_out = 0
 
     # ---- pinned buffers -----------------------------------------------------------------
@@ -110,7 +104,7 @@ class CudaInputs:
         if record:
             self._events[i].record()
         self._recorded[i] = record
-        self._next = (i + 1) % _NUM_BUFFERS
+        self._next = 1 - i
         return self._uploads
 
     def completed(self, upload: int) -> None:
@@ -120,10 +114,10 @@ class CudaInputs:
 
     def read_back(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event]:
         """Queue a copy of the int32 ``ids`` into a pinned buffer; returns ``(host view,
-        event)``. The view is valid after ``event.synchronize()`` until ``_NUM_BUFFERS`` more
-        calls."""
+        event)``. The view is valid after ``event.synchronize()`` until the next-but-one
+        call."""
         i = self._next_out
-        self._next_out = (i + 1) % _NUM_BUFFERS
+        self._next_out = 1 - i
         host = self._out[i][: ids.numel()]
         host.copy_(ids, non_blocking=True)
         ev = self._out_events[i]

@@ -58,9 +58,6 @@ def select_attention_backend(device: torch.device) -> AttentionBackend:
 
 
 MAX_GRAPH_BATCH_SIZE = 256
-# Below this many decode rows, a mixed step stays one eager forward: a separate graph replay
-# reads every weight once more, which costs more than a few decode rows in the eager batch.
-MIN_SPLIT_DECODE_ROWS = 8
 
 
 class ModelRunner:
@@ -291,22 +288,6 @@ class ModelRunner:
 
     def _execute_cuda(self, scheduled: list[ScheduledRequest],
                       overrides: dict[str, int] | None) -> PendingOutput:
-        """One step on CUDA. A mixed step (sampling decode rows and prefill rows) runs as two
-        forwards: its decode rows through the decode graph, its other rows eagerly — one
-        eager forward over both would run the decode rows through the prefill attention
-        kernel and launch every kernel from the host, several times slower at batch 256."""
-        graphs = self.graphs
-        if graphs is not None and len(scheduled) > 1:
-            decode = [s for s in scheduled if s.num_new_tokens == 1 and s.sample]
-            if (MIN_SPLIT_DECODE_ROWS <= len(decode) < len(scheduled)
-                    and graphs.padded_size(len(decode)) is not None):
-                others = [s for s in scheduled if not (s.num_new_tokens == 1 and s.sample)]
-                return PendingOutput.merge(self._execute_cuda_rows(decode, overrides),
-                                           self._execute_cuda_rows(others, overrides))
-        return self._execute_cuda_rows(scheduled, overrides)
-
-    def _execute_cuda_rows(self, scheduled: list[ScheduledRequest],
-                           overrides: dict[str, int] | None) -> PendingOutput:
         graphs, inputs = self.graphs, self.inputs
         assert inputs is not None
         n = len(scheduled)
@@ -357,14 +338,7 @@ class ModelRunner:
         if logits is not None:
             # The sampled ids came back to the host: the stream has passed the upload.
             inputs.completed(upload)
-        if out.sampled_token_ids:
-            # Keep every row's last token on the device as well: a chained step gathers
-            # there whatever it cannot take from a result already on the host (this one
-            # may be half of a merged step).
-            sampled = [(row, out.sampled_token_ids[s.request.request_id])
-                       for s, row in zip(scheduled, rows, strict=True) if s.sample]
-            pairs = torch.tensor(sampled, dtype=torch.int32).to(self.device)
-            inputs.scatter_last_tokens(pairs[:, 0], pairs[:, 1])
+        # The host holds this step's tokens, so a chained step takes them from here.
         return PendingOutput(out, chainable=chainable)
 
     def _fake_step(self, sched: SchedulerOutput) -> ModelRunnerOutput:

@@ -19,8 +19,7 @@ class PendingOutput:
     from its result) and sampling does not read the output history.
     """
 
-    __slots__ = ("_output", "_host", "_event", "_on_done", "_parts", "device_request_ids",
-                 "chainable")
+    __slots__ = ("_output", "_host", "_event", "_on_done", "device_request_ids", "chainable")
 
     def __init__(self, output: ModelRunnerOutput | None = None, *, chainable: bool = False,
                  device_request_ids: list[str] | None = None, host: torch.Tensor | None = None,
@@ -30,7 +29,6 @@ class PendingOutput:
         self._host = host
         self._event = event
         self._on_done = on_done
-        self._parts: tuple[PendingOutput, PendingOutput] | None = None
         self.device_request_ids = device_request_ids
         self.chainable = chainable
 
@@ -42,28 +40,12 @@ class PendingOutput:
         return cls(None, chainable=chainable, device_request_ids=request_ids, host=host,
                    event=event, on_done=on_done)
 
-    @classmethod
-    def merge(cls, first: PendingOutput, second: PendingOutput) -> PendingOutput:
-        """One step's output made of two parts launched one after the other (the rows of
-        each are distinct)."""
-        merged = cls(None, chainable=first.chainable and second.chainable)
-        merged._parts = (first, second)
-        return merged
-
     @property
     def ready(self) -> bool:
         """The output is on the host already (``result()`` will not wait)."""
         return self._output is not None
 
     def result(self) -> ModelRunnerOutput:
-        if self._output is None and self._parts is not None:
-            out = ModelRunnerOutput()
-            for part in self._parts:
-                r = part.result()
-                out.sampled_token_ids.update(r.sampled_token_ids)
-                out.logprobs.update(r.logprobs)
-                out.prompt_logprobs.update(r.prompt_logprobs)
-            self._output, self._parts = out, None
         if self._output is None:
             assert self._event is not None and self._host is not None
             assert self.device_request_ids is not None
