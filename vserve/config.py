@@ -238,7 +238,10 @@ class ServerConfig:
                                    help="API-server processes sharing the listening socket")
     api_keys: tuple[str, ...] = option(
         (), flags=("--api-key",), nargs="+",
-        help="bearer tokens clients must send; $VSERVE_API_KEY is accepted as well")
+        help="bearer tokens clients must send (visible in the process list: prefer "
+             "--api-key-file or $VSERVE_API_KEY, which are accepted as well)")
+    api_key_file: str | None = option(
+        None, help="a file of bearer tokens clients may send, one per line")
     allowed_origins: tuple[str, ...] = option((), nargs="*", help="CORS allowed origins")
     allowed_methods: tuple[str, ...] = option(("*",), nargs="*", help="CORS allowed methods")
     allowed_headers: tuple[str, ...] = option(("*",), nargs="*", help="CORS allowed headers")
@@ -264,6 +267,9 @@ class ServerConfig:
             raise ValueError("shutdown_timeout must be non-negative")
         if self.max_num_queued_reqs is not None and self.max_num_queued_reqs < 0:
             raise ValueError("max_num_queued_reqs must be non-negative")
+        if any(not key.strip() for key in self.api_keys):
+            raise ValueError("an API key must not be empty (it would let any client in with "
+                             "an empty bearer token)")
         _check_choice(self, "log_level")
         _check_choice(self, "uvicorn_log_level")
 

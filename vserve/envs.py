@@ -21,7 +21,8 @@ def default_host() -> str:
 
 
 def api_key() -> str | None:
-    return os.environ.get(VSERVE_API_KEY) or None
+    """``$VSERVE_API_KEY``; set but empty is returned as "" (and refused at startup)."""
+    return os.environ.get(VSERVE_API_KEY)
 
 
 def engine_ready_timeout() -> float:

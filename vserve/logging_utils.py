@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from collections.abc import Sequence
 
 ROOT_LOGGER = "vserve"
@@ -85,3 +86,28 @@ def get_logger(name: str) -> logging.Logger:
     if name == ROOT_LOGGER or name.startswith(ROOT_LOGGER + "."):
         return logging.getLogger(name)
     return logging.getLogger(f"{ROOT_LOGGER}.{name}")
+
+
+class RateLimitedWarning:
+    """A warning that may repeat without bound (a peer sending garbage): logged the first
+    time, then at most once every ``interval`` seconds with how many occurred in between, so
+    a misbehaving or hostile peer cannot flood the log. Thread-safe enough: a race may log
+    one extra line, never lose the count for long."""
+
+    def __init__(self, logger: logging.Logger, interval: float = 10.0) -> None:
+        self.logger = logger
+        self.interval = interval
+        self.count = 0
+        self._suppressed = 0
+        self._last = float("-inf")
+
+    def __call__(self, msg: str, *args: object) -> None:
+        self.count += 1
+        now = time.monotonic()
+        if now - self._last < self.interval:
+            self._suppressed += 1
+            return
+        if self._suppressed:
+            msg += f" ({self._suppressed} more like it in the last {self.interval:.0f}s)"
+        self._last, self._suppressed = now, 0
+        self.logger.warning(msg, *args, stacklevel=2)

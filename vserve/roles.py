@@ -1,12 +1,14 @@
-"""vserve's process roles: the module each child runs as, the name it logs under, and how
-to tell one from its command line (for the process metrics, tests and benchmarks).
+"""vserve's process roles: the module each child runs as, the command that starts it, the
+name it logs under, and how to tell one from its command line (for the process metrics,
+tests and benchmarks).
 
-Every child is ``python -m MODULE ...`` (see ``vserve.launch.lifetime.spawn_child``), so the
-command line names the role, and the index follows a flag of its own.
+Every child runs ``MODULE`` as ``__main__`` in a fresh interpreter (:func:`child_command`),
+so its command line names the role, and the index follows a flag of its own.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 
 API_SERVER_MODULE = "vserve.api.server"
@@ -18,6 +20,20 @@ ENGINE_INDEX_FLAG = "--engine-index"
 
 _ROLES = ((API_SERVER_MODULE, "api_server", API_SERVER_INDEX_FLAG),
           (ENGINE_MODULE, "engine", ENGINE_INDEX_FLAG))
+
+
+# ``python -m`` would put the working directory first on sys.path, so a file named like a
+# module vserve imports (``grp.py``, ``uuid.py``) in the directory where ``vserve serve`` was
+# started would be imported by every child. This drops it (only builtins run before), then
+# runs the module as ``python -m`` would.
+_RUN_MODULE = ("import sys; sys.path[:1] = [] if sys.path[:1] == [''] else sys.path[:1]; "
+               "import runpy; m = sys.argv.pop(1); sys.argv[0] = m; "
+               "runpy.run_module(m, run_name='__main__', alter_sys=True)")
+
+
+def child_command(module: str, args: Sequence[str] = ()) -> list[str]:
+    """The command line of a child running ``module`` (as ``__main__``) with ``args``."""
+    return [sys.executable, "-c", _RUN_MODULE, module, *args]
 
 
 def api_server_name(index: int) -> str:

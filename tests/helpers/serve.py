@@ -24,14 +24,19 @@ _SERVING = re.compile(r"vserve is serving .* on (http://\S+|unix:\S+)")
 
 
 class ServeProcess:
-    def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
+    def __init__(self, args: list[str], env: dict[str, str] | None = None,
+                 cwd: str | os.PathLike[str] | None = None,
+                 command: list[str] | None = None) -> None:
+        """``command`` replaces ``python -m vserve.cli.main serve`` (e.g. the installed
+        ``vserve serve`` script, which does not put the working directory on sys.path)."""
         self.log_path = Path(tempfile.mkstemp(prefix="vserve-test-", suffix=".log")[1])
         self._log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
         full_env = dict(os.environ)
         full_env.update(env or {})
         full_env.setdefault("PYTHONUNBUFFERED", "1")
-        self.proc = subprocess.Popen(VSERVE + args, stdout=self._log, stderr=subprocess.STDOUT,
-                                     env=full_env, start_new_session=True)
+        self.proc = subprocess.Popen((command or VSERVE) + args, stdout=self._log,
+                                     stderr=subprocess.STDOUT, env=full_env,
+                                     start_new_session=True, cwd=cwd)
         self.base_url = ""
         self.children: list[psutil.Process] = []
 
@@ -65,6 +70,17 @@ class ServeProcess:
                 time.sleep(0.05)
         self.children = psutil.Process(self.pid).children(recursive=True)
         return self.base_url
+
+    def run_dir(self) -> str:
+        """The server's private run directory (from an API server's command line)."""
+        for p in self.children:
+            try:
+                cmd = p.cmdline()
+            except psutil.Error:
+                continue
+            if "--args-file" in cmd:
+                return os.path.dirname(cmd[cmd.index("--args-file") + 1])
+        raise AssertionError("no API server found")
 
     def process_names(self) -> dict[int, str]:
         """pid → role (``api_server``, ``engine``) of each vserve child."""
@@ -113,8 +129,8 @@ class ServeProcess:
 
 
 @contextmanager
-def serve(*args: str, env: dict[str, str] | None = None,
-          timeout: float = 120.0) -> Iterator[ServeProcess]:
+def serve(*args: str, env: dict[str, str] | None = None, timeout: float = 120.0,
+          cwd: str | os.PathLike[str] | None = None) -> Iterator[ServeProcess]:
     """``with serve("demo", "--api-server-count", "2") as srv: httpx.get(srv.base_url…)``.
 
     Uses ``--port 0`` unless a port or --uds is given: the real port is read from the log.
@@ -122,7 +138,7 @@ def serve(*args: str, env: dict[str, str] | None = None,
     argv = list(args)
     if "--port" not in argv and "--uds" not in argv:
         argv += ["--port", "0"]
-    srv = ServeProcess(argv, env)
+    srv = ServeProcess(argv, env, cwd)
     try:
         srv.wait_serving(timeout)
         yield srv

@@ -40,14 +40,7 @@ def _stream_completion(base: str, max_tokens: int, results: list, timeout: float
 
 
 def _run_dir_of(srv: ServeProcess) -> str:
-    for p in srv.children:
-        try:
-            cmd = p.cmdline()
-        except psutil.Error:
-            continue
-        if "--args-file" in cmd:
-            return os.path.dirname(cmd[cmd.index("--args-file") + 1])
-    raise AssertionError("no API server found")
+    return srv.run_dir()
 
 
 def test_sigterm_drains_in_flight_requests_then_exits_zero():

@@ -20,7 +20,14 @@ from vserve.api import chat, completions, tokenize
 from vserve.api.errors import add_exception_handlers
 from vserve.api.generation import resolve_model
 from vserve.api.middleware import add_middleware
-from vserve.api.responses import ERROR_RESPONSES, ModelCard, ModelList, VersionResponse
+from vserve.api.responses import (
+    ERROR_RESPONSES,
+    HealthResponse,
+    ModelCard,
+    ModelList,
+    ReadyResponse,
+    VersionResponse,
+)
 from vserve.api.serving import json_response
 from vserve.api.state import ServerState
 
@@ -39,16 +46,22 @@ def build_app(state: ServerState) -> FastAPI:
         return {"id": name, "object": "model", "created": state.created, "owned_by": "vserve",
                 "root": state.engine_config.model.model, "max_model_len": state.max_model_len}
 
-    @app.get("/health", tags=["operations"], responses={503: {"description": "An engine died"}})
+    @app.get("/health", tags=["operations"], response_model=HealthResponse,
+             responses={503: {"description": "An engine died", "model": HealthResponse}})
     async def health() -> Response:
         """Liveness: 200 while every engine is alive."""
-        return Response(status_code=200 if state.healthy else 503)
+        down = sorted(state.engine_client.core.dead_engines)
+        return json_response({"status": "unhealthy" if down else "healthy",
+                              "engines_down": down}, status=503 if down else 200)
 
-    @app.get("/ready", tags=["operations"],
-             responses={503: {"description": "Starting, draining or unhealthy"}})
+    @app.get("/ready", tags=["operations"], response_model=ReadyResponse,
+             responses={503: {"description": "Starting, draining or unhealthy",
+                              "model": ReadyResponse}})
     async def ready() -> Response:
         """Readiness: 200 while the server takes new requests."""
-        return Response(status_code=200 if state.accepting else 503)
+        status = ("ready" if state.accepting else "draining" if state.draining
+                  else "unhealthy" if not state.healthy else "starting")
+        return json_response({"status": status}, status=200 if state.accepting else 503)
 
     @app.get("/version", tags=["operations"], response_model=VersionResponse)
     async def version() -> Response:

@@ -15,7 +15,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from starlette.responses import Response
 
-from vserve.api.errors import bad_value
+from vserve.api.errors import APIError, bad_value
 from vserve.api.generation import (
     Child,
     Generation,
@@ -27,7 +27,7 @@ from vserve.api.generation import (
     response_id,
 )
 from vserve.api.logprobs import completion_logprobs, filter_rows, prompt_logprobs_json
-from vserve.api.protocol import CompletionRequest
+from vserve.api.protocol import MAX_N, CompletionRequest
 from vserve.api.responses import ERROR_RESPONSES, CompletionResponse
 from vserve.api.serving import respond
 from vserve.api.state import ServerState
@@ -119,6 +119,13 @@ class CompletionFormatter:
         return {**self.head, "choices": choices, "usage": self.gen.usage()}
 
 
+def _num_prompts(prompt: str | list[str] | list[int] | list[list[int]]) -> int:
+    """How many prompts ``prompt`` holds (a token-id list is one)."""
+    if isinstance(prompt, str) or all(isinstance(t, int) for t in prompt):
+        return 1
+    return len(prompt)
+
+
 def _prompts(body: CompletionRequest, tokenizer: Tokenizer
              ) -> list[tuple[str | None, list[int]]]:
     add_special = body.add_special_tokens is not False
@@ -152,6 +159,13 @@ def add_routes(app: FastAPI, state: ServerState) -> None:
             raise bad_value(e) from None
         check_vocab_ids(state, params)
         priority = check_priority(state, body.priority)
+        # A prompt list becomes as many engine requests as prompts times n: they count
+        # against the same bound as n (and later the queue bound), before any tokenizing.
+        num_prompts = _num_prompts(body.prompt)
+        if num_prompts * params.n > MAX_N:
+            raise APIError(400, f"the request asks for {num_prompts} prompts x n={params.n} "
+                           f"= {num_prompts * params.n} sequences; at most {MAX_N} per "
+                           "request", "prompt")
         prompts = [prepare_prompt(state, text, ids, params, "prompt", "max_tokens")
                    for text, ids in _prompts(body, state.tokenizer)]
         rid, client_chose_id = response_id(request, "cmpl-")

@@ -160,6 +160,15 @@ def add_exception_handlers(app: FastAPI) -> None:
             message = str(exc.detail)
         return error_response(exc.status_code, message, headers=exc.headers)
 
+    async def on_bad_text(request: Request, exc: Exception) -> Response:
+        # JSON may escape a lone UTF-16 surrogate ("\ud800"), which Python decodes into a
+        # str that cannot be encoded again: the client's text is at fault, not vserve.
+        if isinstance(exc, UnicodeEncodeError) and exc.reason == "surrogates not allowed":
+            return error_response(400, "the request contains a string that is not valid "
+                                  "Unicode (an unpaired UTF-16 surrogate escape such as "
+                                  "\\ud800)", INVALID_REQUEST)
+        return await on_unexpected(request, exc)
+
     async def on_unexpected(request: Request, exc: Exception) -> Response:
         logger.exception("internal error on %s %s", request.method, request.url.path,
                          exc_info=exc)
@@ -168,4 +177,7 @@ def add_exception_handlers(app: FastAPI) -> None:
     app.add_exception_handler(APIError, on_api_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(StarletteHTTPException, on_http_error)
+    # Registered for its own class, so its response keeps the connection alive (a handler
+    # of Exception runs in the outermost middleware, after the connection is condemned).
+    app.add_exception_handler(UnicodeEncodeError, on_bad_text)
     app.add_exception_handler(Exception, on_unexpected)

@@ -161,6 +161,15 @@ class VersionResponse(_Out):
     version: str
 
 
+class HealthResponse(_Out):
+    status: Literal["healthy", "unhealthy"]
+    engines_down: list[int]  # ranks of engines that are not serving
+
+
+class ReadyResponse(_Out):
+    status: Literal["ready", "starting", "draining", "unhealthy"]
+
+
 ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
     status: {"model": ErrorResponse, "description": why}
     for status, why in (

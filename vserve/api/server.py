@@ -45,7 +45,7 @@ from vserve.launch.lifetime import (
     set_process_title,
 )
 from vserve.launch.rundir import remove_run_dir
-from vserve.logging_utils import get_logger, init_logging
+from vserve.logging_utils import RateLimitedWarning, get_logger, init_logging
 from vserve.metrics.exposition import add_metrics_route, with_http_metrics
 from vserve.protocol import encode
 from vserve.protocol.control import (
@@ -61,6 +61,8 @@ from vserve.protocol.control import (
 from vserve.roles import API_SERVER_INDEX_FLAG, api_server_name
 
 logger = get_logger(__name__)
+# What peers send may be garbage, at any rate: warned about at most every 10 s.
+_warn_bad_frame = RateLimitedWarning(logger)
 _control_decoder = msgspec.msgpack.Decoder(ToApiServer)
 
 
@@ -220,7 +222,7 @@ async def control_loop(control: zmq.asyncio.Socket, client: AsyncEngineClient,
         try:
             msg = _control_decoder.decode(frame)
         except msgspec.DecodeError as e:
-            logger.warning("dropped a malformed control frame: %s", e)
+            _warn_bad_frame("dropped a malformed control frame: %s", e)
             continue
         if isinstance(msg, DrainServer):
             start_drain()

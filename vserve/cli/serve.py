@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from vserve import envs
 from vserve.cli.args import add_config_args, config_from_args
@@ -15,8 +16,14 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
 
 def build_config(args: argparse.Namespace) -> ServeConfig:
     keys = tuple(args.api_keys or ())
-    if envs.api_key():
-        keys += (envs.api_key(),)
+    if envs.api_key() is not None:
+        keys += (envs.api_key() or "",)
+    if args.api_key_file:
+        lines = Path(args.api_key_file).read_text().splitlines()
+        file_keys = tuple(line.strip() for line in lines if line.strip())
+        if not file_keys:
+            raise ValueError(f"--api-key-file {args.api_key_file} holds no key")
+        keys += file_keys
     return config_from_args(args, ServeConfig, extra={"api_keys": keys})
 
 

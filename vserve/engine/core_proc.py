@@ -35,7 +35,7 @@ from vserve.launch.lifetime import (
     freeze_startup_heap,
     set_process_title,
 )
-from vserve.logging_utils import get_logger, init_logging
+from vserve.logging_utils import RateLimitedWarning, get_logger, init_logging
 from vserve.protocol import encode
 from vserve.protocol.control import (
     ClientDied,
@@ -59,6 +59,8 @@ from vserve.protocol.requests import (
 from vserve.roles import ENGINE_INDEX_FLAG, engine_name
 
 logger = get_logger(__name__)
+# What peers send may be garbage, at any rate: warned about at most every 10 s.
+_warn_bad_frame = RateLimitedWarning(logger)
 
 _input_decoder = msgspec.msgpack.Decoder(EngineInput)
 _control_decoder = msgspec.msgpack.Decoder(ToEngine)
@@ -134,13 +136,13 @@ class EngineCoreProc:
                         raise ValueError(f"expected 1 frame, got {len(frames)}")
                     self.input_queue.put(_input_decoder.decode(frames[0].buffer))
                 except Exception as e:  # noqa: BLE001 - hostile input must not kill us
-                    logger.warning("dropped a malformed frame (%d parts): %s", len(frames), e)
+                    _warn_bad_frame("dropped a malformed frame (%d parts): %s", len(frames), e)
 
     def _handle_control(self, frames: list[Any]) -> None:
         try:
             msg = _control_decoder.decode(frames[-1].buffer)
         except Exception as e:  # noqa: BLE001
-            logger.warning("dropped a malformed control frame: %s", e)
+            _warn_bad_frame("dropped a malformed control frame: %s", e)
             return
         if isinstance(msg, (ClientDied, ShutdownEngine)):
             self.input_queue.put(msg)

@@ -22,12 +22,14 @@ from vserve.frontend.engine_client import (
     EngineUnavailableError,
     Route,
 )
-from vserve.logging_utils import get_logger
+from vserve.logging_utils import RateLimitedWarning, get_logger
 from vserve.protocol.load import LoadSnapshot
 from vserve.protocol.outputs import EngineCoreOutput, EngineCoreOutputs, EngineDead
 from vserve.protocol.requests import EngineCoreRequest
 
 logger = get_logger(__name__)
+# What peers send may be garbage, at any rate: warned about at most every 10 s.
+_warn_bad_frame = RateLimitedWarning(logger)
 _snapshot_decoder = msgspec.msgpack.Decoder(LoadSnapshot)
 
 OutputQueue = asyncio.Queue[EngineCoreOutput | BaseException]
@@ -145,4 +147,4 @@ class AsyncEngineClient:
             try:
                 self.load.update(_snapshot_decoder.decode(frame))
             except msgspec.DecodeError as e:
-                logger.warning("dropped a malformed load snapshot: %s", e)
+                _warn_bad_frame("dropped a malformed load snapshot: %s", e)

@@ -38,7 +38,7 @@ import msgspec
 import zmq
 
 from vserve.frontend.load_tracker import LoadTracker
-from vserve.logging_utils import get_logger
+from vserve.logging_utils import RateLimitedWarning, get_logger
 from vserve.protocol import encode
 from vserve.protocol.outputs import EngineCoreOutput, EngineCoreOutputs, EngineDead, EngineOutput
 from vserve.protocol.requests import (
@@ -52,6 +52,8 @@ from vserve.protocol.requests import (
 )
 
 logger = get_logger(__name__)
+# What peers send may be garbage, at any rate: warned about at most every 10 s.
+_warn_bad_frame = RateLimitedWarning(logger)
 _output_decoder = msgspec.msgpack.Decoder(EngineOutput)
 _announce_decoder = msgspec.msgpack.Decoder(EngineAnnounce)
 
@@ -217,11 +219,11 @@ class EngineClientCore(Generic[S]):
                 raise msgspec.DecodeError(f"{len(frames)} frames, expected 2")
             announce = _announce_decoder.decode(frames[1])
         except msgspec.DecodeError as e:
-            logger.warning("dropped a malformed frame on the request link: %s", e)
+            _warn_bad_frame("dropped a malformed frame on the request link: %s", e)
             return
         rank = announce.engine_index
         if frames[0] != engine_identity(rank) or not 0 <= rank < self.num_engines:
-            logger.warning("dropped an announcement of unknown engine %d", rank)
+            _warn_bad_frame("dropped an announcement of unknown engine %d", rank)
             return
         self.connected.add(rank)
         logger.debug("engine %d connected", rank)
@@ -231,11 +233,11 @@ class EngineClientCore(Generic[S]):
         try:
             msg = _output_decoder.decode(frame)
         except msgspec.DecodeError as e:
-            logger.warning("dropped a malformed output frame: %s", e)
+            _warn_bad_frame("dropped a malformed output frame: %s", e)
             return None
         if isinstance(msg, (EngineCoreOutputs, EngineDead)) and not (
                 0 <= msg.engine_index < self.num_engines):
-            logger.warning("dropped an output frame from unknown engine %d", msg.engine_index)
+            _warn_bad_frame("dropped an output frame from unknown engine %d", msg.engine_index)
             return None
         return msg
 

@@ -10,7 +10,6 @@ After startup the handshake link carries ``ClientDied`` and ``ShutdownEngine``.
 from __future__ import annotations
 
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,7 +19,7 @@ import msgspec
 import zmq
 
 from vserve.config import EngineConfig
-from vserve.logging_utils import get_logger
+from vserve.logging_utils import RateLimitedWarning, get_logger
 from vserve.protocol import encode
 from vserve.protocol.control import (
     EngineHello,
@@ -31,9 +30,11 @@ from vserve.protocol.control import (
     ToEngine,
     ToSupervisor,
 )
-from vserve.roles import ENGINE_INDEX_FLAG, ENGINE_MODULE, engine_name
+from vserve.roles import ENGINE_INDEX_FLAG, ENGINE_MODULE, child_command, engine_name
 
 logger = get_logger(__name__)
+# What peers send may be garbage, at any rate: warned about at most every 10 s.
+_warn_bad_frame = RateLimitedWarning(logger)
 _decoder = msgspec.msgpack.Decoder(ToSupervisor)
 
 
@@ -73,8 +74,8 @@ class EngineLauncher:
 
     def start_processes(self) -> None:
         for rank in self.engine_ranks:
-            cmd = [sys.executable, "-m", ENGINE_MODULE,
-                   "--handshake", self.handshake_addr, ENGINE_INDEX_FLAG, str(rank)]
+            cmd = child_command(ENGINE_MODULE,
+                                ["--handshake", self.handshake_addr, ENGINE_INDEX_FLAG, str(rank)])
             self.procs[rank] = subprocess.Popen(cmd)
             logger.info("started %s (pid %d)", engine_name(rank), self.procs[rank].pid)
 
@@ -125,7 +126,7 @@ class EngineLauncher:
                 raise msgspec.DecodeError(f"expected 2 frames, got {len(frames)}")
             return frames[0], _decoder.decode(frames[1])
         except msgspec.DecodeError as e:
-            logger.warning("dropped a malformed handshake frame: %s", e)
+            _warn_bad_frame("dropped a malformed handshake frame: %s", e)
             return None
 
     def poll_other(self, timeout_ms: int) -> list[tuple[bytes, ToSupervisor]]:

@@ -35,6 +35,7 @@ from concurrent.futures import Future
 from typing import Any
 
 from vserve.logging_utils import get_logger
+from vserve.roles import child_command
 
 logger = get_logger(__name__)
 
@@ -133,7 +134,8 @@ def spawn_child(
     env: Mapping[str, str] | None = None,
     pass_fds: Iterable[int] = (),
 ) -> subprocess.Popen[bytes]:
-    """Start ``sys.executable -m module *args`` as a fresh interpreter named ``name`` in logs.
+    """Start ``module`` with ``args`` in a fresh interpreter (``roles.child_command``: like
+    ``python -m``, without the working directory on sys.path), named ``name`` in logs.
 
     ``env`` adds variables on top of the inherited environment (it does not replace it).
     stdin is /dev/null (children never read the terminal); stdout and stderr are inherited
@@ -182,7 +184,7 @@ def _popen(
     if env:
         child_env = dict(os.environ)
         child_env.update(env)
-    cmd = [sys.executable, "-m", module, *args]
+    cmd = child_command(module, args)
     proc = subprocess.Popen(
         cmd,
         stdin=subprocess.DEVNULL,

@@ -37,9 +37,15 @@ def _strip_brackets(host: str) -> str:
 
 
 def bind_listen_socket(
-    host: str, port: int, uds: str | None = None, backlog: int = DEFAULT_BACKLOG
+    host: str, port: int, uds: str | None = None, backlog: int = DEFAULT_BACKLOG,
+    listen: bool = True,
 ) -> socket.socket:
-    """Bind and listen on ``host:port`` (TCP, IPv4 or IPv6) or on the Unix socket ``uds``.
+    """Bind and (unless ``listen`` is False) listen on ``host:port`` (TCP, IPv4 or IPv6) or
+    on the Unix socket ``uds``.
+
+    A socket bound but not listening refuses connections at once: the supervisor binds early
+    (a taken port fails the start) and listens only when the server is ready, so a client
+    (or a load balancer's probe) that connects during startup is refused instead of waiting.
 
     ``host`` is resolved with getaddrinfo and the first address is used; ``""`` means every
     IPv4 address. Port 0 picks a free port (see :func:`describe` for the real one).
@@ -50,7 +56,7 @@ def bind_listen_socket(
     if backlog < 1:
         raise ValueError(f"backlog must be positive, got {backlog}")
     if uds is not None:
-        return _bind_unix(uds, backlog)
+        return _bind_unix(uds, backlog, listen)
     if not 0 <= port <= 65535:
         raise ValueError(f"port must be in 0..65535, got {port} (host {host!r})")
     bare = _strip_brackets(host) or "0.0.0.0"
@@ -74,7 +80,8 @@ def bind_listen_socket(
             sock.bind(sockaddr)
         except OSError as exc:
             raise OSError(exc.errno, f"cannot bind {where}: {exc.strerror}") from exc
-        sock.listen(backlog)
+        if listen:
+            sock.listen(backlog)
         sock.setblocking(False)
     except BaseException:
         sock.close()
@@ -82,7 +89,7 @@ def bind_listen_socket(
     return sock
 
 
-def _bind_unix(path: str, backlog: int) -> socket.socket:
+def _bind_unix(path: str, backlog: int, listen: bool) -> socket.socket:
     """Bind a Unix stream socket at ``path``, replacing a stale socket file left by a crash.
 
     A live socket (someone accepts on it) or any non-socket file is never removed.
@@ -103,7 +110,8 @@ def _bind_unix(path: str, backlog: int) -> socket.socket:
             sock.bind(path)
         except OSError as exc:
             raise OSError(exc.errno, f"cannot bind unix:{path}: {exc.strerror}") from exc
-        sock.listen(backlog)
+        if listen:
+            sock.listen(backlog)
         sock.setblocking(False)
     except BaseException:
         sock.close()

@@ -32,7 +32,7 @@ from vserve.launch.coordinator import Coordinator
 from vserve.launch.engines import EngineLauncher, EngineStartupFailed
 from vserve.launch.fd_passing import ListenSocketServer
 from vserve.launch.lifetime import set_process_title, spawn_child, terminate_children
-from vserve.launch.listen import bind_listen_socket, describe
+from vserve.launch.listen import DEFAULT_BACKLOG, bind_listen_socket, describe
 from vserve.launch.rundir import ipc_endpoint, make_run_dir, remove_run_dir
 from vserve.logging_utils import get_logger
 from vserve.metrics.exposition import mark_process_dead
@@ -123,7 +123,7 @@ class Supervisor:
 
     def _run_head(self) -> int:
         server, n = self.server, self.server.api_server_count
-        sock = bind_listen_socket(server.host, server.port, server.uds)
+        sock = bind_listen_socket(server.host, server.port, server.uds, listen=False)
         self.listen_sock = sock
         if server.uds:
             self.uds_inode = os.stat(server.uds).st_ino
@@ -171,6 +171,8 @@ class Supervisor:
         self.stats_logger.start()
         self.go = ApiServerGo(max_model_len=min(r.max_model_len for r in ready.values()),
                               num_kv_blocks=[ready[r].num_kv_blocks for r in sorted(ready)])
+        # Only now: until every engine is ready a connection is refused, not left waiting.
+        sock.listen(DEFAULT_BACKLOG)
         for i in range(n):
             self._send_api(i, self.go)
         logger.info("vserve is serving %s on %s with %d API servers and %d engines",

@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from vserve.roles import DEMO_BUILDER_MODULE
+from vserve.roles import DEMO_BUILDER_MODULE, child_command
 
 # Only what serving needs: configs, safetensors, tokenizer files, chat templates — never
 # *.bin / *.pt pickles.
@@ -50,7 +50,7 @@ def demo_model_dir() -> Path:
         return target
     if "torch" in sys.modules:
         return demo.build_demo_model(target)
-    proc = subprocess.run([sys.executable, "-m", DEMO_BUILDER_MODULE, str(target)],
+    proc = subprocess.run(child_command(DEMO_BUILDER_MODULE, [str(target)]),
                           stdin=subprocess.DEVNULL, capture_output=True, text=True)
     if proc.returncode != 0 or not demo.is_complete(target):
         raise RuntimeError(f"building the demo model in {target} failed "
