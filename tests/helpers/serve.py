@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -12,6 +13,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -150,3 +152,42 @@ def run_in_thread(fn, *args):  # type: ignore[no-untyped-def]
     t = threading.Thread(target=fn, args=args, daemon=True)
     t.start()
     return t
+
+
+@dataclass
+class StreamResult:
+    server: str | None = None  # the API server that answered (x-vserve-api-server)
+    chunks: int = 0
+    finish_reason: str | None = None
+    error: str | None = None  # an SSE error event, or the client-side failure
+    done: bool = False  # the stream ended with data: [DONE]
+
+
+def stream_completion(base: str, max_tokens: int, timeout: float = 60,
+                      prompt: str = "tell me a story") -> StreamResult:
+    """Stream one greedy completion (``ignore_eos``) and report how it ended."""
+    res = StreamResult()
+    try:
+        with httpx.Client(timeout=timeout) as c, c.stream(
+                "POST", base + "/v1/completions",
+                json={"prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True,
+                      "stream": True, "temperature": 0}) as r:
+            res.server = r.headers.get("x-vserve-api-server")
+            if r.status_code != 200:
+                r.read()
+                res.error = f"HTTP {r.status_code}: {r.text}"
+                return res
+            for line in r.iter_lines():
+                if line == "data: [DONE]":
+                    res.done = True
+                elif line.startswith("data: "):
+                    event = json.loads(line[6:])
+                    if "error" in event:
+                        res.error = event["error"]["message"]
+                    else:
+                        res.chunks += 1
+                        res.finish_reason = event["choices"][0]["finish_reason"] or \
+                            res.finish_reason
+    except httpx.HTTPError as e:
+        res.error = f"{type(e).__name__}: {e}"
+    return res

@@ -56,6 +56,7 @@ from vserve.protocol.control import (
     DrainServer,
     EngineDied,
     ExitServer,
+    StopServer,
     ToApiServer,
 )
 from vserve.roles import API_SERVER_INDEX_FLAG, api_server_name
@@ -201,9 +202,16 @@ async def serve(index: int, args: ApiServerArgs) -> None:
         if drain_task is None:
             drain_task = asyncio.create_task(drain(state, server, control, exit_now))
 
+    def start_stop(reason: str) -> None:
+        nonlocal drain_task
+        if drain_task is not None:
+            drain_task.cancel()
+        drain_task = asyncio.create_task(stop(state, server, reason))
+
     loop.add_signal_handler(signal.SIGTERM, start_drain)
     loop.add_signal_handler(signal.SIGINT, lambda: None)
-    control_task = asyncio.create_task(control_loop(control, client, start_drain, exit_now))
+    control_task = asyncio.create_task(control_loop(control, client, start_drain, start_stop,
+                                                    exit_now))
     state.ready = True
     freeze_startup_heap()
     logger.info("serving on the shared socket (engines: %d)", num_engines)
@@ -216,7 +224,8 @@ async def serve(index: int, args: ApiServerArgs) -> None:
 
 
 async def control_loop(control: zmq.asyncio.Socket, client: AsyncEngineClient,
-                       start_drain: Callable[[], None], exit_now: asyncio.Event) -> None:
+                       start_drain: Callable[[], None], start_stop: Callable[[str], None],
+                       exit_now: asyncio.Event) -> None:
     while True:
         frame = await control.recv()
         try:
@@ -229,8 +238,29 @@ async def control_loop(control: zmq.asyncio.Socket, client: AsyncEngineClient,
         elif isinstance(msg, ExitServer):
             start_drain()
             exit_now.set()
+        elif isinstance(msg, StopServer):
+            start_stop(msg.reason)
         elif isinstance(msg, EngineDied):
             client.engine_died(msg.engine_index, msg.reason)
+
+
+async def _flush_responses(state: ServerState, timeout: float = 2.0) -> None:
+    """Give handlers whose requests just failed a moment to write their error out."""
+    deadline = time.monotonic() + timeout
+    while state.http_in_flight and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+
+
+async def stop(state: ServerState, server: uvicorn.Server, reason: str) -> None:
+    """End every request in flight with ``reason`` — a stream gets an error event and
+    ``[DONE]``, not a cut connection — then exit."""
+    state.draining = True
+    left = state.engine_client.num_in_flight
+    if left:
+        logger.warning("stopping: ending %d requests in flight (%s)", left, reason)
+    state.engine_client.fail_all(EngineUnavailableError(reason))
+    await _flush_responses(state)
+    server.should_exit = True
 
 
 async def drain(state: ServerState, server: uvicorn.Server, control: zmq.asyncio.Socket,
@@ -254,10 +284,7 @@ async def drain(state: ServerState, server: uvicorn.Server, control: zmq.asyncio
         logger.warning("shutdown timeout: aborting %d requests still in flight", left)
         state.engine_client.fail_all(
             EngineUnavailableError("the server shut down before the request finished"))
-        # Their handlers now write error events; give them a moment to get out.
-        flush_deadline = time.monotonic() + 2.0
-        while state.http_in_flight and time.monotonic() < flush_deadline:
-            await asyncio.sleep(0.05)
+        await _flush_responses(state)  # their handlers now write error events
     await control.send(encode(ApiServerDrained(state.client_index)))
     # The supervisor answers "exit" once all servers drained; don't wait on it forever.
     with contextlib.suppress(asyncio.TimeoutError):

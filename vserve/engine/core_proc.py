@@ -256,8 +256,16 @@ class EngineCoreProc:
             self._output_thread.join(timeout=5)
 
 
-def run_engine(handshake_addr: str, engine_index: int, model_dir: str | None = None) -> int:
-    """``model_dir`` overrides the head's path (a headless node resolves its own copy)."""
+def run_engine(handshake_addr: str, engine_index: int, model_dir: str | None = None,
+               supervised: bool = False) -> int:
+    """``model_dir`` overrides the head's path (a headless node resolves its own copy).
+
+    ``supervised``: started by ``vserve serve``, whose supervisor orders the shutdown
+    (``ShutdownEngine`` once every API server has drained). SIGTERM is then ignored: sent to
+    the whole process group (systemd, some container runtimes), it would otherwise stop the
+    engine first and strand the requests the API servers are draining. Unsupervised (an
+    ``LLM``'s engine), SIGTERM stops it.
+    """
     name = engine_name(engine_index)
     init_logging(name)
     set_process_title(name)
@@ -290,7 +298,10 @@ def run_engine(handshake_addr: str, engine_index: int, model_dir: str | None = N
         return 1
     hs.send(encode(EngineReady(engine_index, core.num_kv_blocks - 1, config.cache.block_size,
                                core.max_model_len, core.max_concurrency)))
-    signal.signal(signal.SIGTERM, lambda *_: proc.input_queue.put(ShutdownEngine()))
+    if supervised:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    else:
+        signal.signal(signal.SIGTERM, lambda *_: proc.input_queue.put(ShutdownEngine()))
     # Ctrl-C in a terminal reaches the whole process group; the parent decides when we stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     freeze_startup_heap()
@@ -304,8 +315,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--handshake", required=True)
     parser.add_argument(ENGINE_INDEX_FLAG, dest="engine_index", type=int, default=0)
     parser.add_argument("--model-dir", default=None)
+    parser.add_argument("--supervised", action="store_true",
+                        help="started by vserve serve: ignore SIGTERM (see run_engine)")
     args = parser.parse_args(argv)
-    sys.exit(run_engine(args.handshake, args.engine_index, args.model_dir))
+    sys.exit(run_engine(args.handshake, args.engine_index, args.model_dir, args.supervised))
 
 
 if __name__ == "__main__":

@@ -56,6 +56,8 @@ class EngineLauncher:
     engine_ranks: list[int]  # the ranks started here (all for local, none for a headless head)
     num_engines: int  # ranks that must report READY (local + remote)
     stats_addr: str | None = None
+    # Engines of `vserve serve` (not of an LLM): they leave shutting down to the supervisor.
+    supervised: bool = False
     procs: dict[int, subprocess.Popen] = field(default_factory=dict)
     ready: dict[int, EngineReady] = field(default_factory=dict)
 
@@ -74,8 +76,9 @@ class EngineLauncher:
 
     def start_processes(self) -> None:
         for rank in self.engine_ranks:
-            cmd = child_command(ENGINE_MODULE,
-                                ["--handshake", self.handshake_addr, ENGINE_INDEX_FLAG, str(rank)])
+            args = ["--handshake", self.handshake_addr, ENGINE_INDEX_FLAG, str(rank)]
+            cmd = child_command(ENGINE_MODULE, [*args, "--supervised"] if self.supervised
+                                else args)
             self.procs[rank] = subprocess.Popen(cmd)
             logger.info("started %s (pid %d)", engine_name(rank), self.procs[rank].pid)
 

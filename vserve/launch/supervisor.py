@@ -48,6 +48,7 @@ from vserve.protocol.control import (
     EngineDied,
     EngineReady,
     ExitServer,
+    StopServer,
     ToApiServer,
 )
 from vserve.roles import (
@@ -88,6 +89,7 @@ class Supervisor:
         self.uds_inode: int | None = None
         self.headless_procs: dict[int, subprocess.Popen[bytes]] = {}
         self.connections: ConnectionTable | None = None
+        self.stop_reason = "the server is shutting down"
 
     # ---- addresses ---------------------------------------------------------------------
     def _addr(self, name: str) -> str:
@@ -133,7 +135,7 @@ class Supervisor:
             ctx=self.ctx, config=self.engine_config, model_dir=self.model_dir,
             handshake_addr=self._handshake_addr(), input_addrs=[], output_addrs=[],
             engine_ranks=self.parallel.local_ranks,
-            num_engines=self.parallel.data_parallel_size,
+            num_engines=self.parallel.data_parallel_size, supervised=True,
         )
         # Always on, even for one engine: routing and the server-wide queue bound
         # (--max-num-queued-reqs) both read its snapshots.
@@ -269,6 +271,7 @@ class Supervisor:
                 rank, code = dead[0]
                 reason = f"{engine_name(rank)} exited with code {code}"
                 logger.error("%s: failing its requests and stopping", reason)
+                self.stop_reason = f"the server is stopping: {reason}"
                 for i in self.api_procs:
                     self._send_api(i, EngineDied(rank, reason))
                 time.sleep(envs.engine_death_grace())
@@ -316,9 +319,22 @@ class Supervisor:
                 pass
         return self.exit_code
 
+    def _stop_api_servers(self, reason: str, timeout: float = 5.0) -> None:
+        """Tell every API server to end its requests with ``reason`` and exit, and wait
+        for them: a stream gets its error event and ``[DONE]`` before the connection
+        closes (a drain has let them exit already)."""
+        live = {i: p for i, p in self.api_procs.items() if p.poll() is None}
+        for i in live:
+            self._send_api(i, StopServer(reason))
+        deadline = time.monotonic() + timeout
+        for p in live.values():
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(max(0.1, deadline - time.monotonic()))
+
     def _shutdown(self) -> None:
         if self.stats_logger is not None:
             self.stats_logger.stop()
+        self._stop_api_servers(self.stop_reason)
         terminate_children(self.api_procs.values(), timeout=5)
         if self.launcher is not None:
             self.launcher.shutdown(timeout=5)

@@ -9,7 +9,7 @@ The supervisor binds one ROUTER; every engine and every API server connects a DE
 - supervisor → engine (:data:`ToEngine`): ``EngineStartupInfo`` in answer to HELLO, then
   ``ClientDied`` / ``ShutdownEngine``;
 - supervisor → API server (:data:`ToApiServer`): ``ApiServerGo``, ``DrainServer``,
-  ``ExitServer``, ``EngineDied``.
+  ``ExitServer``, ``StopServer``, ``EngineDied``.
 
 Everything arriving at the supervisor is one union, :data:`ToSupervisor`.
 """
@@ -110,6 +110,13 @@ class ExitServer(msgspec.Struct, tag="exit", array_like=True, gc=False):
     """Every server has drained: close the socket and exit."""
 
 
+class StopServer(msgspec.Struct, tag="stop", array_like=True, gc=False):
+    """The server is going down without a drain: end every request in flight with
+    ``reason`` (streams get an error event and ``[DONE]``), then exit."""
+
+    reason: str
+
+
 class EngineDied(msgspec.Struct, tag="engine_died", array_like=True, gc=False):
     """Engine ``engine_index`` exited: fail its requests."""
 
@@ -117,7 +124,7 @@ class EngineDied(msgspec.Struct, tag="engine_died", array_like=True, gc=False):
     reason: str
 
 
-ToApiServer = ApiServerGo | DrainServer | ExitServer | EngineDied
+ToApiServer = ApiServerGo | DrainServer | ExitServer | StopServer | EngineDied
 
 # ---- the API server's arguments (a file the supervisor writes once) ---------------------
 
