@@ -253,6 +253,13 @@ class ServerConfig:
         30.0, help="seconds in-flight requests may take to finish after SIGTERM")
     max_request_body_bytes: int = option(8 << 20, parse=parse_size, metavar="SIZE",
                                          help="largest request body accepted (413 above)")
+    max_engine_restarts: int = option(
+        5, help="engines replaced in place within 10 minutes before the server gives up and "
+                "exits non-zero; 0 exits at the first engine death")
+    engine_heartbeat_timeout: float = option(
+        30.0, help="seconds an engine may go without reporting from its busy loop before it "
+                   "is treated as dead (killed and replaced; a remote one is routed around); "
+                   "must exceed the longest engine step")
     log_level: LogLevel = option("info", help="vserve's log level")
     log_stats_interval: float = option(10.0, help="seconds between stats log lines; 0 turns "
                                                   "them off")
@@ -267,6 +274,11 @@ class ServerConfig:
             raise ValueError("shutdown_timeout must be non-negative")
         if self.max_num_queued_reqs is not None and self.max_num_queued_reqs < 0:
             raise ValueError("max_num_queued_reqs must be non-negative")
+        if self.max_engine_restarts < 0:
+            raise ValueError("max_engine_restarts must be non-negative")
+        if self.engine_heartbeat_timeout <= 1.0:
+            raise ValueError("engine_heartbeat_timeout must be more than a second (engines "
+                             "report once a second)")
         if any(not key.strip() for key in self.api_keys):
             raise ValueError("an API key must not be empty (it would let any client in with "
                              "an empty bearer token)")

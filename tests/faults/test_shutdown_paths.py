@@ -33,7 +33,8 @@ def test_teardown_ends_every_stream_with_an_error_event_and_done():
     """An engine dies and the server stops: streams on the dead engine and on the healthy
     one alike end with an error event and [DONE] (those on the healthy one used to be cut
     when the API servers were killed)."""
-    with serve("demo", "--data-parallel-size", "2", "--api-server-count", "2") as srv:
+    with serve("demo", "--data-parallel-size", "2", "--api-server-count", "2",
+               "--max-engine-restarts", "0") as srv:
         engine = next(pid for pid, role in srv.process_names().items() if role == "engine")
         with ThreadPoolExecutor(6) as pool:
             futures = [pool.submit(stream_completion, srv.base_url, 3000, 60)

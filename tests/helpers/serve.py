@@ -109,6 +109,10 @@ class ServeProcess:
 
     def kill_all(self) -> None:
         procs = [p for p in self.children if p.is_running()]
+        try:  # and any started since (replacements, or a node that never served)
+            procs += psutil.Process(self.pid).children(recursive=True)
+        except psutil.Error:
+            pass
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()

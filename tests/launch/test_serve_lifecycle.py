@@ -73,7 +73,9 @@ def test_sigterm_drains_in_flight_requests_then_exits_zero():
 
 
 def test_engine_killed_under_load_fails_requests_and_stops_everything():
-    with serve("demo", "--api-server-count", "2") as srv:
+    """With --max-engine-restarts 0 (for orchestrators that restart the pod) the first engine
+    death stops the whole server, non-zero."""
+    with serve("demo", "--api-server-count", "2", "--max-engine-restarts", "0") as srv:
         run_dir = _run_dir_of(srv)
         engine = next(pid for pid, role in srv.process_names().items() if role == "engine")
         results: list = []

@@ -49,18 +49,20 @@ def build_app(state: ServerState) -> FastAPI:
     @app.get("/health", tags=["operations"], response_model=HealthResponse,
              responses={503: {"description": "An engine died", "model": HealthResponse}})
     async def health() -> Response:
-        """Liveness: 200 while every engine is alive."""
+        """Liveness: 200 while some engine serves or a dead one is being replaced; the body
+        lists the ranks that are down."""
         down = sorted(state.engine_client.core.dead_engines)
-        return json_response({"status": "unhealthy" if down else "healthy",
-                              "engines_down": down}, status=503 if down else 200)
+        healthy = state.healthy
+        return json_response({"status": "healthy" if healthy else "unhealthy",
+                              "engines_down": down}, status=200 if healthy else 503)
 
     @app.get("/ready", tags=["operations"], response_model=ReadyResponse,
              responses={503: {"description": "Starting, draining or unhealthy",
                               "model": ReadyResponse}})
     async def ready() -> Response:
-        """Readiness: 200 while the server takes new requests."""
+        """Readiness: 200 while the server takes new requests (some engine serves)."""
         status = ("ready" if state.accepting else "draining" if state.draining
-                  else "unhealthy" if not state.healthy else "starting")
+                  else "starting" if not state.ready else "unhealthy")
         return json_response({"status": status}, status=200 if state.accepting else 503)
 
     @app.get("/version", tags=["operations"], response_model=VersionResponse)

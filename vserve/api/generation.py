@@ -137,9 +137,10 @@ def check_priority(state: ServerState, priority: int | None) -> int:
 
 
 def check_accepting(state: ServerState, count_rejection: bool = False) -> None:
-    """503 while the server is draining, not ready yet, or has lost an engine."""
+    """503 while the server is draining, not ready yet, or has no engine serving."""
     if not state.accepting:
-        why = "draining" if state.draining else "not_ready" if state.healthy else "unhealthy"
+        why = ("draining" if state.draining else "not_ready" if not state.ready
+               else "restarting" if state.healthy else "unhealthy")
         if count_rejection:
             REQUESTS_REJECTED.labels(state.model_name, why).inc()
         raise APIError(503, f"the server is not accepting requests ({why.replace('_', ' ')})")

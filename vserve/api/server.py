@@ -241,7 +241,7 @@ async def control_loop(control: zmq.asyncio.Socket, client: AsyncEngineClient,
         elif isinstance(msg, StopServer):
             start_stop(msg.reason)
         elif isinstance(msg, EngineDied):
-            client.engine_died(msg.engine_index, msg.reason)
+            client.engine_died(msg.engine_index, msg.reason, msg.replacing, msg.pid)
 
 
 async def _flush_responses(state: ServerState, timeout: float = 2.0) -> None:

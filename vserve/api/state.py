@@ -36,10 +36,10 @@ class ServerState:
 
     @property
     def healthy(self) -> bool:
-        """Liveness: the engines are alive (an engine death makes this False for good)."""
+        """Liveness: some engine serves, or a dead one is being replaced."""
         return self.engine_client.healthy
 
     @property
     def accepting(self) -> bool:
-        """Readiness: ready, alive and not draining."""
-        return self.ready and self.healthy and not self.draining
+        """Readiness: ready, some engine serving, not draining."""
+        return self.ready and self.engine_client.serving and not self.draining

@@ -32,17 +32,20 @@ from vserve import envs
 from vserve.config import EngineConfig
 from vserve.launch.lifetime import (
     exit_when_parent_dies,
+    flush_and_exit,
     freeze_startup_heap,
     set_process_title,
 )
 from vserve.logging_utils import RateLimitedWarning, get_logger, init_logging
 from vserve.protocol import encode
 from vserve.protocol.control import (
+    ENGINE_EXIT_REPLACE,
     ClientDied,
     EngineHello,
     EngineReady,
     EngineStartupError,
     EngineStartupInfo,
+    HeadHeartbeat,
     ShutdownEngine,
     ToEngine,
 )
@@ -71,6 +74,7 @@ EngineQueueItem = AddRequests | AbortRequests | GetStats | ClientDied | Shutdown
 # What the output thread sends: (client index, encoded frame); client -1 is the coordinator.
 _OutputItem = tuple[int, bytes]
 _LOAD_INTERVAL_S = 0.005
+_IDLE_WAKE_S = 1.0
 _METRICS_INTERVAL_S = 0.1
 
 
@@ -85,7 +89,9 @@ class EngineCoreProc:
         self.input_queue: queue.Queue[EngineQueueItem] = queue.Queue()
         self.output_queue: queue.Queue[_OutputItem | None] = queue.Queue()  # None: stop
         self._stop = threading.Event()
-        self._announce = encode(EngineAnnounce(self.engine_index))
+        self._announce = encode(EngineAnnounce(self.engine_index, os.getpid()))
+        self._head_seen = time.monotonic()
+        self.exit_code = 0
         self._last_load_key: tuple[int, int] | None = None
         self._last_load_time = float("-inf")
         self._last_metrics_time = float("-inf")
@@ -113,7 +119,8 @@ class EngineCoreProc:
         if envs.prometheus_multiproc_dir():  # served: one API server exposes every process
             from vserve.metrics.engine_metrics import EngineMetrics
 
-            self.metrics = EngineMetrics(core.config.model.served_name, self.engine_index)
+            self.metrics = EngineMetrics(core.config.model.served_name, self.engine_index,
+                                         info.restarted_because)
         self._input_thread = threading.Thread(target=self._input_loop, name="engine-input",
                                               daemon=True)
         self._output_thread = threading.Thread(target=self._output_loop, name="engine-output",
@@ -125,10 +132,25 @@ class EngineCoreProc:
         for sock in self._inputs:
             poller.register(sock, zmq.POLLIN)
         poller.register(self.handshake, zmq.POLLIN)
+        head_timeout = self.info.head_timeout
+        last_poll = time.monotonic()
         while not self._stop.is_set():
-            for sock, _ in poller.poll(200):
+            events = poller.poll(200)
+            now = time.monotonic()
+            if now - last_poll > 2.0:
+                # This process itself was stopped (SIGSTOP, a frozen VM): what the head sent
+                # meanwhile is still on its way in, a ShutdownEngine among it perhaps.
+                self._head_seen = now
+            last_poll = now
+            if not events and head_timeout and now - self._head_seen > head_timeout:
+                # A remote engine has no parent on the head's machine to follow.
+                logger.error("no heartbeat from the head for %.0fs: it is gone; exiting",
+                             head_timeout)
+                flush_and_exit(1)
+            for sock, _ in events:
                 frames = sock.recv_multipart(copy=False)
                 if sock is self.handshake:
+                    self._head_seen = time.monotonic()
                     self._handle_control(frames)
                     continue
                 try:
@@ -143,6 +165,8 @@ class EngineCoreProc:
             msg = _control_decoder.decode(frames[-1].buffer)
         except Exception as e:  # noqa: BLE001
             _warn_bad_frame("dropped a malformed control frame: %s", e)
+            return
+        if isinstance(msg, HeadHeartbeat):
             return
         if isinstance(msg, (ClientDied, ShutdownEngine)):
             self.input_queue.put(msg)
@@ -220,6 +244,7 @@ class EngineCoreProc:
             n = self.core.abort_client(item.client_index)
             logger.info("front end %d went away: dropped its %d requests", item.client_index, n)
         elif isinstance(item, ShutdownEngine):
+            self.exit_code = ENGINE_EXIT_REPLACE if item.replace else 0
             return False
         return True
 
@@ -232,7 +257,12 @@ class EngineCoreProc:
             while running:
                 if not core.has_unfinished_requests():
                     self._report(idle=True)  # before blocking: everyone sees the idle state
-                    running = self._handle(inputs.get())
+                    try:
+                        # Wake every second even when idle: the load report is also this
+                        # loop's heartbeat (a stuck loop must go silent).
+                        running = self._handle(inputs.get(timeout=_IDLE_WAKE_S))
+                    except queue.Empty:
+                        continue
                 while running:
                     try:
                         running = self._handle(inputs.get_nowait())
@@ -307,7 +337,7 @@ def run_engine(handshake_addr: str, engine_index: int, model_dir: str | None = N
     freeze_startup_heap()
     proc.run()
     logger.info("engine %d stopped", engine_index)
-    return 0
+    return proc.exit_code
 
 
 def main(argv: list[str] | None = None) -> None:

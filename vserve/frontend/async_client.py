@@ -50,6 +50,8 @@ class AsyncEngineClient:
             self.snapshot.connect(snapshot_addr)
         self._tasks: list[asyncio.Task[None]] = []
         self._flush_scheduled = False
+        # Dead ranks the supervisor is replacing (until they announce themselves again).
+        self.replacing: set[int] = set()
 
     @property
     def input_addr(self) -> str:
@@ -84,7 +86,12 @@ class AsyncEngineClient:
 
     @property
     def healthy(self) -> bool:
-        return not self.core.dead_engines
+        """Some engine serves, or one that died is being replaced."""
+        return bool(self.core.serving or self.replacing)
+
+    @property
+    def serving(self) -> bool:
+        return bool(self.core.serving)
 
     @property
     def num_in_flight(self) -> int:
@@ -115,8 +122,18 @@ class AsyncEngineClient:
         self._fail(self.core.abort(request_ids))
 
     # ---- failures --------------------------------------------------------------------
-    def engine_died(self, engine: int, reason: str) -> None:
-        """Fail every request that engine owned (the supervisor or the engine told us)."""
+    def engine_died(self, engine: int, reason: str, replacing: bool = True,
+                    pid: int = 0) -> None:
+        """Fail every request that engine owned and route around it (the supervisor or the
+        engine told us; only the supervisor knows whether it replaces it). A death of
+        ``pid`` when a newer process already announced itself for the rank is old news."""
+        known = self.core.engine_pids.get(engine)
+        if pid and known is not None and known != pid:
+            return
+        if replacing:
+            self.replacing.add(engine)
+        else:
+            self.replacing.discard(engine)
         for route in self.core.engine_died(engine, reason):
             route.sink.put_nowait(EngineDeadError(f"engine {engine} died: {reason}"))
 
@@ -129,6 +146,7 @@ class AsyncEngineClient:
     async def _announce_loop(self) -> None:
         while True:
             self.core.on_request_link(await self.core.input.recv_multipart())
+            self.replacing -= self.core.serving  # those that came back
 
     async def _output_loop(self) -> None:
         while True:

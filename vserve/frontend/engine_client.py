@@ -111,6 +111,8 @@ class EngineClientCore(Generic[S]):
         self.num_engines = num_engines
         self.input = ctx.socket(zmq.ROUTER)
         self.input.setsockopt(zmq.ROUTER_MANDATORY, 1)  # an unknown peer raises, not drops
+        # A replaced engine connects with the identity of the one it replaces.
+        self.input.setsockopt(zmq.ROUTER_HANDOVER, 1)
         self.input.setsockopt(zmq.LINGER, 0)
         if send_hwm is not None:
             self.input.setsockopt(zmq.SNDHWM, send_hwm)
@@ -129,21 +131,30 @@ class EngineClientCore(Generic[S]):
         self.load = LoadTracker(num_engines)
         self.routes: dict[str, Route[S]] = {}
         self.connected: set[int] = set()
+        self.engine_pids: dict[int, int] = {}  # rank → pid of the process that announced
         self.dead_engines: dict[int, str] = {}
         self._call_ids = itertools.count()
         # Requests routed but not sent yet, per engine (see flush).
         self._unsent: dict[int, list[EngineCoreRequest]] = {}
 
     # ---- requests out ------------------------------------------------------------------
+    @property
+    def serving(self) -> set[int]:
+        """Engines requests may be routed to: connected and not known dead."""
+        return self.connected - self.dead_engines.keys()
+
     def add_request(self, request: EngineCoreRequest, sink: S) -> Route[S]:
-        """Route ``request`` to the least-loaded engine and queue it for the next
-        :meth:`flush`; its outputs will be paired with ``sink``. Raises EngineDeadError or
-        ValueError for an id already in flight (nothing queued, nothing registered)."""
-        if self.dead_engines:
-            raise EngineDeadError(self.dead_reason())
+        """Route ``request`` to the least-loaded serving engine and queue it for the next
+        :meth:`flush`; its outputs will be paired with ``sink``. Raises
+        EngineUnavailableError when no engine serves, ValueError for an id already in
+        flight (nothing queued, nothing registered)."""
         if request.request_id in self.routes:
             raise ValueError(f"request id {request.request_id!r} is already in flight")
-        engine = self.load.pick_and_bump()
+        serving = self.serving
+        if not serving:
+            why = self.dead_reason() or "no engine is connected"
+            raise EngineUnavailableError(f"no engine is serving ({why})")
+        engine = self.load.pick_and_bump(serving)
         route = Route(request.request_id, engine, sink)
         self.routes[request.request_id] = route
         unsent = self._unsent.get(engine)
@@ -226,6 +237,9 @@ class EngineClientCore(Generic[S]):
             _warn_bad_frame("dropped an announcement of unknown engine %d", rank)
             return
         self.connected.add(rank)
+        self.engine_pids[rank] = announce.pid
+        if self.dead_engines.pop(rank, None) is not None:
+            logger.info("engine %d is back: routing to it again", rank)
         logger.debug("engine %d connected", rank)
 
     def decode_output(self, frame: bytes) -> EngineOutput | None:
@@ -266,11 +280,13 @@ class EngineClientCore(Generic[S]):
         return "; ".join(f"engine {r}: {why}" for r, why in sorted(self.dead_engines.items()))
 
     def engine_died(self, engine: int, reason: str) -> list[Route[S]]:
-        """Record ``engine`` as dead; returns (and ends) the routes it owned. A second call
-        for the same engine returns nothing."""
+        """Record ``engine`` as dead (nothing is routed to it until its replacement
+        announces itself); returns (and ends) the routes it owned. A second call for the
+        same engine returns nothing."""
         if engine in self.dead_engines:
             return []
         self.dead_engines[engine] = reason
+        self.connected.discard(engine)
         self._unsent.pop(engine, None)
         logger.error("engine %d died (%s): failing its requests", engine, reason)
         lost = [r for r in self.routes.values() if r.engine_index == engine]

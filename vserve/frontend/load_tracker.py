@@ -4,6 +4,7 @@ snapshots plus its own routing since the last one."""
 from __future__ import annotations
 
 import threading
+from collections.abc import Collection
 
 from vserve.protocol.load import LoadSnapshot
 
@@ -46,10 +47,11 @@ class LoadTracker:
                     self._running[load.engine_index] = load.num_running
             return True
 
-    def _pick_locked(self) -> int:
-        scores = [4 * w + r for w, r in zip(self._waiting, self._running, strict=True)]
-        best = min(scores)
+    def _pick_locked(self, allowed: Collection[int] | None) -> int:
         n = self.num_engines
+        scores = [4 * w + r if allowed is None or i in allowed else None
+                  for i, (w, r) in enumerate(zip(self._waiting, self._running, strict=True))]
+        best = min(s for s in scores if s is not None)
         # Round-robin among ties: deterministic, yet equal engines take turns.
         for k in range(n):
             i = (self._next + k) % n
@@ -67,11 +69,12 @@ class LoadTracker:
             if self._waiting[engine_index] > 0:
                 self._waiting[engine_index] -= 1
 
-    def pick_and_bump(self) -> int:
-        """The engine with the lowest ``4 * waiting + running`` (ties go round-robin), counted
-        as one more waiting there until the next snapshot or :meth:`unbump`."""
+    def pick_and_bump(self, allowed: Collection[int] | None = None) -> int:
+        """The engine with the lowest ``4 * waiting + running`` (ties go round-robin) among
+        ``allowed`` (default: all; must not be empty), counted as one more waiting there
+        until the next snapshot or :meth:`unbump`."""
         with self._lock:
-            index = self._pick_locked()
+            index = self._pick_locked(allowed)
             self._waiting[index] += 1
             return index
 

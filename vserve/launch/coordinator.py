@@ -59,6 +59,12 @@ class Coordinator:
         self.publish_interval = publish_interval
         self.heartbeat_interval = heartbeat_interval
         self.loads = [EngineLoad(i, 0, 0, 0.0) for i in range(num_engines)]
+        # time.monotonic() of each engine's latest report: engines report at least every
+        # second from their busy loop, so this is their heartbeat (read by the supervisor;
+        # floats are replaced whole, so reading from another thread is safe). None: never.
+        self.last_seen: list[float | None] = [None] * num_engines
+        self._forget: set[int] = set()
+        self._forget_lock = threading.Lock()
         self.seq = 0
         self._ctx = zmq.Context()
         self._pull = self._ctx.socket(zmq.PULL)
@@ -109,6 +115,9 @@ class Coordinator:
                     last_publish, dirty = now, False
                     continue
                 events = dict(poller.poll(timeout=max(1, int((due - now) * 1000) + 1)))
+                if self._wake_r.fileno() in events:
+                    self._wake_r.recv(4096)
+                    dirty |= self._apply_forgets()
                 if self._pull in events:
                     dirty |= self._drain()
         finally:
@@ -138,10 +147,27 @@ class Coordinator:
         if not 0 <= load.engine_index < self.num_engines:
             self._bad_frame(f"engine_index {load.engine_index} out of 0..{self.num_engines - 1}")
             return False
+        self.last_seen[load.engine_index] = time.monotonic()
         if load == self.loads[load.engine_index]:
             return False
         self.loads[load.engine_index] = load
         return True
+
+    def forget(self, engine_index: int) -> None:
+        """An engine died: from the next snapshot on it reads idle and unseen until its
+        replacement reports (no ghost queue steers routing). Safe from any thread."""
+        with self._forget_lock:
+            self._forget.add(engine_index)
+        self.last_seen[engine_index] = None
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"x")
+
+    def _apply_forgets(self) -> bool:
+        with self._forget_lock:
+            ranks, self._forget = self._forget, set()
+        for r in ranks:
+            self.loads[r] = EngineLoad(r, 0, 0, 0.0)
+        return bool(ranks)
 
     def _bad_frame(self, why: str) -> None:
         # Rate-limited: a misbehaving peer must not turn into a log flood.

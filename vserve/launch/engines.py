@@ -9,6 +9,7 @@ After startup the handshake link carries ``ClientDied`` and ``ShutdownEngine``.
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import time
 from collections.abc import Callable
@@ -26,6 +27,7 @@ from vserve.protocol.control import (
     EngineReady,
     EngineStartupError,
     EngineStartupInfo,
+    RemoteEngineExited,
     ShutdownEngine,
     ToEngine,
     ToSupervisor,
@@ -58,6 +60,8 @@ class EngineLauncher:
     stats_addr: str | None = None
     # Engines of `vserve serve` (not of an LLM): they leave shutting down to the supervisor.
     supervised: bool = False
+    # Seconds without the head's heartbeat after which a remote engine exits (0: never).
+    remote_head_timeout: float = 0.0
     procs: dict[int, subprocess.Popen] = field(default_factory=dict)
     ready: dict[int, EngineReady] = field(default_factory=dict)
 
@@ -65,31 +69,66 @@ class EngineLauncher:
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        # A replacement (or a remote engine rejoining) says HELLO with a new connection.
+        self.sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
         self.sock.bind(self.handshake_addr)
         # The real endpoint (a tcp port 0 bind picks the port here, not ahead of time).
         self.handshake_addr = str(self.sock.getsockopt_string(zmq.LAST_ENDPOINT))
         self._peer_ids: dict[int, bytes] = {}
         self._others: list[tuple[bytes, ToSupervisor]] = []
-        # Engine messages that arrived while someone else was polling (a remote engine may
-        # say HELLO before the head is ready to answer it).
-        self._engine_msgs: list[tuple[bytes, ToSupervisor]] = []
+        self._new_ready: list[int] = []
+        self._failed: list[tuple[int, str]] = []
+        self._remote_exits: list[RemoteEngineExited] = []
+        self._early_hellos: dict[int, bytes] = {}
+        self.pids: dict[int, int] = {}  # rank → pid its engine said HELLO with
+        # Why each replaced rank was replaced (told to its replacement, which counts it).
+        self._restart_causes: dict[int, str] = {}
+
+    def set_front_ends(self, input_addrs: list[str], output_addrs: list[str]) -> None:
+        """Where engines connect (the API servers' real endpoints); answers the HELLOs of
+        remote engines that came before them."""
+        self.input_addrs, self.output_addrs = input_addrs, output_addrs
+        for rank, peer in self._early_hellos.items():
+            self.sock.send_multipart([peer, encode(self._startup_info(rank))])
+        self._early_hellos.clear()
 
     def start_processes(self) -> None:
         for rank in self.engine_ranks:
-            args = ["--handshake", self.handshake_addr, ENGINE_INDEX_FLAG, str(rank)]
-            cmd = child_command(ENGINE_MODULE, [*args, "--supervised"] if self.supervised
-                                else args)
-            self.procs[rank] = subprocess.Popen(cmd)
-            logger.info("started %s (pid %d)", engine_name(rank), self.procs[rank].pid)
+            self._start(rank)
+
+    def _start(self, rank: int) -> None:
+        args = ["--handshake", self.handshake_addr, ENGINE_INDEX_FLAG, str(rank)]
+        cmd = child_command(ENGINE_MODULE, [*args, "--supervised"] if self.supervised
+                            else args)
+        self.procs[rank] = subprocess.Popen(cmd)
+        logger.info("started %s (pid %d)", engine_name(rank), self.procs[rank].pid)
+
+    def restart(self, rank: int, cause: str) -> None:
+        """Start a new process for local ``rank`` (its old one is gone or killed here); it
+        is ready when :meth:`take_ready` returns the rank. ``cause`` (exited, killed, hung)
+        is counted by the replacement in ``vserve_engine_restarts_total``."""
+        old = self.procs.get(rank)
+        if old is not None and old.poll() is None:
+            old.kill()
+        if old is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                old.wait(5)
+        self.ready.pop(rank, None)
+        self._peer_ids.pop(rank, None)
+        self._restart_causes[rank] = cause
+        self._start(rank)
+
+    def forget(self, rank: int, cause: str) -> None:
+        """A remote ``rank`` is gone (``cause`` is counted by its replacement): it must say
+        HELLO again to be ready."""
+        self.ready.pop(rank, None)
+        self._restart_causes[rank] = cause
 
     def wait_ready(self, timeout: float = 600.0,
                    on_poll: Callable[[], None] | None = None) -> dict[int, EngineReady]:
         """Answer HELLOs and wait for every READY; ``on_poll`` runs ~10 times a second
         (the supervisor checks its other children there). Messages from non-engines are
         kept for ``poll_other``."""
-        info = EngineStartupInfo(self.config.to_msgpack(), str(self.model_dir),
-                                 self.input_addrs, self.output_addrs, self.stats_addr)
-        info_bytes = encode(info)
         deadline = time.monotonic() + timeout
         while len(self.ready) < self.num_engines:
             for rank, proc in self.procs.items():
@@ -97,28 +136,77 @@ class EngineLauncher:
                     raise EngineStartupFailed(
                         rank, f"the process exited with code {proc.returncode} before READY"
                     )
+            if self._failed:
+                raise EngineStartupFailed(*self._failed[0])
             if time.monotonic() > deadline:
                 missing = sorted(set(range(self.num_engines)) - set(self.ready))
                 raise EngineStartupFailed(missing[0], f"no READY within {timeout:.0f}s")
             if on_poll is not None:
                 on_poll()
-            if self._engine_msgs:
-                peer, msg = self._engine_msgs.pop(0)
-            else:
-                received = self._recv(100)
-                if received is None:
-                    continue
-                peer, msg = received
-            if isinstance(msg, EngineHello):
-                self._peer_ids[msg.engine_index] = peer
-                self.sock.send_multipart([peer, info_bytes])
-            elif isinstance(msg, EngineReady):
-                self.ready[msg.engine_index] = msg
-            elif isinstance(msg, EngineStartupError):
-                raise EngineStartupFailed(msg.engine_index, msg.error)
-            else:
-                self._others.append((peer, msg))
+            self._poll(100)
+        self._new_ready.clear()
         return self.ready
+
+    def _poll(self, timeout_ms: int) -> None:
+        """Receive one message (waiting up to ``timeout_ms``): engine handshakes are handled
+        here, whenever they come; anything else is kept for :meth:`poll_other`."""
+        received = self._recv(timeout_ms)
+        if received is None:
+            return
+        peer, msg = received
+        if isinstance(msg, EngineHello):
+            rank = msg.engine_index
+            local = self.procs.get(rank)
+            if not 0 <= rank < self.num_engines or (
+                    rank in self.engine_ranks and (local is None or local.pid != msg.pid)):
+                _warn_bad_frame("ignored HELLO from engine %d (pid %d): not an engine this "
+                                "head started or expects", rank, msg.pid)
+                return
+            self._peer_ids[rank] = peer
+            self.pids[rank] = msg.pid
+            if self.input_addrs:
+                self.sock.send_multipart([peer, encode(self._startup_info(rank))])
+            else:  # a remote engine early: answered once the API servers have said HELLO
+                self._early_hellos[rank] = peer
+        elif isinstance(msg, EngineReady):
+            self.ready[msg.engine_index] = msg
+            self._new_ready.append(msg.engine_index)
+        elif isinstance(msg, EngineStartupError):
+            self._failed.append((msg.engine_index, msg.error))
+        elif isinstance(msg, RemoteEngineExited):
+            # Only a rank some other node runs, and that this head knows to be up.
+            if msg.engine_index in self.ready and msg.engine_index not in self.engine_ranks:
+                self.ready.pop(msg.engine_index)
+                self._peer_ids.pop(msg.engine_index, None)
+                self._restart_causes[msg.engine_index] = msg.cause
+                self._remote_exits.append(msg)
+            else:
+                _warn_bad_frame("ignored a report that engine %d exited: not a remote "
+                                "engine that is up", msg.engine_index)
+        else:
+            self._others.append((peer, msg))
+
+    def _startup_info(self, rank: int) -> EngineStartupInfo:
+        remote = rank not in self.engine_ranks
+        return EngineStartupInfo(self.config.to_msgpack(), str(self.model_dir),
+                                 self.input_addrs, self.output_addrs, self.stats_addr,
+                                 head_timeout=self.remote_head_timeout if remote else 0.0,
+                                 restarted_because=self._restart_causes.get(rank, ""))
+
+    def take_ready(self) -> list[int]:
+        """Ranks that became ready since the last call (replacements, remote rejoins)."""
+        out, self._new_ready = self._new_ready, []
+        return out
+
+    def take_remote_exits(self) -> list[RemoteEngineExited]:
+        """Remote engines that their node reported dead since the last call."""
+        out, self._remote_exits = self._remote_exits, []
+        return out
+
+    def take_failed(self) -> list[tuple[int, str]]:
+        """Startup errors reported since the last call: ``(rank, traceback)``."""
+        out, self._failed = self._failed, []
+        return out
 
     def _recv(self, timeout_ms: int) -> tuple[bytes, ToSupervisor] | None:
         if not self.sock.poll(timeout_ms):
@@ -133,18 +221,18 @@ class EngineLauncher:
             return None
 
     def poll_other(self, timeout_ms: int) -> list[tuple[bytes, ToSupervisor]]:
-        """Messages from non-engine peers (API servers), waiting up to ``timeout_ms``."""
+        """Messages from non-engine peers (API servers), waiting up to ``timeout_ms``;
+        engine handshakes that arrive meanwhile are handled."""
         if not self._others:
-            received = self._recv(timeout_ms)
-            if received is not None:
-                if not isinstance(received[1], (EngineHello, EngineReady, EngineStartupError)):
-                    self._others.append(received)
-                elif len(self.ready) < self.num_engines:
-                    self._engine_msgs.append(received)  # for wait_ready
-                else:
-                    logger.warning("late engine handshake message ignored: %r", received[1])
+            self._poll(timeout_ms)
         out, self._others = self._others, []
         return out
+
+    def send_to(self, rank: int, control: ToEngine) -> None:
+        peer = self._peer_ids.get(rank)
+        if peer is not None:
+            with contextlib.suppress(zmq.ZMQError):
+                self.sock.send_multipart([peer, encode(control)], flags=zmq.NOBLOCK)
 
     def send_control(self, control: ToEngine) -> None:
         data = encode(control)

@@ -70,7 +70,8 @@ def _prctl(option: int, arg: int | bytes) -> bool:
         return False
 
 
-def _flush_and_exit(code: int) -> None:
+def flush_and_exit(code: int) -> None:
+    """Run the parent-death callbacks, flush the logs and exit at once with ``code``."""
     for fn in _on_parent_death:
         with contextlib.suppress(Exception):
             fn()
@@ -103,7 +104,7 @@ def exit_when_parent_dies(poll_interval: float = 0.5, parent_pid: int | None = N
         _prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM))
     if os.getppid() != expected:
         logger.error("parent process %d is already gone; exiting", expected)
-        _flush_and_exit(PARENT_DIED_EXIT_CODE)
+        flush_and_exit(PARENT_DIED_EXIT_CODE)
     with _watch_lock:
         if _watching:
             return
@@ -114,7 +115,7 @@ def exit_when_parent_dies(poll_interval: float = 0.5, parent_pid: int | None = N
             time.sleep(poll_interval)
             if os.getppid() != expected:
                 logger.error("parent process %d died; exiting", expected)
-                _flush_and_exit(PARENT_DIED_EXIT_CODE)
+                flush_and_exit(PARENT_DIED_EXIT_CODE)
 
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 

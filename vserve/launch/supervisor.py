@@ -6,9 +6,9 @@ the real endpoints) → D engines (told those endpoints on HELLO) → every engi
 the API servers, which then take the listening socket over SCM_RIGHTS and serve.
 
 Then it watches: an API server that dies is replaced on the same socket (the engines drop
-its requests); an engine that dies fails its requests through the API servers, after which
-everything stops with a non-zero exit so an orchestrator restarts the pod. SIGTERM/SIGINT
-drains: API servers stop taking requests, finish what is in flight (up to
+its requests); an engine that dies or hangs is replaced in place while the others serve
+(:mod:`vserve.launch.engine_watch`; past ``--max-engine-restarts`` everything stops with a
+non-zero exit so an orchestrator restarts the pod). SIGTERM/SIGINT drains: API servers stop taking requests, finish what is in flight (up to
 --shutdown-timeout), exit; then engines stop; exit 0.
 """
 
@@ -29,8 +29,10 @@ from vserve import envs
 from vserve.config import ServeConfig
 from vserve.launch.connections import ConnectionTable
 from vserve.launch.coordinator import Coordinator
+from vserve.launch.engine_watch import EngineWatch
 from vserve.launch.engines import EngineLauncher, EngineStartupFailed
 from vserve.launch.fd_passing import ListenSocketServer
+from vserve.launch.headless import HeadlessNode
 from vserve.launch.lifetime import set_process_title, spawn_child, terminate_children
 from vserve.launch.listen import DEFAULT_BACKLOG, bind_listen_socket, describe
 from vserve.launch.rundir import ipc_endpoint, make_run_dir, remove_run_dir
@@ -45,23 +47,21 @@ from vserve.protocol.control import (
     ApiServerHello,
     ClientDied,
     DrainServer,
-    EngineDied,
     EngineReady,
     ExitServer,
+    HeadHeartbeat,
     StopServer,
     ToApiServer,
 )
 from vserve.roles import (
     API_SERVER_INDEX_FLAG,
     API_SERVER_MODULE,
-    ENGINE_INDEX_FLAG,
-    ENGINE_MODULE,
     api_server_name,
-    engine_name,
 )
 
 logger = get_logger(__name__)
 _MAX_RESTARTS_PER_MINUTE = 5
+_HEAD_HEARTBEAT_S = 1.0
 
 
 class Supervisor:
@@ -136,6 +136,8 @@ class Supervisor:
             handshake_addr=self._handshake_addr(), input_addrs=[], output_addrs=[],
             engine_ranks=self.parallel.local_ranks,
             num_engines=self.parallel.data_parallel_size, supervised=True,
+            remote_head_timeout=(self.server.engine_heartbeat_timeout
+                                 if self.parallel.multi_node else 0.0),
         )
         # Always on, even for one engine: routing and the server-wide queue bound
         # (--max-num-queued-reqs) both read its snapshots.
@@ -159,8 +161,7 @@ class Supervisor:
         self.api_args.input_addrs = [hellos[i].input_addr for i in range(n)]
         self.api_args.output_addrs = [hellos[i].output_addr for i in range(n)]
         self._write_api_args()  # replacements rebind the same endpoints
-        self.launcher.input_addrs = self.api_args.input_addrs
-        self.launcher.output_addrs = self.api_args.output_addrs
+        self.launcher.set_front_ends(self.api_args.input_addrs, self.api_args.output_addrs)
         self.launcher.start_processes()
         try:
             ready = self._wait_engines_ready()
@@ -184,23 +185,9 @@ class Supervisor:
 
     def _run_headless(self) -> int:
         """Engines only, joining the head node's handshake over TCP."""
-        addr = self._handshake_addr()
-        procs = self.headless_procs
-        for rank in self.parallel.local_ranks:
-            procs[rank] = spawn_child(ENGINE_MODULE,
-                                      ["--handshake", addr, ENGINE_INDEX_FLAG, str(rank),
-                                       "--model-dir", str(self.model_dir)],
-                                      engine_name(rank))
-        logger.info("headless: started engines %s joining %s", self.parallel.local_ranks, addr)
-        while not self.stop_requested.wait(0.2):
-            for rank, p in procs.items():
-                if p.poll() is not None:
-                    if p.returncode == 0:  # the head told it to shut down
-                        logger.info("%s stopped; headless node exits", engine_name(rank))
-                        return 0
-                    logger.error("%s exited with code %s", engine_name(rank), p.returncode)
-                    return 1
-        return 0
+        node = HeadlessNode(self.config, self.model_dir, self._handshake_addr(), self.ctx,
+                            self.headless_procs)
+        return node.run(self.stop_requested)
 
     # ---- API servers -------------------------------------------------------------------
     def _write_api_args(self) -> None:
@@ -256,8 +243,10 @@ class Supervisor:
 
     # ---- watching ----------------------------------------------------------------------
     def _watch(self) -> int:
-        assert self.launcher is not None
+        assert self.launcher is not None and self.coordinator is not None
         launcher = self.launcher
+        watch = EngineWatch(launcher, self.coordinator, self.server, self._tell_api_servers)
+        last_beat = float("-inf")
         while True:
             if self.stop_requested.is_set():
                 return self._drain()
@@ -266,19 +255,22 @@ class Supervisor:
                     self.api_peers[msg.client_index] = peer
                     if self.go is not None:
                         self._send_api(msg.client_index, self.go)
-            dead = launcher.dead_engines()
-            if dead:
-                rank, code = dead[0]
-                reason = f"{engine_name(rank)} exited with code {code}"
-                logger.error("%s: failing its requests and stopping", reason)
-                self.stop_reason = f"the server is stopping: {reason}"
-                for i in self.api_procs:
-                    self._send_api(i, EngineDied(rank, reason))
-                time.sleep(envs.engine_death_grace())
+            stop = watch.check()
+            if stop is not None:
+                self.stop_reason = f"the server is stopping: {stop}"
+                time.sleep(envs.engine_death_grace())  # the errors reach the clients
                 return 1
+            now = time.monotonic()
+            if now - last_beat >= _HEAD_HEARTBEAT_S:
+                launcher.send_control(HeadHeartbeat())
+                last_beat = now
             for i, p in list(self.api_procs.items()):
                 if p.poll() is not None:
                     self._replace_api_server(i, p.returncode)
+
+    def _tell_api_servers(self, msg: ToApiServer) -> None:
+        for i in self.api_procs:
+            self._send_api(i, msg)
 
     def _replace_api_server(self, index: int, code: int | None) -> None:
         assert self.launcher is not None

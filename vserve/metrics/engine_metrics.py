@@ -26,6 +26,10 @@ PREFIX_HITS = Counter("vserve_prefix_cache_hits", "Prompt tokens found in the pr
                       _LABELS)
 PREEMPTIONS = Counter("vserve_num_preemptions", "Requests preempted (recomputed later).",
                       _LABELS)
+ENGINE_RESTARTS = Counter(
+    "vserve_engine_restarts", "Engines replaced in place, by why the old one went (exited: it "
+    "exited on its own; killed: by a signal; hung: it stopped answering and was killed; "
+    "startup_failed: its replacement failed to start).", [*_LABELS, "cause"])
 ITERATION_TOKENS = Histogram(
     "vserve_iteration_tokens", "Tokens computed per engine step.", _LABELS,
     buckets=[1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384])
@@ -38,8 +42,13 @@ class EngineMetrics:
     scrape time, the counters take the increments since the last call).
     """
 
-    def __init__(self, model_name: str, engine_index: int) -> None:
+    def __init__(self, model_name: str, engine_index: int, restarted_because: str = "") -> None:
         labels = {"model_name": model_name, "engine": str(engine_index)}
+        # Every cause appears from the start (at 0), so increase() sees the first restart.
+        for cause in ("exited", "killed", "hung", "startup_failed"):
+            ENGINE_RESTARTS.labels(**labels, cause=cause)
+        if restarted_because:
+            ENGINE_RESTARTS.labels(**labels, cause=restarted_because).inc()
         self.running = NUM_RUNNING.labels(**labels)
         self.waiting = NUM_WAITING.labels(**labels)
         self.kv_usage = KV_USAGE.labels(**labels)

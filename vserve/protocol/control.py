@@ -6,8 +6,9 @@ The supervisor binds one ROUTER; every engine and every API server connects a DE
   ``EngineStartupError``;
 - API server → supervisor: ``ApiServerHello`` (links bound, real endpoints), later
   ``ApiServerDrained``;
+- a headless node's supervisor → the head's: ``RemoteEngineExited``;
 - supervisor → engine (:data:`ToEngine`): ``EngineStartupInfo`` in answer to HELLO, then
-  ``ClientDied`` / ``ShutdownEngine``;
+  ``ClientDied`` / ``ShutdownEngine``, and ``HeadHeartbeat`` every second;
 - supervisor → API server (:data:`ToApiServer`): ``ApiServerGo``, ``DrainServer``,
   ``ExitServer``, ``StopServer``, ``EngineDied``.
 
@@ -61,7 +62,23 @@ class ApiServerDrained(msgspec.Struct, tag="api_drained", array_like=True, gc=Fa
     client_index: int
 
 
-ToSupervisor = EngineHello | EngineReady | EngineStartupError | ApiServerHello | ApiServerDrained
+# ---- headless node's supervisor → head ---------------------------------------------------
+
+
+class RemoteEngineExited(msgspec.Struct, tag="remote_exited", array_like=True, gc=False):
+    """A headless node's engine ``engine_index`` exited (``reason`` says how); the node
+    starts a replacement when ``replacing``. The head routes around the rank at once rather
+    than after its heartbeat timeout."""
+
+    engine_index: int
+    reason: str
+    cause: str  # exited / killed: counted by the replacement in vserve_engine_restarts
+    replacing: bool
+    pid: int
+
+
+ToSupervisor = (EngineHello | EngineReady | EngineStartupError | ApiServerHello
+                | ApiServerDrained | RemoteEngineExited)
 
 # ---- supervisor → engine ---------------------------------------------------------------
 
@@ -77,6 +94,12 @@ class EngineStartupInfo(msgspec.Struct, tag="startup", array_like=True, gc=False
     input_addrs: list[str]
     output_addrs: list[str]
     stats_addr: str | None = None
+    # Seconds without a HeadHeartbeat after which the engine concludes the head is gone and
+    # exits (0: do not watch; engines on the head's machine follow their parent instead).
+    head_timeout: float = 0.0
+    # Non-empty for a replacement: why its predecessor went (exited, killed, hung); the
+    # replacement counts it in vserve_engine_restarts_total.
+    restarted_because: str = ""
 
 
 class ClientDied(msgspec.Struct, tag="client_died", array_like=True, gc=False):
@@ -86,11 +109,23 @@ class ClientDied(msgspec.Struct, tag="client_died", array_like=True, gc=False):
     client_index: int
 
 
+# The exit code of an engine told ``ShutdownEngine(replace=True)``: its node starts another.
+ENGINE_EXIT_REPLACE = 75
+
+
 class ShutdownEngine(msgspec.Struct, tag="shutdown", array_like=True, gc=False):
-    """Stop after the current step."""
+    """Stop after the current step. With ``replace`` the head gave up on this (remote)
+    engine, which went silent: it exits with :data:`ENGINE_EXIT_REPLACE` and its node starts
+    a fresh one, which joins again."""
+
+    replace: bool = False
 
 
-ToEngine = EngineStartupInfo | ClientDied | ShutdownEngine
+class HeadHeartbeat(msgspec.Struct, tag="heartbeat", array_like=True, gc=False):
+    """The head is alive (sent every second to every engine)."""
+
+
+ToEngine = EngineStartupInfo | ClientDied | ShutdownEngine | HeadHeartbeat
 
 # ---- supervisor → API server -----------------------------------------------------------
 
@@ -118,10 +153,16 @@ class StopServer(msgspec.Struct, tag="stop", array_like=True, gc=False):
 
 
 class EngineDied(msgspec.Struct, tag="engine_died", array_like=True, gc=False):
-    """Engine ``engine_index`` exited: fail its requests."""
+    """Engine ``engine_index`` is gone: fail its requests and route around it. With
+    ``replacing`` a new engine for that rank is on its way (it announces itself when ready);
+    without, the rank is gone for good."""
 
     engine_index: int
     reason: str
+    replacing: bool = False
+    # The dead process; an API server that already sees a newer one for the rank (the
+    # replacement announced itself first) ignores the message.
+    pid: int = 0
 
 
 ToApiServer = ApiServerGo | DrainServer | ExitServer | StopServer | EngineDied

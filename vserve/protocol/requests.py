@@ -60,6 +60,7 @@ class EngineAnnounce(msgspec.Struct, tag="announce", array_like=True, gc=False):
     """Engine → front end on the request link: "rank ``engine_index`` is connected"."""
 
     engine_index: int
+    pid: int = 0  # which process: tells a replacement from the engine it replaced
 
 
 def engine_identity(engine_index: int) -> bytes:
