@@ -146,23 +146,42 @@ def check_accepting(state: ServerState, count_rejection: bool = False) -> None:
         raise APIError(503, f"the server is not accepting requests ({why.replace('_', ' ')})")
 
 
-def check_admission(state: ServerState, num_children: int) -> None:
-    """``check_accepting``, and 503 with Retry-After when the whole server's queue is full.
+def check_admission(state: ServerState, num_children: int) -> bool:
+    """``check_accepting``, and 503 with Retry-After when the whole server's queue is full;
+    True if the request was counted in the admission ledger (release it when it ends).
 
-    The queue is the engines' waiting requests summed (the coordinator's latest snapshot,
-    which covers every API server, plus this server's requests routed since): a request is
-    admitted while nothing waits, or while its children still fit under the bound.
+    Two checks, both local (a refused request never costs an engine round trip):
+
+    - exact: the sequences every API server has in flight (``state.admission``, a shared
+      ledger updated under a lock) may not exceed the running capacity — ``max_num_seqs``
+      per serving engine — plus the bound; a request alone on an idle server is admitted
+      whatever its size;
+    - by load: the engines' waiting requests (the coordinator's latest snapshot plus this
+      server's routing since) plus the request's may not exceed the bound. This catches a
+      queue that forms below ``max_num_seqs`` because the KV cache is full.
     """
     check_accepting(state, count_rejection=True)
     bound = state.server_config.max_num_queued_reqs
     if bound is None:
-        return
+        return False
     queued = sum(waiting for waiting, _ in state.engine_client.load.loads())
     if queued > 0 and queued + num_children > bound:
-        REQUESTS_REJECTED.labels(state.model_name, "overloaded").inc()
-        raise APIError(503, f"the server is overloaded: {queued} requests are waiting "
-                       f"(limit {bound}); retry later",
-                       headers={"Retry-After": str(RETRY_AFTER_S)})
+        _refuse_overloaded(state, f"{queued} requests are waiting (limit {bound})")
+    if state.admission is None:
+        return False
+    capacity = (state.engine_config.scheduler.max_num_seqs
+                * max(1, state.engine_client.num_serving))
+    refused_at = state.admission.try_admit(state.client_index, num_children, capacity + bound)
+    if refused_at is not None:
+        _refuse_overloaded(state, f"{refused_at} sequences are in flight (limit "
+                                  f"{capacity} running + {bound} waiting)")
+    return True
+
+
+def _refuse_overloaded(state: ServerState, why: str) -> None:
+    REQUESTS_REJECTED.labels(state.model_name, "overloaded").inc()
+    raise APIError(503, f"the server is overloaded: {why}; retry later",
+                   headers={"Retry-After": str(RETRY_AFTER_S)})
 
 
 class Generation:
@@ -190,12 +209,14 @@ class Generation:
         self._by_id = {c.engine_id: c for c in self.children}
         self._queue: asyncio.Queue[EngineCoreOutput | BaseException] = asyncio.Queue()
         self._unfinished = len(self.children)
+        self._ledgered = 0  # children counted in the admission ledger and not released
         self._started = False
         self._closed = False
 
     def start(self) -> None:
         """Admit and register every child (APIError 503 if that is not possible)."""
-        check_admission(self.server, len(self.children))
+        if check_admission(self.server, len(self.children)):
+            self._ledgered = len(self.children)
         client = self.server.engine_client
         now = time.time()
         try:
@@ -233,6 +254,7 @@ class Generation:
             child.timer.on_tokens(len(delta.token_ids))
             if delta.finish_reason is not None:
                 self._unfinished -= 1
+                self._release(1)
                 if delta.needs_abort:  # finished here on a stop string: free it in the engine
                     self.server.engine_client.abort([child.engine_id])
                 if delta.finish_reason == "error":
@@ -255,8 +277,15 @@ class Generation:
         live = [c.engine_id for c in self.children if not c.state.finished]
         if live:
             self.server.engine_client.abort(live)
+        self._release(self._ledgered)
         if self._started:
             self._record()
+
+    def _release(self, count: int) -> None:
+        count = min(count, self._ledgered)
+        if count and self.server.admission is not None:
+            self._ledgered -= count
+            self.server.admission.release(self.server.client_index, count)
 
     def _record(self) -> None:
         model = self.server.model_name

@@ -36,6 +36,7 @@ from vserve.frontend.async_client import AsyncEngineClient
 from vserve.frontend.engine_client import EngineUnavailableError
 from vserve.frontend.input_processor import load_eos_token_ids
 from vserve.frontend.tokenizer import Tokenizer
+from vserve.launch.admission import AdmissionLedger
 from vserve.launch.connections import ConnectionTable
 from vserve.launch.fd_passing import receive_listen_socket
 from vserve.launch.lifetime import (
@@ -176,6 +177,10 @@ async def serve(index: int, args: ApiServerArgs) -> None:
         max_model_len=go.max_model_len, vocab_size=vocab_size,
         eos_token_ids=load_eos_token_ids(model_dir, tokenizer),
     )
+    if serve_config.server.max_num_queued_reqs is not None:
+        state.admission = AdmissionLedger(args.admission_path,
+                                          serve_config.server.api_server_count)
+        state.admission.reset(index)
     await client.wait_for_engines()
     sock = receive_listen_socket(args.fd_socket_path)
     table = ConnectionTable(args.connections_path, serve_config.server.api_server_count)

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from vserve.config import EngineConfig, ServerConfig
 from vserve.frontend.async_client import AsyncEngineClient
 from vserve.frontend.tokenizer import Tokenizer
+from vserve.launch.admission import AdmissionLedger
 
 
 @dataclass
@@ -29,6 +30,8 @@ class ServerState:
     # a drain waits for these, not only for the engine's work, so that a slow reader still
     # gets its last chunks.
     http_in_flight: int = 0
+    # Set when --max-num-queued-reqs is: every API server's admitted sequences.
+    admission: AdmissionLedger | None = None
 
     @property
     def model_name(self) -> str:

@@ -94,6 +94,10 @@ class AsyncEngineClient:
         return bool(self.core.serving)
 
     @property
+    def num_serving(self) -> int:
+        return len(self.core.serving)
+
+    @property
     def num_in_flight(self) -> int:
         return len(self.core.routes)
 

@@ -27,6 +27,7 @@ import zmq
 
 from vserve import envs
 from vserve.config import ServeConfig
+from vserve.launch.admission import AdmissionLedger
 from vserve.launch.connections import ConnectionTable
 from vserve.launch.coordinator import Coordinator
 from vserve.launch.engine_watch import EngineWatch
@@ -89,6 +90,7 @@ class Supervisor:
         self.uds_inode: int | None = None
         self.headless_procs: dict[int, subprocess.Popen[bytes]] = {}
         self.connections: ConnectionTable | None = None
+        self.admission: AdmissionLedger | None = None
         self.stop_reason = "the server is shutting down"
 
     # ---- addresses ---------------------------------------------------------------------
@@ -131,6 +133,7 @@ class Supervisor:
             self.uds_inode = os.stat(server.uds).st_ino
         self.listen_server = ListenSocketServer(sock, str(self.run_dir / "listen.sock"))
         self.connections = ConnectionTable(self.run_dir / "connections", n, create=True)
+        self.admission = AdmissionLedger(self.run_dir / "admission", n, create=True)
         self.launcher = EngineLauncher(
             ctx=self.ctx, config=self.engine_config, model_dir=self.model_dir,
             handshake_addr=self._handshake_addr(), input_addrs=[], output_addrs=[],
@@ -150,6 +153,7 @@ class Supervisor:
             config=self.config.to_msgpack(), model_dir=str(self.model_dir), handshake_addr=self.launcher.handshake_addr,
             fd_socket_path=self.listen_server.path,
             connections_path=str(self.connections.path),
+            admission_path=str(self.admission.path),
             input_addrs=[self._addr(f"input-{i}") for i in range(n)],
             output_addrs=[self._addr(f"output-{i}") for i in range(n)],
             snapshot_addr=snapshot_addr, supervisor_pid=os.getpid())
@@ -279,6 +283,8 @@ class Supervisor:
         mark_process_dead(self.api_procs[index].pid)
         if self.connections is not None:
             self.connections.mark_absent(index)  # the others stop deferring to it
+        if self.admission is not None:
+            self.admission.reset(index)  # the engines abort its requests (ClientDied)
         self.launcher.send_control(ClientDied(index))
         self.api_peers.pop(index, None)
         now = time.monotonic()

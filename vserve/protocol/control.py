@@ -178,6 +178,7 @@ class ApiServerArgs(msgspec.Struct, gc=False):
     handshake_addr: str
     fd_socket_path: str
     connections_path: str  # the ConnectionTable every API server shares
+    admission_path: str  # the AdmissionLedger every API server shares
     input_addrs: list[str]  # per client index: where to bind (replacements reuse them)
     output_addrs: list[str]
     snapshot_addr: str | None
