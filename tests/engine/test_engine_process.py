@@ -56,7 +56,8 @@ def engine(tmp_path):
         assert router.poll(30_000)
         peer, frame = router.recv_multipart()
         assert peer == engine_identity(0)
-        assert msgspec.msgpack.decode(frame, type=EngineAnnounce) == EngineAnnounce(0)
+        assert msgspec.msgpack.decode(frame, type=EngineAnnounce) == EngineAnnounce(
+            0, launcher.procs[0].pid)
         yield router, pull, launcher
     finally:
         launcher.shutdown()
