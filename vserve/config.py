@@ -196,6 +196,10 @@ class ParallelConfig:
         13345, help="multi-node: the head node's handshake port")
     headless: bool = option(False, help="run engines only, joining the head node at "
                                         "--data-parallel-address:--data-parallel-rpc-port")
+    cluster_key_file: str | None = option(
+        None, help="multi-node (required): a file holding the secret that authenticates and "
+                   "encrypts (ZMQ CURVE) every link between nodes; the head creates it if it "
+                   "does not exist, headless nodes need a copy (e.g. a Kubernetes Secret)")
 
     def __post_init__(self) -> None:
         if self.data_parallel_size < 1:
@@ -209,6 +213,10 @@ class ParallelConfig:
             )
         if self.headless and local == 0:
             raise ValueError("--headless needs at least one local engine")
+        if self.multi_node and not self.cluster_key_file:
+            raise ValueError("multi-node mode (--headless, or --data-parallel-size-local below "
+                             "--data-parallel-size) needs --cluster-key-file: its links "
+                             "listen on TCP and must be authenticated")
 
     @property
     def local_size(self) -> int:

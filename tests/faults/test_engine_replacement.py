@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import psutil
-from helpers.serve import ServeProcess, serve, stream_completion
+from helpers.serve import ServeProcess, serve, stream_completion, two_node_args
 
 
 def _engines(srv: ServeProcess) -> dict[str, int]:
@@ -147,16 +147,9 @@ def test_single_engine_restart_then_crash_loop_stops_the_server():
     assert srv.leftovers() == []
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
-
-def test_remote_engine_death_is_noticed_at_once_and_its_node_replaces_it():
-    port = str(_free_port())
-    common = ["--data-parallel-size", "2", "--data-parallel-size-local", "1",
-              "--data-parallel-address", "127.0.0.1", "--data-parallel-rpc-port", port]
+def test_remote_engine_death_is_noticed_at_once_and_its_node_replaces_it(tmp_path: Path) -> None:
+    common = two_node_args(tmp_path)
     headless = ServeProcess(["demo", "--headless", "--data-parallel-start-rank", "1", *common])
     try:
         with serve("demo", *common) as head:
@@ -185,10 +178,8 @@ def test_remote_engine_death_is_noticed_at_once_and_its_node_replaces_it():
         headless.kill_all()
 
 
-def test_remote_node_silence_is_routed_around():
-    port = str(_free_port())
-    common = ["--data-parallel-size", "2", "--data-parallel-size-local", "1",
-              "--data-parallel-address", "127.0.0.1", "--data-parallel-rpc-port", port]
+def test_remote_node_silence_is_routed_around(tmp_path: Path) -> None:
+    common = two_node_args(tmp_path)
     headless = ServeProcess(["demo", "--headless", "--data-parallel-start-rank", "1", *common])
     try:
         with serve("demo", "--engine-heartbeat-timeout", "3", *common) as head:

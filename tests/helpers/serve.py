@@ -195,3 +195,27 @@ def stream_completion(base: str, max_tokens: int, timeout: float = 60,
     except httpx.HTTPError as e:
         res.error = f"{type(e).__name__}: {e}"
     return res
+
+
+def free_port() -> int:
+    # The test chooses the head's RPC port, as an operator would; vserve itself never
+    # picks ports ahead of time.
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def two_node_args(key_dir: Path) -> list[str]:
+    """Flags both nodes of a 2-engine, 2-node server on 127.0.0.1 share: a fresh RPC port
+    and a cluster key file (written here, as an operator would provision it)."""
+    import secrets
+
+    key = key_dir / "cluster.key"
+    if not key.exists():
+        key.write_text(secrets.token_urlsafe(48))
+        key.chmod(0o600)
+    return ["--data-parallel-size", "2", "--data-parallel-size-local", "1",
+            "--data-parallel-address", "127.0.0.1", "--data-parallel-rpc-port",
+            str(free_port()), "--cluster-key-file", str(key)]

@@ -2,26 +2,16 @@
 
 from __future__ import annotations
 
-import socket
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import psutil
-from helpers.serve import ServeProcess, serve
+from helpers.serve import ServeProcess, serve, two_node_args
 
 
-def _free_port() -> int:
-    # The test chooses the head's RPC port, as an operator would; vserve itself never
-    # picks ports ahead of time.
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def test_headless_engine_joins_head_over_tcp():
-    port = str(_free_port())
-    common = ["--data-parallel-size", "2", "--data-parallel-size-local", "1",
-              "--data-parallel-address", "127.0.0.1", "--data-parallel-rpc-port", port]
+def test_headless_engine_joins_head_over_tcp(tmp_path: Path) -> None:
+    common = two_node_args(tmp_path)
     headless = ServeProcess(["demo", "--headless", "--data-parallel-start-rank", "1", *common])
     try:
         with serve("demo", "--api-server-count", "2", *common) as head:

@@ -31,6 +31,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from vserve.api.acceptor import BalancedAcceptor
 from vserve.api.state import ServerState
+from vserve.cluster_key import ClusterKey
 from vserve.config import ServeConfig
 from vserve.frontend.async_client import AsyncEngineClient
 from vserve.frontend.engine_client import EngineUnavailableError
@@ -160,8 +161,10 @@ async def serve(index: int, args: ApiServerArgs) -> None:
     tokenizer = Tokenizer.from_pretrained(tok_dir, chat_template=model.chat_template)
     vocab_size = int(json.loads((model_dir / "config.json").read_text())["vocab_size"])
     num_engines = serve_config.parallel.data_parallel_size
+    key_file = serve_config.parallel.cluster_key_file
+    key = ClusterKey.load(key_file) if serve_config.parallel.multi_node and key_file else None
     client = AsyncEngineClient(index, num_engines, args.input_addrs[index],
-                               args.output_addrs[index], args.snapshot_addr)
+                               args.output_addrs[index], args.snapshot_addr, key)
     control = client.ctx.socket(zmq.DEALER)
     control.setsockopt(zmq.LINGER, 0)
     control.connect(args.handshake_addr)

@@ -29,6 +29,7 @@ import msgspec
 import zmq
 
 from vserve import envs
+from vserve.cluster_key import ClusterKey, ClusterKeyError, secure_context
 from vserve.config import EngineConfig
 from vserve.launch.lifetime import (
     exit_when_parent_dies,
@@ -59,7 +60,7 @@ from vserve.protocol.requests import (
     GetStats,
     engine_identity,
 )
-from vserve.roles import ENGINE_INDEX_FLAG, engine_name
+from vserve.roles import CLUSTER_KEY_FLAG, ENGINE_INDEX_FLAG, engine_name
 
 logger = get_logger(__name__)
 # What peers send may be garbage, at any rate: warned about at most every 10 s.
@@ -287,7 +288,7 @@ class EngineCoreProc:
 
 
 def run_engine(handshake_addr: str, engine_index: int, model_dir: str | None = None,
-               supervised: bool = False) -> int:
+               supervised: bool = False, cluster_key_file: str | None = None) -> int:
     """``model_dir`` overrides the head's path (a headless node resolves its own copy).
 
     ``supervised``: started by ``vserve serve``, whose supervisor orders the shutdown
@@ -302,6 +303,12 @@ def run_engine(handshake_addr: str, engine_index: int, model_dir: str | None = N
     # Poll only (see exit_when_parent_dies): an LLM may start us from a short-lived thread.
     exit_when_parent_dies(use_pdeathsig=False)
     ctx = zmq.Context()
+    if cluster_key_file:  # multi-node: every link is a CURVE client holding the key
+        try:
+            secure_context(ctx, ClusterKey.load(cluster_key_file), authenticate=False)
+        except ClusterKeyError as e:
+            logger.error("%s", e)
+            return 1
     hs = ctx.socket(zmq.DEALER)
     hs.setsockopt(zmq.LINGER, 2000)
     hs.connect(handshake_addr)
@@ -345,10 +352,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--handshake", required=True)
     parser.add_argument(ENGINE_INDEX_FLAG, dest="engine_index", type=int, default=0)
     parser.add_argument("--model-dir", default=None)
+    parser.add_argument(CLUSTER_KEY_FLAG, dest="cluster_key_file", default=None)
     parser.add_argument("--supervised", action="store_true",
                         help="started by vserve serve: ignore SIGTERM (see run_engine)")
     args = parser.parse_args(argv)
-    sys.exit(run_engine(args.handshake, args.engine_index, args.model_dir, args.supervised))
+    sys.exit(run_engine(args.handshake, args.engine_index, args.model_dir, args.supervised,
+                        args.cluster_key_file))
 
 
 if __name__ == "__main__":

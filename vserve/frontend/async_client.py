@@ -16,6 +16,7 @@ import msgspec
 import zmq
 import zmq.asyncio
 
+from vserve.cluster_key import ClusterKey, secure_context
 from vserve.frontend.engine_client import (
     EngineClientCore,
     EngineDeadError,
@@ -37,8 +38,12 @@ OutputQueue = asyncio.Queue[EngineCoreOutput | BaseException]
 
 class AsyncEngineClient:
     def __init__(self, client_index: int, num_engines: int, input_addr: str,
-                 output_addr: str, snapshot_addr: str | None = None) -> None:
+                 output_addr: str, snapshot_addr: str | None = None,
+                 key: ClusterKey | None = None) -> None:
+        """``key``: multi-node, every link is CURVE-authenticated with it."""
         self.ctx = zmq.asyncio.Context()
+        if key is not None:
+            secure_context(self.ctx, key, authenticate=True)
         self.core: EngineClientCore[OutputQueue] = EngineClientCore(
             self.ctx, client_index, num_engines, input_addr, output_addr)
         self.load = self.core.load

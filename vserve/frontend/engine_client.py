@@ -37,6 +37,7 @@ from typing import Any, Generic, TypeVar
 import msgspec
 import zmq
 
+from vserve import cluster_key
 from vserve.frontend.load_tracker import LoadTracker
 from vserve.logging_utils import RateLimitedWarning, get_logger
 from vserve.protocol import encode
@@ -119,15 +120,13 @@ class EngineClientCore(Generic[S]):
         self.output = ctx.socket(zmq.PULL)
         self.output.setsockopt(zmq.LINGER, 0)
         try:
-            self.input.bind(input_addr)
-            self.output.bind(output_addr)
+            # The real endpoints (a tcp port-0 bind picks its port here).
+            self.input_addr = cluster_key.bind(self.input, input_addr)
+            self.output_addr = cluster_key.bind(self.output, output_addr)
         except zmq.ZMQError:
             self.input.close(linger=0)
             self.output.close(linger=0)
             raise
-        # The real endpoints (a tcp port-0 bind picks its port here).
-        self.input_addr = str(self.input.getsockopt_string(zmq.LAST_ENDPOINT))
-        self.output_addr = str(self.output.getsockopt_string(zmq.LAST_ENDPOINT))
         self.load = LoadTracker(num_engines)
         self.routes: dict[str, Route[S]] = {}
         self.connected: set[int] = set()

@@ -26,6 +26,8 @@ import time
 import msgspec
 import zmq
 
+from vserve import cluster_key
+from vserve.cluster_key import ClusterKey, secure_context
 from vserve.logging_utils import get_logger
 from vserve.protocol import encode
 from vserve.protocol.load import EngineLoad, LoadSnapshot
@@ -52,7 +54,9 @@ class Coordinator:
         num_engines: int,
         publish_interval: float = PUBLISH_INTERVAL_S,
         heartbeat_interval: float = HEARTBEAT_INTERVAL_S,
+        key: ClusterKey | None = None,
     ) -> None:
+        """``key``: multi-node, both sockets are CURVE servers admitting its holders only."""
         if num_engines < 1:
             raise ValueError(f"num_engines must be positive, got {num_engines}")
         self.num_engines = num_engines
@@ -67,6 +71,8 @@ class Coordinator:
         self._forget_lock = threading.Lock()
         self.seq = 0
         self._ctx = zmq.Context()
+        if key is not None:
+            secure_context(self._ctx, key, authenticate=True)
         self._pull = self._ctx.socket(zmq.PULL)
         self._pub = self._ctx.socket(zmq.PUB)
         for sock in (self._pull, self._pub):
@@ -74,11 +80,9 @@ class Coordinator:
         # Snapshots supersede each other: a subscriber that cannot keep up loses old ones.
         self._pub.setsockopt(zmq.SNDHWM, 64)
         try:
-            self._pull.bind(stats_in_addr)
-            self._pub.bind(snapshot_out_addr)
             # The real endpoints: a tcp port-0 bind picks its port here, not ahead of time.
-            self.stats_in_addr = str(self._pull.getsockopt_string(zmq.LAST_ENDPOINT))
-            self.snapshot_out_addr = str(self._pub.getsockopt_string(zmq.LAST_ENDPOINT))
+            self.stats_in_addr = cluster_key.bind(self._pull, stats_in_addr)
+            self.snapshot_out_addr = cluster_key.bind(self._pub, snapshot_out_addr)
         except zmq.ZMQError:
             self._close_sockets()
             raise

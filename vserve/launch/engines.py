@@ -19,6 +19,7 @@ from pathlib import Path
 import msgspec
 import zmq
 
+from vserve import cluster_key
 from vserve.config import EngineConfig
 from vserve.logging_utils import RateLimitedWarning, get_logger
 from vserve.protocol import encode
@@ -32,7 +33,13 @@ from vserve.protocol.control import (
     ToEngine,
     ToSupervisor,
 )
-from vserve.roles import ENGINE_INDEX_FLAG, ENGINE_MODULE, child_command, engine_name
+from vserve.roles import (
+    CLUSTER_KEY_FLAG,
+    ENGINE_INDEX_FLAG,
+    ENGINE_MODULE,
+    child_command,
+    engine_name,
+)
 
 logger = get_logger(__name__)
 # What peers send may be garbage, at any rate: warned about at most every 10 s.
@@ -62,6 +69,9 @@ class EngineLauncher:
     supervised: bool = False
     # Seconds without the head's heartbeat after which a remote engine exits (0: never).
     remote_head_timeout: float = 0.0
+    # Multi-node: the cluster key file engines authenticate their links with (the launcher's
+    # ``ctx`` is secured with it by its owner).
+    cluster_key_file: str | None = None
     procs: dict[int, subprocess.Popen] = field(default_factory=dict)
     ready: dict[int, EngineReady] = field(default_factory=dict)
 
@@ -71,9 +81,8 @@ class EngineLauncher:
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         # A replacement (or a remote engine rejoining) says HELLO with a new connection.
         self.sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
-        self.sock.bind(self.handshake_addr)
         # The real endpoint (a tcp port 0 bind picks the port here, not ahead of time).
-        self.handshake_addr = str(self.sock.getsockopt_string(zmq.LAST_ENDPOINT))
+        self.handshake_addr = cluster_key.bind(self.sock, self.handshake_addr)
         self._peer_ids: dict[int, bytes] = {}
         self._others: list[tuple[bytes, ToSupervisor]] = []
         self._new_ready: list[int] = []
@@ -98,6 +107,8 @@ class EngineLauncher:
 
     def _start(self, rank: int) -> None:
         args = ["--handshake", self.handshake_addr, ENGINE_INDEX_FLAG, str(rank)]
+        if self.cluster_key_file:
+            args += [CLUSTER_KEY_FLAG, self.cluster_key_file]
         cmd = child_command(ENGINE_MODULE, [*args, "--supervised"] if self.supervised
                             else args)
         self.procs[rank] = subprocess.Popen(cmd)

@@ -24,7 +24,7 @@ from vserve.launch.lifetime import spawn_child
 from vserve.logging_utils import get_logger
 from vserve.protocol import encode
 from vserve.protocol.control import ENGINE_EXIT_REPLACE, RemoteEngineExited
-from vserve.roles import ENGINE_INDEX_FLAG, ENGINE_MODULE, engine_name
+from vserve.roles import CLUSTER_KEY_FLAG, ENGINE_INDEX_FLAG, ENGINE_MODULE, engine_name
 
 logger = get_logger(__name__)
 
@@ -35,6 +35,7 @@ class HeadlessNode:
         self.ranks = config.parallel.local_ranks
         self.model_dir = model_dir
         self.handshake_addr = handshake_addr
+        self.cluster_key_file = config.parallel.cluster_key_file
         self.budget = RestartBudget(config.server.max_engine_restarts)
         self.procs = procs  # the supervisor's, so its shutdown stops them
         self.to_head = ctx.socket(zmq.DEALER)
@@ -42,9 +43,11 @@ class HeadlessNode:
         self.to_head.connect(handshake_addr)
 
     def _start(self, rank: int) -> None:
-        self.procs[rank] = spawn_child(
-            ENGINE_MODULE, ["--handshake", self.handshake_addr, ENGINE_INDEX_FLAG, str(rank),
-                            "--model-dir", str(self.model_dir)], engine_name(rank))
+        args = ["--handshake", self.handshake_addr, ENGINE_INDEX_FLAG, str(rank),
+                "--model-dir", str(self.model_dir)]
+        if self.cluster_key_file:
+            args += [CLUSTER_KEY_FLAG, self.cluster_key_file]
+        self.procs[rank] = spawn_child(ENGINE_MODULE, args, engine_name(rank))
 
     def run(self, stop_requested: threading.Event) -> int:
         for rank in self.ranks:

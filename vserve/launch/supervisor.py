@@ -26,6 +26,7 @@ from pathlib import Path
 import zmq
 
 from vserve import envs
+from vserve.cluster_key import ClusterKey, load_or_create, secure_context
 from vserve.config import ServeConfig
 from vserve.launch.admission import AdmissionLedger
 from vserve.launch.connections import ConnectionTable
@@ -91,6 +92,7 @@ class Supervisor:
         self.headless_procs: dict[int, subprocess.Popen[bytes]] = {}
         self.connections: ConnectionTable | None = None
         self.admission: AdmissionLedger | None = None
+        self.cluster_key: ClusterKey | None = None
         self.stop_reason = "the server is shutting down"
 
     # ---- addresses ---------------------------------------------------------------------
@@ -111,6 +113,7 @@ class Supervisor:
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
         try:
+            self._secure_links()
             if self.parallel.headless:
                 return self._run_headless()
             return self._run_head()
@@ -119,6 +122,22 @@ class Supervisor:
             return 1
         finally:
             self._shutdown()
+
+    def _secure_links(self) -> None:
+        """Multi-node: load the cluster key (the head creates it when missing) and make
+        this process's links CURVE-authenticated with it."""
+        path = self.parallel.cluster_key_file
+        if not self.parallel.multi_node or not path:
+            return
+        if self.parallel.headless:
+            key = ClusterKey.load(path)
+        else:
+            key, created = load_or_create(path)
+            if created:
+                logger.warning("created the cluster key %s: give headless nodes a copy "
+                               "(--cluster-key-file), e.g. as a Kubernetes Secret", path)
+        self.cluster_key = key
+        secure_context(self.ctx, key, authenticate=not self.parallel.headless)
 
     def _on_signal(self, signum: int, _frame: object) -> None:
         if not self.stop_requested.is_set():
@@ -141,11 +160,13 @@ class Supervisor:
             num_engines=self.parallel.data_parallel_size, supervised=True,
             remote_head_timeout=(self.server.engine_heartbeat_timeout
                                  if self.parallel.multi_node else 0.0),
+            cluster_key_file=(self.parallel.cluster_key_file if self.cluster_key else None),
         )
         # Always on, even for one engine: routing and the server-wide queue bound
         # (--max-num-queued-reqs) both read its snapshots.
         self.coordinator = Coordinator(self._addr("stats"), self._addr("snapshots"),
-                                       self.parallel.data_parallel_size)
+                                       self.parallel.data_parallel_size,
+                                       key=self.cluster_key)
         threading.Thread(target=self.coordinator.run, name="coordinator", daemon=True).start()
         self.launcher.stats_addr = self.coordinator.stats_in_addr
         snapshot_addr = self.coordinator.snapshot_out_addr
