@@ -17,7 +17,7 @@ import httpx
 import psutil
 import pytest
 import zmq
-from helpers.serve import ServeProcess, serve, two_node_args
+from helpers.serve import ServeProcess, two_node_args
 from zmq.utils.monitor import recv_monitor_message
 
 from vserve.cluster_key import ClusterKey, ClusterKeyError, bind, load_or_create, secure_context
