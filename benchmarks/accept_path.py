@@ -54,7 +54,7 @@ def serve(mode: str, sock: socket.socket, ready: threading.Event, stop: threadin
         if mode == "balanced":
             with tempfile.TemporaryDirectory() as d:
                 table = ConnectionTable(Path(d) / "t", 2, create=True)
-                acceptor = BalancedAcceptor(sock, table, 0)
+                acceptor = BalancedAcceptor(sock, table, 0, max_open=1 << 16)
                 acceptor.start(lambda: Echo(acceptor.connection_closed))
                 await run(loop)
                 acceptor.stop()

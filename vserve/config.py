@@ -261,6 +261,21 @@ class ServerConfig:
         30.0, help="seconds in-flight requests may take to finish after SIGTERM")
     max_request_body_bytes: int = option(8 << 20, parse=parse_size, metavar="SIZE",
                                          help="largest request body accepted (413 above)")
+    max_header_bytes: int = option(64 << 10, parse=parse_size, metavar="SIZE",
+                                   help="largest request line plus headers accepted (431 "
+                                        "above)")
+    max_header_count: int = option(100, help="most header fields in a request (431 above)")
+    http_header_timeout: float = option(
+        10.0, help="seconds a client may take to send a request's headers, counted from the "
+                   "connection (or the request's first byte); then 408 and the connection "
+                   "closes")
+    http_body_timeout: float = option(
+        30.0, help="seconds a request body may stall between two reads; then 408 and the "
+                   "connection closes")
+    max_connections: int | None = option(
+        None, help="open connections per API server (default: its file-descriptor limit "
+                   "minus 128); beyond it the oldest idle connection is closed, or new ones "
+                   "wait in the listen backlog")
     max_engine_restarts: int = option(
         5, help="engines replaced in place within 10 minutes before the server gives up and "
                 "exits non-zero; 0 exits at the first engine death")
@@ -282,6 +297,13 @@ class ServerConfig:
             raise ValueError("shutdown_timeout must be non-negative")
         if self.max_num_queued_reqs is not None and self.max_num_queued_reqs < 0:
             raise ValueError("max_num_queued_reqs must be non-negative")
+        if self.max_header_bytes < 1024 or self.max_header_count < 1:
+            raise ValueError("max_header_bytes must be at least 1KiB and max_header_count "
+                             "positive")
+        if self.http_header_timeout <= 0 or self.http_body_timeout <= 0:
+            raise ValueError("http_header_timeout and http_body_timeout must be positive")
+        if self.max_connections is not None and self.max_connections < 1:
+            raise ValueError("max_connections must be positive")
         if self.max_engine_restarts < 0:
             raise ValueError("max_engine_restarts must be non-negative")
         if self.engine_heartbeat_timeout <= 1.0:

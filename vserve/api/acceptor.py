@@ -12,7 +12,14 @@ connections until it has caught up.
 
 Accepted sockets go to uvicorn's protocol through ``loop.connect_accepted_socket``, awaited
 one after another by one long-lived task (a task per connection would double the cost of
-the accept path): the HTTP handling is uvicorn's, unchanged.
+the accept path): the HTTP handling is uvicorn's, with the limits of
+``vserve.api.http_guard``.
+
+A server holds at most ``max_open`` connections (below its file-descriptor limit, so that
+a flood of connections cannot starve it of descriptors for its own sockets and files). At
+the cap it closes its oldest *idle* connection (no request in progress: kept alive between
+requests, or never sent a byte) to take the next one; with none idle, new connections wait
+in the listen backlog, or for another server.
 """
 
 from __future__ import annotations
@@ -22,7 +29,9 @@ import contextlib
 import socket
 from collections import deque
 from collections.abc import Callable
+from typing import Any
 
+from vserve.api.http_guard import ConnectionHooks
 from vserve.launch.connections import ConnectionTable
 from vserve.logging_utils import get_logger
 
@@ -33,12 +42,16 @@ HEARTBEAT_S = 0.2
 SLACK = 1  # connections a server may hold beyond the least-loaded live one
 
 
-class BalancedAcceptor:
-    def __init__(self, sock: socket.socket, table: ConnectionTable, index: int) -> None:
+class BalancedAcceptor(ConnectionHooks):
+    def __init__(self, sock: socket.socket, table: ConnectionTable, index: int,
+                 max_open: int) -> None:
         self.sock = sock
         self.table = table
         self.index = index
+        self.max_open = max_open
         self.open = 0
+        # Connections with no request in progress, oldest first (dict: ordered, O(1) moves).
+        self._idle: dict[Any, None] = {}
         self._factory: Callable[[], asyncio.Protocol] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reading = False
@@ -72,6 +85,17 @@ class BalancedAcceptor:
         while self._accepted:
             self._accepted.popleft().close()
 
+    # ---- ConnectionHooks (the protocol's) ---------------------------------------------------
+    def closed(self, protocol: Any) -> None:
+        self._idle.pop(protocol, None)
+        self.connection_closed()
+
+    def idle(self, protocol: Any, idle: bool) -> None:
+        if idle:
+            self._idle[protocol] = None
+        else:
+            self._idle.pop(protocol, None)
+
     def connection_closed(self) -> None:
         self.open -= 1
         self.table.write(self.index, self.open)
@@ -97,6 +121,12 @@ class BalancedAcceptor:
     def _on_readable(self) -> None:
         if self._stopped:
             return
+        if self.open >= self.max_open:
+            self._unread()  # at the cap: nothing new until a connection closes
+            if self._evict_idle():  # its connection_lost comes on the next loop turn
+                assert self._loop is not None
+                self._loop.call_later(PAUSE_S, self._resume)
+            return
         if not self._may_accept():
             self._unread()  # let the others take the next ones; look again shortly
             assert self._loop is not None
@@ -118,6 +148,14 @@ class BalancedAcceptor:
         self.table.write(self.index, self.open)
         self._accepted.append(conn)
         self._wakeup.set()
+
+    def _evict_idle(self) -> bool:
+        while self._idle:
+            protocol = next(iter(self._idle))
+            del self._idle[protocol]
+            if protocol.close_if_idle():
+                return True
+        return False
 
     async def _hand_over(self) -> None:
         """Give each accepted socket to the protocol, in order."""

@@ -27,6 +27,7 @@ from vserve.api.protocol import ChatCompletionRequest
 from vserve.api.responses import ERROR_RESPONSES, ChatCompletionResponse
 from vserve.api.serving import respond
 from vserve.api.state import ServerState
+from vserve.frontend.input_processor import PromptTooLongError, encode_bounded
 from vserve.frontend.output_processor import CompletionDelta
 from vserve.outputs import PositionLogprobs
 
@@ -110,7 +111,10 @@ def add_routes(app: FastAPI, state: ServerState) -> None:
                 add_generation_prompt=body.add_generation_prompt is not False)
         except ValueError as e:
             raise APIError(400, str(e), "messages") from None
-        ids = tokenizer.encode(text, add_special_tokens=False)
+        try:
+            ids = encode_bounded(tokenizer, text, False, state.max_model_len)
+        except PromptTooLongError as e:
+            raise APIError(400, str(e), "messages") from None
         prompt = prepare_prompt(state, text, ids, params, "messages", max_param)
         rid, client_chose_id = response_id(request, "chatcmpl-")
         gen = Generation(state, rid, client_chose_id, [prompt], priority)

@@ -32,6 +32,7 @@ from vserve.api.responses import ERROR_RESPONSES, CompletionResponse
 from vserve.api.serving import respond
 from vserve.api.state import ServerState
 from vserve.frontend.detokenizer import token_display
+from vserve.frontend.input_processor import PromptTooLongError, encode_bounded
 from vserve.frontend.output_processor import CompletionDelta
 from vserve.frontend.tokenizer import Tokenizer
 from vserve.outputs import PositionLogprobs
@@ -126,15 +127,18 @@ def _num_prompts(prompt: str | list[str] | list[int] | list[list[int]]) -> int:
     return len(prompt)
 
 
-def _prompts(body: CompletionRequest, tokenizer: Tokenizer
+def _prompts(body: CompletionRequest, tokenizer: Tokenizer, max_model_len: int
              ) -> list[tuple[str | None, list[int]]]:
     add_special = body.add_special_tokens is not False
     prompt = body.prompt
-    if isinstance(prompt, str):
-        return [(prompt, tokenizer.encode(prompt, add_special_tokens=add_special))]
-    if all(isinstance(p, str) for p in prompt):
-        return [(p, tokenizer.encode(p, add_special_tokens=add_special))
-                for p in prompt if isinstance(p, str)]
+    try:
+        if isinstance(prompt, str):
+            return [(prompt, encode_bounded(tokenizer, prompt, add_special, max_model_len))]
+        if all(isinstance(p, str) for p in prompt):
+            return [(p, encode_bounded(tokenizer, p, add_special, max_model_len))
+                    for p in prompt if isinstance(p, str)]
+    except PromptTooLongError as e:
+        raise APIError(400, str(e), "prompt") from None
     if all(isinstance(t, int) for t in prompt):
         return [(None, [t for t in prompt if isinstance(t, int)])]
     return [(None, list(p)) for p in prompt if isinstance(p, list)]
@@ -167,7 +171,7 @@ def add_routes(app: FastAPI, state: ServerState) -> None:
                            f"= {num_prompts * params.n} sequences; at most {MAX_N} per "
                            "request", "prompt")
         prompts = [prepare_prompt(state, text, ids, params, "prompt", "max_tokens")
-                   for text, ids in _prompts(body, state.tokenizer)]
+                   for text, ids in _prompts(body, state.tokenizer, state.max_model_len)]
         rid, client_chose_id = response_id(request, "cmpl-")
         gen = Generation(state, rid, client_chose_id, prompts, priority)
         fmt = CompletionFormatter(gen, model, state.tokenizer, bool(body.echo), body.logprobs,

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import json
 import os
+import resource
 import signal
 import socket
 import sys
@@ -30,6 +31,7 @@ import zmq.asyncio
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from vserve.api.acceptor import BalancedAcceptor
+from vserve.api.http_guard import HttpLimits, guarded_protocol
 from vserve.api.state import ServerState
 from vserve.cluster_key import ClusterKey
 from vserve.config import ServeConfig
@@ -74,9 +76,11 @@ class _Server(uvicorn.Server):
     own accept loop), without its own signal handlers: this process decides what signals
     mean."""
 
-    def __init__(self, config: uvicorn.Config, acceptor: BalancedAcceptor) -> None:
+    def __init__(self, config: uvicorn.Config, acceptor: BalancedAcceptor,
+                 limits: HttpLimits) -> None:
         super().__init__(config)
         self.acceptor = acceptor
+        self.limits = limits
 
     @contextlib.contextmanager
     def capture_signals(self) -> Generator[None, None, None]:
@@ -85,21 +89,15 @@ class _Server(uvicorn.Server):
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         # No listeners of uvicorn's own; the acceptor hands connections to its protocol.
         await super().startup(sockets=[])
-        base = self.config.http_protocol_class
-        acceptor = self.acceptor
-
-        class CountedProtocol(base):  # type: ignore[valid-type,misc]
-            def connection_lost(self, exc: Exception | None) -> None:
-                super().connection_lost(exc)
-                acceptor.connection_closed()
-
+        protocol = guarded_protocol(self.config.http_protocol_class, self.limits,
+                                    self.acceptor)
         config, state = self.config, self.server_state
 
         def create_protocol() -> asyncio.Protocol:
-            return CountedProtocol(config=config, server_state=state,  # type: ignore[no-any-return]
-                                   app_state=self.lifespan.state)
+            return protocol(config=config, server_state=state,  # type: ignore[no-any-return]
+                            app_state=self.lifespan.state)
 
-        acceptor.start(create_protocol)
+        self.acceptor.start(create_protocol)
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         self.acceptor.stop()
@@ -148,6 +146,15 @@ def with_in_flight_tracking(app: ASGIApp, state: ServerState) -> ASGIApp:
     return wrapped
 
 
+def default_max_connections() -> int:
+    """The file-descriptor limit less what the process needs for itself (ZMQ sockets, the
+    metrics files, logs)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 65536
+    return max(16, soft - 128)
+
+
 def served_model_names(config: ServeConfig) -> list[str]:
     model = config.engine.model
     return list(model.served_model_name) or [model.model]
@@ -159,6 +166,7 @@ async def serve(index: int, args: ApiServerArgs) -> None:
     model_dir = Path(args.model_dir)
     tok_dir = Path(model.tokenizer) if model.tokenizer else model_dir
     tokenizer = Tokenizer.from_pretrained(tok_dir, chat_template=model.chat_template)
+    _ = tokenizer.max_token_chars  # computed now, not on the first request's time
     vocab_size = int(json.loads((model_dir / "config.json").read_text())["vocab_size"])
     num_engines = serve_config.parallel.data_parallel_size
     key_file = serve_config.parallel.cluster_key_file
@@ -199,7 +207,11 @@ async def serve(index: int, args: ApiServerArgs) -> None:
                             log_config=None, backlog=2048,
                             log_level=serve_config.server.uvicorn_log_level,
                             timeout_graceful_shutdown=5)
-    server = _Server(config, BalancedAcceptor(sock, table, index))
+    server_config = serve_config.server
+    limits = HttpLimits(server_config.max_header_bytes, server_config.max_header_count,
+                        server_config.http_header_timeout, server_config.http_body_timeout)
+    max_open = server_config.max_connections or default_max_connections()
+    server = _Server(config, BalancedAcceptor(sock, table, index, max_open), limits)
     loop = asyncio.get_running_loop()
     drain_task: asyncio.Task[None] | None = None
 

@@ -17,6 +17,38 @@ class PromptTooLongError(ValueError):
     pass
 
 
+# Text tokenizes at well under this many characters per token except in odd corners (runs of
+# spaces, long words); a longer prefix is the cheap first test of an over-long prompt.
+_PROBE_CHARS_PER_TOKEN = 8
+
+
+def encode_bounded(tokenizer: Tokenizer, text: str, add_special_tokens: bool,
+                   max_model_len: int) -> list[int]:
+    """``tokenizer.encode``, but a text that cannot fit in ``max_model_len`` tokens is
+    refused (PromptTooLongError) without tokenizing all of it: an 8 MB prompt used to hold
+    its API server's event loop for seconds and peak at 2 GB before being refused.
+
+    Two cheap tests before the full encode: a text longer than ``max_model_len`` times the
+    longest token (in characters, doubled for normalizers that shrink text) cannot fit;
+    and a prefix of about ``8 * max_model_len`` characters that already tokenizes to more
+    than ``max_model_len`` tokens proves the whole does not fit (a prefix's count exceeds
+    the whole text's by at most one token, at the cut)."""
+    bound = 2 * tokenizer.max_token_chars * max_model_len
+    if len(text) > bound:
+        raise PromptTooLongError(
+            f"the prompt is {len(text)} characters long, more than this model's maximum "
+            f"context length of {max_model_len} tokens can hold")
+    probe = _PROBE_CHARS_PER_TOKEN * max_model_len
+    if len(text) > probe:
+        head = len(tokenizer.encode(text[:probe], add_special_tokens))
+        if head - 1 >= max_model_len:
+            raise PromptTooLongError(
+                f"the prompt is more than {head - 1} tokens long, but this model's maximum "
+                f"context length is {max_model_len} tokens (a prompt may use at most "
+                f"{max_model_len - 1})")
+    return tokenizer.encode(text, add_special_tokens)
+
+
 def load_eos_token_ids(model_dir: Path, tokenizer: Tokenizer) -> list[int]:
     """EOS ids from generation_config.json and config.json, else the tokenizer's (no torch)."""
     ids: list[int] = []

@@ -22,6 +22,7 @@ keys dropped). Deliberate differences:
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -285,6 +286,17 @@ class Tokenizer:
 
     def __len__(self) -> int:
         return self._backend.vocab_size
+
+    @functools.cached_property
+    def max_token_chars(self) -> int:
+        """The longest token's text, in characters (at least 1): a text of C characters
+        needs at least C / this many tokens."""
+        longest = 1
+        for token_id in range(self.vocab_size):
+            token = self.id_to_token(token_id)
+            if token is not None and len(token) > longest:
+                longest = len(token)
+        return longest
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of ``text``; ``add_special_tokens`` applies the post-processor (e.g. bos).
