@@ -283,6 +283,9 @@ class ServerConfig:
         30.0, help="seconds an engine may go without reporting from its busy loop before it "
                    "is treated as dead (killed and replaced; a remote one is routed around); "
                    "must exceed the longest engine step")
+    api_server_heartbeat_timeout: float = option(
+        30.0, help="seconds an API server's event loop may go without a heartbeat before "
+                   "the supervisor kills and replaces it")
     log_level: LogLevel = option("info", help="vserve's log level")
     log_stats_interval: float = option(10.0, help="seconds between stats log lines; 0 turns "
                                                   "them off")
@@ -306,6 +309,8 @@ class ServerConfig:
             raise ValueError("max_connections must be positive")
         if self.max_engine_restarts < 0:
             raise ValueError("max_engine_restarts must be non-negative")
+        if self.api_server_heartbeat_timeout <= 1.0:
+            raise ValueError("api_server_heartbeat_timeout must be more than a second")
         if self.engine_heartbeat_timeout <= 1.0:
             raise ValueError("engine_heartbeat_timeout must be more than a second (engines "
                              "report once a second)")

@@ -61,6 +61,12 @@ class ConnectionTable:
                     least = count
         return least
 
+    def heartbeat_age(self, index: int) -> float | None:
+        """Seconds since server ``index`` last wrote its slot (from its event loop); None
+        while it is absent (starting, or gone)."""
+        count, beat = _SLOT.unpack_from(self._map, index * _SLOT.size)
+        return None if count < 0 else time.monotonic() - beat
+
     def live_counts(self) -> list[int | None]:
         """Connections per server; None for an absent or silent one."""
         now = time.monotonic()

@@ -292,6 +292,21 @@ class Supervisor:
             for i, p in list(self.api_procs.items()):
                 if p.poll() is not None:
                     self._replace_api_server(i, p.returncode)
+                else:
+                    self._kill_if_hung(i, p)
+
+    def _kill_if_hung(self, index: int, proc: subprocess.Popen[bytes]) -> None:
+        """An API server whose event loop stopped beating (stopped, deadlocked, stuck in a
+        long computation) holds its connections without answering: kill it, and the next
+        turn replaces it like any dead one."""
+        age = self.connections.heartbeat_age(index) if self.connections else None
+        limit = self.server.api_server_heartbeat_timeout
+        if age is not None and age > limit:
+            logger.error("%s has not answered for %.0fs (limit %gs): killing it",
+                         api_server_name(index), age, limit)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(5)
 
     def _tell_api_servers(self, msg: ToApiServer) -> None:
         for i in self.api_procs:
