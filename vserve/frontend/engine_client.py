@@ -115,6 +115,7 @@ class EngineClientCore(Generic[S]):
         # A replaced engine connects with the identity of the one it replaces.
         self.input.setsockopt(zmq.ROUTER_HANDOVER, 1)
         self.input.setsockopt(zmq.LINGER, 0)
+        self.input.setsockopt(zmq.MAXMSGSIZE, 1 << 20)  # engines only announce themselves here
         if send_hwm is not None:
             self.input.setsockopt(zmq.SNDHWM, send_hwm)
         self.output = ctx.socket(zmq.PULL)

@@ -77,6 +77,7 @@ class Coordinator:
         self._pub = self._ctx.socket(zmq.PUB)
         for sock in (self._pull, self._pub):
             sock.setsockopt(zmq.LINGER, 0)
+        self._pull.setsockopt(zmq.MAXMSGSIZE, 1 << 20)  # load reports are a few dozen bytes
         # Snapshots supersede each other: a subscriber that cannot keep up loses old ones.
         self._pub.setsockopt(zmq.SNDHWM, 64)
         try:

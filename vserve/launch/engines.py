@@ -81,6 +81,9 @@ class EngineLauncher:
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         # A replacement (or a remote engine rejoining) says HELLO with a new connection.
         self.sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        # Control messages only (the largest, a startup traceback); ZMQ drops a peer that
+        # sends more before anything is allocated for it.
+        self.sock.setsockopt(zmq.MAXMSGSIZE, 16 << 20)
         # The real endpoint (a tcp port 0 bind picks the port here, not ahead of time).
         self.handshake_addr = cluster_key.bind(self.sock, self.handshake_addr)
         self._peer_ids: dict[int, bytes] = {}
