@@ -69,6 +69,11 @@ def test_health_and_ready_answer_json(srv: ServeProcess) -> None:
     assert r.status_code == 200 and r.json() == {"status": "ready"}
 
 
+def test_the_startup_line_counts_in_words(srv: ServeProcess) -> None:
+    assert "vserve is serving demo on " in srv.log()
+    assert " with 1 API server and 1 engine\n" in srv.log()
+
+
 def test_a_prompt_list_counts_against_n(srv: ServeProcess) -> None:
     url = srv.base_url + "/v1/completions"
     huge = httpx.post(url, json={"prompt": ["x"] * 10_000, "max_tokens": 1}, timeout=30)

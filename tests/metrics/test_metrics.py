@@ -50,6 +50,12 @@ def test_exact_totals_from_every_api_server():
         base = srv.base_url
         _, before = scrape(base)
         assert total(before, "vserve_request_success_total") == 0
+        assert " with 3 API servers and 2 engines\n" in srv.log()
+        # Declared from the start, so that rate() sees the first rejection too.
+        reasons = {lab["reason"]: value for lab, value in
+                   before["vserve_requests_rejected_total"]}
+        assert reasons == dict.fromkeys(
+            ("overloaded", "draining", "not_ready", "restarting", "unhealthy"), 0.0), reasons
 
         def one(i: int) -> tuple[int, int]:
             with httpx.Client(timeout=60) as c:

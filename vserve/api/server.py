@@ -51,6 +51,7 @@ from vserve.launch.lifetime import (
 from vserve.launch.rundir import remove_run_dir
 from vserve.logging_utils import RateLimitedWarning, get_logger, init_logging
 from vserve.metrics.exposition import add_metrics_route, with_http_metrics
+from vserve.metrics.request_metrics import declare_series
 from vserve.protocol import encode
 from vserve.protocol.control import (
     ApiServerArgs,
@@ -192,6 +193,7 @@ async def serve(index: int, args: ApiServerArgs) -> None:
         state.admission = AdmissionLedger(args.admission_path,
                                           serve_config.server.api_server_count)
         state.admission.reset(index)
+    declare_series(state.model_name)
     await client.wait_for_engines()
     sock = receive_listen_socket(args.fd_socket_path)
     table = ConnectionTable(args.connections_path, serve_config.server.api_server_count)

@@ -203,9 +203,10 @@ class Supervisor:
         sock.listen(DEFAULT_BACKLOG)
         for i in range(n):
             self._send_api(i, self.go)
-        logger.info("vserve is serving %s on %s with %d API servers and %d engines",
+        engines = self.parallel.data_parallel_size
+        logger.info("vserve is serving %s on %s with %d API server%s and %d engine%s",
                     self.engine_config.model.served_name, describe(sock), n,
-                    self.parallel.data_parallel_size)
+                    "" if n == 1 else "s", engines, "" if engines == 1 else "s")
         return self._watch()
 
     def _run_headless(self) -> int:

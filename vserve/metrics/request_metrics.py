@@ -31,6 +31,8 @@ REQUEST_SUCCESS = Counter("vserve_request_success",
 REQUESTS_REJECTED = Counter("vserve_requests_rejected",
                             "Requests refused before reaching an engine (overload, draining).",
                             [*_M, "reason"])
+# Every reason a request is refused before an engine (vserve.api.generation).
+REJECTION_REASONS = ("overloaded", "draining", "not_ready", "restarting", "unhealthy")
 REQUESTS_IN_FLIGHT = Gauge("vserve_num_requests_in_flight",
                            "Requests an API server has sent to engines and not yet finished.",
                            _M, multiprocess_mode="livesum")
@@ -79,6 +81,14 @@ class SequenceTimer:
         else:
             self.itls.append(now - self.last_token)
         self.last_token = now
+
+
+def declare_series(model_name: str) -> None:
+    """Create the labelled series that would otherwise appear only at their first event, so
+    that a scrape sees ``vserve_requests_rejected_total{reason=…} 0`` from the start and
+    ``rate()``/``increase()`` count the first rejection too."""
+    for reason in REJECTION_REASONS:
+        REQUESTS_REJECTED.labels(model_name, reason)
 
 
 def record_request(model_name: str, *, prompt_tokens: int, generation_tokens: int,
