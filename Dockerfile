@@ -3,7 +3,7 @@
 #   CPU  (default): docker build -t vserve:0.1.0 .
 #   CUDA          : docker build --build-arg VARIANT=cuda -t vserve:0.1.0-cuda .
 #
-# Run:  docker run -p 8000:8000 vserve:0.1.0 demo --host 0.0.0.0 --api-server-count 2
+# Run:  docker run -p 8000:8000 vserve:0.1.0 demo --api-server-count 2
 # (ENTRYPOINT is `vserve serve`; arguments replace CMD — VSERVE_HOST=0.0.0.0 keeps the
 # server reachable from outside the container even then.)
 #
