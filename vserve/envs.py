@@ -25,6 +25,12 @@ def api_key() -> str | None:
     return os.environ.get(VSERVE_API_KEY)
 
 
+def client_api_key() -> str | None:
+    """The key ``vserve bench serve`` sends when not given one: ``$VSERVE_API_KEY``, else
+    ``$OPENAI_API_KEY`` (what OpenAI clients read)."""
+    return os.environ.get(VSERVE_API_KEY) or os.environ.get("OPENAI_API_KEY") or None
+
+
 def engine_ready_timeout() -> float:
     """Seconds to wait for every engine's READY (loading a large model takes a while)."""
     return float(os.environ.get("VSERVE_ENGINE_READY_TIMEOUT", "1800"))

@@ -111,6 +111,29 @@ def test_cli_writes_json(vserve_url: str, tmp_path: Path) -> None:
     assert set(res["time_series"]) == {"t", "requests_per_s", "output_tokens_per_s"}
 
 
+def test_key_from_the_environment_and_a_fresh_seed_each_run(tmp_path: Path) -> None:
+    """No --api-key: $OPENAI_API_KEY is sent. No --seed: each run draws (and records) its
+    own (a second run with the same prompts would hit the prefix cache)."""
+    import os
+
+    with serve("demo", "--api-key", "sekret") as srv:
+        seeds = []
+        for run in range(2):
+            out = tmp_path / f"r{run}.json"
+            env = {**os.environ, "OPENAI_API_KEY": "sekret"}
+            env.pop("VSERVE_API_KEY", None)
+            proc = subprocess.run(
+                [sys.executable, "-m", "vserve.cli.main", "bench", "serve", "--base-url",
+                 srv.base_url, "--num-prompts", "3", "--input-len", "8", "--output-len", "2",
+                 "--result-json", str(out), "--disable-tqdm"],
+                capture_output=True, text=True, timeout=60, env=env)
+            assert proc.returncode == 0, proc.stderr
+            res = json.loads(out.read_text())
+            assert res["completed"] == 3, res
+            seeds.append(res["config"]["seed"])
+        assert seeds[0] != seeds[1]
+
+
 # -- against the stub ---------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -40,7 +40,9 @@ def add_bench_serve_args(s: argparse.ArgumentParser) -> None:
     t.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True,
                    help="send ignore_eos (vLLM/vserve) so outputs have the asked length; "
                         "--no-ignore-eos for servers that reject it")
-    t.add_argument("--api-key", default=None, help="sent as 'Authorization: Bearer KEY'")
+    t.add_argument("--api-key", default=None,
+                   help="sent as 'Authorization: Bearer KEY' (default: $VSERVE_API_KEY, else "
+                        "$OPENAI_API_KEY)")
     t.add_argument("--header", action="append", default=[], metavar="NAME:VALUE")
     t.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
     d = s.add_argument_group("prompts")
@@ -60,7 +62,11 @@ def add_bench_serve_args(s: argparse.ArgumentParser) -> None:
     d.add_argument("--tokenize", choices=["auto", "on", "off"], default="auto",
                    help="use the server's /tokenize and /detokenize for exact random prompt "
                         "lengths (auto: when they work)")
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--seed", type=int, default=None,
+                   help="seed of the random prompts and of per-request sampling seeds "
+                        "(default: a fresh one each run, recorded in the result's config, so "
+                        "that a second run does not hit the prefix cache with the same "
+                        "prompts; pass it to replay a run)")
     ld = s.add_argument_group("load")
     ld.add_argument("--request-rate", type=_rate, default=math.inf,
                     help="requests/s (Poisson arrivals), or inf: all at once")

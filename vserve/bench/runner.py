@@ -18,6 +18,7 @@ from typing import Any
 
 import aiohttp
 
+from vserve import envs
 from vserve.bench import datasets
 from vserve.bench.client import LoadConfig, make_session, run_async, run_load, send_request
 from vserve.bench.datasets import BenchPrompt
@@ -291,8 +292,11 @@ def load_config(args: argparse.Namespace) -> LoadConfig:
     endpoint = args.endpoint or ("/v1/chat/completions" if chat else "/v1/completions")
     headers = dict(h.split(":", 1) for h in args.header or [])
     headers = {k.strip(): v.strip() for k, v in headers.items()}
-    if args.api_key:
-        headers["Authorization"] = f"Bearer {args.api_key}"
+    api_key = args.api_key or envs.client_api_key()
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    if args.seed is None:
+        args.seed = random.SystemRandom().randrange(1 << 31)
     extra = parse_extra_body(args.extra_body)
     if args.ignore_eos:
         extra.setdefault("ignore_eos", True)
