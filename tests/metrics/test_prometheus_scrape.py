@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -20,7 +19,7 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
-from helpers.serve import ServeProcess, serve, stream_completion
+from helpers.serve import ServeProcess, free_port, serve, stream_completion
 
 SCRAPE_S = 0.5
 STREAMS = 4
@@ -39,15 +38,9 @@ def _prometheus() -> str:
     return binary
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class Prometheus:
     def __init__(self, binary: str, target: str, workdir: Path) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         config = workdir / "prometheus.yml"
         config.write_text(
             f"global:\n  scrape_interval: {SCRAPE_MS}ms\n  scrape_timeout: {SCRAPE_MS}ms\n"
