@@ -27,20 +27,12 @@ import httpx
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from helpers.serve import serve  # noqa: E402
-
-from vserve.roles import API_SERVER_INDEX_FLAG, ENGINE_INDEX_FLAG  # noqa: E402
+from helpers.serve import ServeProcess, serve  # noqa: E402
 
 
-def _processes(pid: int) -> dict[str, psutil.Process]:
-    out = {}
-    for p in psutil.Process(pid).children(recursive=True):
-        cmd = " ".join(p.cmdline())
-        if "vserve.api.server" in cmd:
-            out["api_server_" + cmd.split(f"{API_SERVER_INDEX_FLAG} ")[-1].split()[0]] = p
-        elif "vserve.engine.core_proc" in cmd:
-            out["engine_" + cmd.split(f"{ENGINE_INDEX_FLAG} ")[-1].split()[0]] = p
-    return out
+def _processes(srv: ServeProcess) -> dict[str, psutil.Process]:
+    return {f"{role}_{index}": psutil.Process(pid)
+            for role in ("api_server", "engine") for index, pid in srv.pids(role).items()}
 
 
 def _rss(procs: dict[str, psutil.Process]) -> dict[str, int]:
@@ -91,7 +83,7 @@ def run(requests: int, warmup: int, api_servers: int, concurrency: int,
         num_kv_blocks: int) -> dict[str, Any]:
     with serve("demo", "--api-server-count", str(api_servers), "--max-model-len", "1024",
                "--num-kv-blocks", str(num_kv_blocks), "--uvicorn-log-level", "error") as srv:
-        procs = _processes(srv.pid)
+        procs = _processes(srv)
         statuses = asyncio.run(_drive(srv.base_url, warmup, concurrency, 0))
         before = _rss(procs)
         start = time.monotonic()
@@ -104,7 +96,7 @@ def run(requests: int, warmup: int, api_servers: int, concurrency: int,
         took = time.monotonic() - start
         time.sleep(1.0)  # let in-flight aborts finish
         after = _rss(procs)
-        assert set(_processes(srv.pid)) == set(procs), "a process was replaced mid-soak"
+        assert set(_processes(srv)) == set(procs), "a process was replaced mid-soak"
     bad = [s for s in statuses if s != 200]
     return {
         "requests": requests, "warmup": warmup, "api_servers": api_servers,

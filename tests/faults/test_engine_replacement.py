@@ -19,15 +19,7 @@ from helpers.serve import ServeProcess, serve, stream_completion, two_node_args
 
 def _engines(srv: ServeProcess) -> dict[str, int]:
     """rank → pid of the supervisor's engine children."""
-    out = {}
-    for p in psutil.Process(srv.pid).children(recursive=True):
-        try:
-            cmd = p.cmdline()
-        except psutil.Error:
-            continue
-        if "vserve.engine.core_proc" in cmd:
-            out[cmd[cmd.index("--engine-index") + 1]] = p.pid
-    return out
+    return srv.pids("engine")
 
 
 def _health(base: str) -> tuple[int, dict]:

@@ -11,21 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import psutil
-from helpers.serve import ServeProcess, serve, stream_completion
-
-from vserve.roles import API_SERVER_INDEX_FLAG
-
-
-def _api_servers(srv: ServeProcess) -> dict[str, int]:
-    out = {}
-    for p in psutil.Process(srv.pid).children(recursive=True):
-        try:
-            cmd = p.cmdline()
-            if p.status() != psutil.STATUS_ZOMBIE and "vserve.api.server" in cmd:
-                out[cmd[cmd.index(API_SERVER_INDEX_FLAG) + 1]] = p.pid
-        except psutil.Error:
-            continue
-    return out
+from helpers.serve import serve, stream_completion
 
 
 def _complete_fresh(base: str, i: int) -> int:
@@ -38,7 +24,7 @@ def _complete_fresh(base: str, i: int) -> int:
 def test_a_stopped_api_server_is_killed_and_replaced() -> None:
     with serve("demo", "--api-server-count", "2", "--api-server-heartbeat-timeout", "3") as srv:
         base = srv.base_url
-        before = _api_servers(srv)
+        before = srv.pids("api_server")
         assert set(before) == {"0", "1"}
         with ThreadPoolExecutor(8) as pool:
             streams = [pool.submit(stream_completion, base, 2000, 30, f"s{i}")
@@ -55,7 +41,7 @@ def test_a_stopped_api_server_is_killed_and_replaced() -> None:
         assert any(r.error and "Timeout" not in r.error for r in results) or \
             all(r.server == "1" for r in results), results
         deadline = time.monotonic() + 30
-        while _api_servers(srv).get("0") in (None, before["0"]):
+        while srv.pids("api_server").get("0") in (None, before["0"]):
             assert time.monotonic() < deadline, "the stopped API server was not replaced"
             time.sleep(0.2)
         assert "has not answered" in srv.log()

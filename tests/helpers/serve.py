@@ -96,6 +96,20 @@ class ServeProcess:
                 out[p.pid] = found[0]
         return out
 
+    def pids(self, role: str) -> dict[str, int]:
+        """index → pid of each live (not zombie) child with ``role`` (``api_server``,
+        ``engine``)."""
+        out = {}
+        for p in psutil.Process(self.pid).children(recursive=True):
+            try:
+                found = process_role(p.cmdline())
+                if found is not None and found[0] == role and \
+                        p.status() != psutil.STATUS_ZOMBIE:
+                    out[found[1]] = p.pid
+            except psutil.Error:
+                continue
+        return out
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int | None:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)

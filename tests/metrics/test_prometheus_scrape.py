@@ -17,9 +17,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
-import psutil
 import pytest
-from helpers.serve import ServeProcess, free_port, serve, stream_completion
+from helpers.serve import free_port, serve, stream_completion
 
 SCRAPE_S = 0.5
 STREAMS = 4
@@ -86,17 +85,6 @@ class Prometheus:
         self.log.close()
 
 
-def _children(srv: ServeProcess, module: str) -> list[int]:
-    pids = []
-    for p in psutil.Process(srv.pid).children(recursive=True):
-        try:
-            if p.status() != psutil.STATUS_ZOMBIE and module in " ".join(p.cmdline()):
-                pids.append(p.pid)
-        except psutil.Error:
-            continue
-    return pids
-
-
 def _load(base: str, count: int, tag: str) -> tuple[int, int, int]:
     """``count`` completions, one at a time; (succeeded, prompt tokens, completion tokens)."""
     ok = prompt = completion = 0
@@ -134,15 +122,15 @@ def test_counters_survive_process_replacement_without_reset_or_double_count(
             load(20, "before")
             prom.settle()
             # An API server dies; the supervisor starts its replacement on the same socket.
-            api = _children(srv, "vserve.api.server")
+            api = list(srv.pids("api_server").values())
             assert len(api) == 2
             os.kill(api[0], signal.SIGKILL)
-            _wait_for(lambda: len(set(_children(srv, "vserve.api.server")) - {api[0]}) == 2,
+            _wait_for(lambda: len(set(srv.pids("api_server").values()) - {api[0]}) == 2,
                       60, "the API server's replacement")
             load(20, "after-api")
             prom.settle()
             # An engine dies under load (its gauges say it is busy); it is replaced in place.
-            engines = _children(srv, "vserve.engine.core_proc")
+            engines = list(srv.pids("engine").values())
             assert len(engines) == 2
             with ThreadPoolExecutor(STREAMS) as pool:
                 streams = [pool.submit(stream_completion, base, 300, 90, f"stream {i}")
@@ -154,8 +142,8 @@ def test_counters_survive_process_replacement_without_reset_or_double_count(
             assert all(r.done for r in results), results
             assert any(r.error for r in results), results
             _wait_for(lambda: httpx.get(base + "/health", timeout=5).json().get(
-                "engines_down") == [] and len(set(_children(
-                    srv, "vserve.engine.core_proc")) - set(engines)) == 1, 90,
+                "engines_down") == [] and len(
+                    set(srv.pids("engine").values()) - set(engines)) == 1, 90,
                 "the engine's replacement")
             load(20, "after-engine")
             prom.settle()
