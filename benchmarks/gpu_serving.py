@@ -34,6 +34,7 @@ import math
 import os
 import random
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -42,6 +43,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -148,7 +150,8 @@ def random_prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]
 
 
 # ---- 2. the engine in this process ---------------------------------------------------------
-def _engine(model_dir: Path, max_num_seqs: int, enforce_eager: bool = False) -> Any:
+def _engine(model_dir: Path, max_num_seqs: int, enforce_eager: bool = False,
+            mixed_step_graphs: bool = True) -> Any:
     from vserve.config import CacheConfig, DeviceConfig, EngineConfig, ModelConfig, SchedulerConfig
     from vserve.engine.core import EngineCore
 
@@ -156,9 +159,43 @@ def _engine(model_dir: Path, max_num_seqs: int, enforce_eager: bool = False) -> 
         model=ModelConfig(model=str(model_dir), dtype="bfloat16", max_model_len=4096),
         cache=CacheConfig(gpu_memory_utilization=0.9),
         scheduler=SchedulerConfig(max_num_seqs=max_num_seqs),
-        device=DeviceConfig(device="cuda", enforce_eager=enforce_eager),
+        device=DeviceConfig(device="cuda", enforce_eager=enforce_eager,
+                            mixed_step_graphs=mixed_step_graphs),
     )
     return EngineCore(config, model_dir)
+
+
+def _prefill_ms(core: Any, vocab: int) -> list[float]:
+    """The prefill step of a 128-token prompt on an idle engine (its TTFT, less HTTP)."""
+    prefill = []
+    for i in range(5):
+        _add(core, random_prompts(1, 128, vocab, 100 + i), 1)
+        torch.cuda.synchronize()
+        a = time.perf_counter()
+        while core.has_unfinished_requests():
+            core.step()
+        prefill.append((time.perf_counter() - a) * 1e3)
+    return prefill
+
+
+def _churn(core: Any, vocab: int, n: int = 256, total: int = 1024) -> float:
+    """Steady churn, in process: ``n`` in flight, each finished request replaced at once by
+    a new one, output lengths spread over 64..192 (mean 128) so that requests arrive and
+    finish at every step, as behind an HTTP front end. Output tokens/s."""
+    rng = random.Random(5)
+    started, done, produced = 0, 0, 0
+    t0 = time.perf_counter()
+    while True:
+        while started < total and started - done < n:
+            _add(core, random_prompts(1, 128, vocab, 1000 + started), rng.randrange(64, 193))
+            started += 1
+        if not core.has_unfinished_requests():
+            break
+        for outs in core.step().values():
+            produced += len(outs.token_ids)
+            done += len(outs.finished)
+    torch.cuda.synchronize()
+    return produced / (time.perf_counter() - t0)
 
 
 def _add(core: Any, prompts: list[list[int]], max_tokens: int) -> None:
@@ -186,16 +223,7 @@ def engine_decode(model_dir: Path, weight_bytes: int, copy_bw: float, args: argp
         _add(core, random_prompts(n, 128, vocab, n), 8)
         while core.has_unfinished_requests():
             core.step()
-    # The prefill step of a 128-token prompt on an idle engine (its TTFT, less HTTP).
-    prefill = []
-    for i in range(5):
-        _add(core, random_prompts(1, 128, vocab, 100 + i), 1)
-        torch.cuda.synchronize()
-        a = time.perf_counter()
-        while core.has_unfinished_requests():
-            core.step()
-        prefill.append(time.perf_counter() - a)
-    res["engine_prefill_128_ms_all"] = [x * 1e3 for x in prefill]
+    res["engine_prefill_128_ms_all"] = prefill = _prefill_ms(core, vocab)
 
     # Single request: TTFT of the prefill step, then per-token decode steps; with async
     # scheduling (the default on CUDA) and without it, side by side on the same engine.
@@ -217,7 +245,7 @@ def engine_decode(model_dir: Path, weight_bytes: int, copy_bw: float, args: argp
         res[f"engine_decode_tokens_per_s{suffix}"] = decoded / (t2 - t1)
         res[f"engine_step_ms_median{suffix}"] = float(np.median(steps)) * 1e3
     core.async_scheduling = True
-    res["engine_prefill_128_ms"] = float(np.median(prefill)) * 1e3
+    res["engine_prefill_128_ms"] = float(np.median(prefill))
 
     # GPU time of one decode step alone: the batch-1 graph replayed, events around it.
     graphs = runner.graphs
@@ -332,27 +360,22 @@ def engine_decode(model_dir: Path, weight_bytes: int, copy_bw: float, args: argp
     torch.cuda.synchronize()
     res["engine_batch256_output_tokens_per_s"] = n * 128 / (time.perf_counter() - t0)
 
-    # Steady churn, in-process: 256 in flight, each finished request replaced at once by a
-    # new one, output lengths spread over 64..192 (mean 128) so that requests arrive and
-    # finish at every step, as behind an HTTP front end.
-    rng = random.Random(5)
-    total, started, done, produced = 1024, 0, 0, 0
-    t0 = time.perf_counter()
-    while True:
-        while started < total and started - done < n:
-            _add(core, random_prompts(1, 128, vocab, 1000 + started), rng.randrange(64, 193))
-            started += 1
-        if not core.has_unfinished_requests():
-            break
-        for outs in core.step().values():
-            produced += len(outs.token_ids)
-            done += len(outs.finished)
-    torch.cuda.synchronize()
-    res["engine_churn256_output_tokens_per_s"] = produced / (time.perf_counter() - t0)
+    res["engine_churn256_output_tokens_per_s"] = _churn(core, vocab)
+    res["mixed_graph_replays"] = runner.mixed_graphs.replays if runner.mixed_graphs else 0
 
     if args.profile:
         profile_steps(core, out, vocab)
     del graphs, runner, core
+    gc.collect()
+    torch.cuda.empty_cache()
+    # Side by side: the same engine with steps holding prompt chunks run eagerly.
+    core = _engine(model_dir, 256, mixed_step_graphs=False)
+    _add(core, random_prompts(2, 128, vocab, 2), 8)
+    while core.has_unfinished_requests():
+        core.step()
+    res["engine_prefill_128_ms_all_no_mixed_graphs"] = _prefill_ms(core, vocab)
+    res["engine_churn256_output_tokens_per_s_no_mixed_graphs"] = _churn(core, vocab)
+    del core
     gc.collect()
     torch.cuda.empty_cache()
     return res
@@ -422,11 +445,11 @@ class Server:
 
 
 def http_sweep(model_dir: Path, concurrencies: list[int], out: Path,
-               api_servers: int) -> dict[str, Any]:
+               api_servers: int, extra: list[str] | None = None) -> dict[str, Any]:
     from vserve.bench.cli import add_bench_serve_args
     from vserve.bench.runner import run_benchmark
 
-    srv = Server(model_dir, ["--api-server-count", str(api_servers)])
+    srv = Server(model_dir, ["--api-server-count", str(api_servers), *(extra or [])])
     results: dict[str, Any] = {}
     try:
         ready_lines = [ln for ln in srv.log.read_text().splitlines()
@@ -537,7 +560,11 @@ def main() -> None:
     p.add_argument("--model-dir", default=None, help="reuse a checkpoint written before")
     p.add_argument("--decode-tokens", type=int, default=512)
     p.add_argument("--concurrency", default="1,16,64,256")
-    p.add_argument("--api-server-count", type=int, default=4)
+    p.add_argument("--api-server-count", default="4",
+                   help="API servers of the HTTP runs; a list (4,8) runs each")
+    p.add_argument("--serve-variant", action="append", default=None, metavar="ARGS",
+                   help="extra `vserve serve` arguments of one HTTP configuration (repeat to "
+                        "compare side by side, e.g. '' and '--no-mixed-step-graphs')")
     p.add_argument("--hf-batch", type=int, default=256)
     p.add_argument("--skip-engine", action="store_true")
     p.add_argument("--skip-http", action="store_true")
@@ -588,8 +615,19 @@ def main() -> None:
         mode = "offline" if args.offline else "http"
         if not args.offline:
             try:
-                summary["serving"] = http_sweep(model_dir, concs, out, args.api_server_count)
-                summary["api_server_count"] = args.api_server_count
+                counts = [int(c) for c in args.api_server_count.split(",") if c]
+                variants = args.serve_variant or [""]
+                runs: dict[str, Any] = {}
+                for count in counts:
+                    for variant in variants:
+                        label = f"api{count} {variant}".strip()
+                        runs[label] = http_sweep(model_dir, concs, out, count,
+                                                 shlex.split(variant))
+                        log(f"serving [{label}] done")
+                        summary["serving_runs"] = runs
+                        save()
+                summary["serving"] = runs[next(iter(runs))]
+                summary["api_server_count"] = counts[0]
             except Exception as e:
                 log(f"HTTP serving failed ({e!r}); measuring through vserve.LLM instead")
                 summary["http_error"] = repr(e)[-3000:]
@@ -631,9 +669,19 @@ def report(s: dict[str, Any]) -> str:
                 for b in (1, 16, 64, 256) if f"graph_step_ms_bs{b}" in e),
             f"engine, 256 x (128 in, 128 out), in process: "
             f"{e['engine_batch256_output_tokens_per_s']:.0f} output tokens/s; steady churn "
-            f"(256 in flight, 64..192 out): {e.get('engine_churn256_output_tokens_per_s', 0):.0f}",
+            f"(256 in flight, 64..192 out): {e.get('engine_churn256_output_tokens_per_s', 0):.0f}"
+            f" ({e.get('mixed_graph_replays')} mixed-step graph replays); mixed-step graphs "
+            f"off: {e.get('engine_churn256_output_tokens_per_s_no_mixed_graphs', 0):.0f}, "
+            f"prefill of 128 tokens "
+            f"{np.median(e.get('engine_prefill_128_ms_all_no_mixed_graphs') or [0]):.1f} ms",
             f"KV blocks {e['num_kv_blocks']}, max concurrency at 4096 tokens "
             f"{e['max_concurrency_at_4096']:.1f}"]
+    for label, run in (s.get("serving_runs") or {}).items():
+        for k, v in run.items():
+            if k.startswith("c") and isinstance(v, dict) and v.get("output_throughput"):
+                lines.append(f"  [{label}] concurrency {k[1:]}: {v['output_throughput']:.0f} "
+                             f"output tokens/s, TTFT median {v.get('median_ttft_ms') or 0:.1f} "
+                             f"ms, failed {v.get('failed')}")
     sv = s.get("serving")
     if sv:
         lines.append(f"serving ({s.get('serving_mode')}), 128 in / 128 out:")

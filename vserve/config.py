@@ -153,6 +153,9 @@ class SchedulerConfig:
 class DeviceConfig:
     device: Device = option("auto", help="auto: cuda when available, else cpu")
     enforce_eager: bool = option(False, help="CUDA: no CUDA graphs")
+    mixed_step_graphs: bool = option(
+        True, help="CUDA: also replay CUDA graphs for steps holding prompt chunks (up to "
+                   "2048 tokens), not only for pure decode steps")
     benchmark_skip_compute: bool = option(
         False, help="BENCHMARKING ONLY: engines skip the model's arithmetic and emit fake "
                     "tokens, so that the front end is what gets measured")

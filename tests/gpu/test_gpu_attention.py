@@ -42,8 +42,32 @@ def _tolerance(dtype: torch.dtype) -> float:
     return {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 2e-2}[dtype]
 
 
-def run_case(seqs, num_heads, num_kv_heads, head_dim, block_size, dtype, seed, fused_rope=False):
-    """Triton vs reference on the same inputs; returns (out, ref, caches...)."""
+def _tile_graph_metadata(meta, seqs, dtype, head_dim):
+    """``meta`` as a CUDA graph of mixed steps passes it: a fixed list of query tiles padded
+    with -1, the block table packed with its width in a buffer viewed wider, the width read
+    from the device, and a ``max_query_len`` that says nothing about the grid."""
+    from vserve.ops.tiles import prefill_block_m, prefill_tiles
+
+    tiles: list[int] = []
+    prefill_tiles([n for _, n in seqs], prefill_block_m(dtype, head_dim), tiles)
+    tiles += [-1] * 7
+    width = meta.block_tables.shape[1]
+    wide = width + 5
+    # Entries past each packed row point at the null block 0, never written (NaN): a wrong
+    # row stride reads NaN.
+    buf = torch.zeros(len(seqs) * wide, dtype=torch.int32, device=DEVICE)
+    buf[: len(seqs) * width] = meta.block_tables.reshape(-1)
+    meta.block_tables = buf.view(len(seqs), wide)
+    meta.block_table_stride = torch.tensor([width], dtype=torch.int32, device=DEVICE)
+    meta.prefill_tiles = torch.tensor(tiles, dtype=torch.int32, device=DEVICE)
+    meta.max_query_len = 4096
+    return meta
+
+
+def run_case(seqs, num_heads, num_kv_heads, head_dim, block_size, dtype, seed, fused_rope=False,
+             tiled=False):
+    """Triton vs reference on the same inputs; returns (out, ref, caches...). ``tiled``: the
+    prefill path with the fixed grid of a CUDA graph (``_tile_graph_metadata``)."""
     gen = torch.Generator().manual_seed(seed)
     num_blocks = sum(-(-(c + n) // block_size) for c, n in seqs) + 3
     order = (torch.randperm(num_blocks - 1, generator=gen) + 1).tolist()  # block 0 is null
@@ -78,6 +102,8 @@ def run_case(seqs, num_heads, num_kv_heads, head_dim, block_size, dtype, seed, f
     scale = head_dim**-0.5
     meta_cpu = make_attn_metadata(seqs, tables, block_size)
     meta_dev = make_attn_metadata(seqs, tables, block_size, DEVICE)
+    if tiled:
+        meta_dev = _tile_graph_metadata(meta_dev, seqs, dtype, head_dim)
     # The reference runs in float32 on the CPU from the same (rounded) inputs.
     ref_kc, ref_vc = k_cache.float(), v_cache.float()
     ref_q, ref_k, ref_v = q.float().clone(), k.float().clone(), v.float().clone()
@@ -160,6 +186,28 @@ def test_triton_matches_reference(shape, dtype, mode, fresh_seed: int):
                 assert torch.allclose(kc[b, o].float(), ref_kc[b, o], atol=2e-2, rtol=2e-2), (
                     seed, seqs, p)
                 assert torch.equal(vc[b, o].float(), ref_vc[b, o]), (seed, seqs, p)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape", [SHAPES[3], SHAPES[4], SHAPES[5]],
+                         ids=lambda s: "h{}-kv{}-d{}-b{}".format(*s))
+def test_tiled_prefill_matches_reference(shape, dtype, fresh_seed: int):
+    """The prefill kernel on a fixed grid of listed tiles (how a graph of mixed steps runs
+    it): decode rows, prompt chunks over cached prefixes, more than one tile per sequence."""
+    if _INTERPRET:
+        pytest.skip("too slow under the interpreter")
+    seed = fresh_seed
+    rng = random.Random(seed)
+    heads, kv_heads, head_dim, block_size = shape
+    for _ in range(3):
+        seqs = ([(rng.randint(0, 300), 1) for _ in range(rng.randint(0, 9))]
+                + _random_seqs(rng, block_size, decode=False) + [(rng.randint(0, 40), 150)])
+        rng.shuffle(seqs)
+        out, ref, *_ = run_case(seqs, heads, kv_heads, head_dim, block_size, dtype,
+                                rng.randrange(2**31), fused_rope=True, tiled=True)
+        assert not out.isnan().any(), (seed, seqs, "unwritten or NaN-reading output")
+        err = ((out - ref).norm() / ref.norm()).item()
+        assert err < _tolerance(dtype), (seed, seqs, err)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

@@ -44,6 +44,10 @@ class AttentionMetadata:
     # table width: a device ``[1]`` int32 holding this step's row width, which a graph-safe
     # decode path reads instead of ``block_tables.stride(0)``. None everywhere else.
     block_table_stride: torch.Tensor | None = None
+    # Set by the CUDA graphs of mixed steps: the prefill path's query tiles as a fixed-size
+    # int32 list (``vserve.ops.attention.prefill_tiles``, padded with -1), so that its grid
+    # does not depend on the step. None everywhere else.
+    prefill_tiles: torch.Tensor | None = None
 
     @property
     def num_seqs(self) -> int:

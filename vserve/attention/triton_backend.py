@@ -11,7 +11,9 @@ attend causally over each sequence's whole context through its block table.
   CUDA graph and replayed over persistent metadata buffers (``supports_decode_graphs``; the
   block table's row stride is read from ``metadata.block_table_stride`` when set).
 * Other steps (prefill, chunked prefill, prefix-cache hits, mixed batches) write the cache
-  first (one kernel) and then run the varlen prefill kernel over the paged context.
+  first (one kernel) and then run the varlen prefill kernel over the paged context. Its grid
+  is fixed by ``metadata.prefill_tiles`` when set, which is how the CUDA graphs of mixed
+  steps (``vserve.worker.mixed_graphs``) replay it.
 
 ``forward_rope`` is the fused entry the model uses on the GPU (``fuses_rope``): it applies
 RoPE to q and k inside the same kernels (q in place), so no separate rotary pass runs.
@@ -78,4 +80,5 @@ class TritonAttentionBackend(AttentionBackend):
         return ops.prefill_attention(
             q, k_cache, v_cache, metadata.block_tables, metadata.seq_lens,
             metadata.query_start_loc, metadata.max_query_len, scale, out,
+            tile_list=metadata.prefill_tiles, bt_stride=metadata.block_table_stride,
         )

@@ -34,9 +34,13 @@ import torch
 import triton
 import triton.language as tl
 
-from vserve.ops import pdl
+from vserve.ops import pdl, tiles
 
 _LOG2E = 1.4426950408889634
+
+
+#: A listed prefill tile is ``seq << TILE_SHIFT | tile index`` (``vserve.ops.tiles``).
+TILE_SHIFT: tl.constexpr = tl.constexpr(tiles.TILE_SHIFT)
 
 
 def _pow2(n: int, floor: int = 16) -> int:
@@ -258,16 +262,28 @@ def _decode_reduce_kernel(
 def _prefill_kernel(
     q_ptr, sq_t, sq_h,
     kc_ptr, vc_ptr, sc_b, sc_s, sc_h,
-    bt_ptr, s_bt, seq_lens_ptr, qsl_ptr,
+    bt_ptr, s_bt, bt_stride_ptr, seq_lens_ptr, qsl_ptr, tiles_ptr,
     out_ptr, so_t, so_h,
     qk_scale,
     GROUP: tl.constexpr, HALF: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DH: tl.constexpr,
     PAGE: tl.constexpr, PRECISION: tl.constexpr,
+    TILED: tl.constexpr, BT_STRIDE_IN_MEM: tl.constexpr,
 ):
-    mb = tl.program_id(0)
     h = tl.program_id(1)
-    s = tl.program_id(2).to(tl.int64)
+    if TILED:
+        # A fixed grid (CUDA graphs of mixed steps): program i takes the query tile the
+        # host listed at ``tiles[i]`` as ``seq << TILE_SHIFT | tile``; -1 pads the list.
+        packed = tl.load(tiles_ptr + tl.program_id(0))
+        if packed < 0:
+            return
+        s = (packed >> TILE_SHIFT).to(tl.int64)
+        mb = packed & ((1 << TILE_SHIFT) - 1)
+    else:
+        mb = tl.program_id(0)
+        s = tl.program_id(2).to(tl.int64)
+    if BT_STRIDE_IN_MEM:
+        s_bt = tl.load(bt_stride_ptr)
     q_start = tl.load(qsl_ptr + s)
     q_len = tl.load(qsl_ptr + s + 1) - q_start
     if mb * BLOCK_M >= q_len:
@@ -484,9 +500,15 @@ def prefill_attention(
     max_query_len: int,
     scale: float,
     out: torch.Tensor,
+    tile_list: torch.Tensor | None = None,
+    bt_stride: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of each sequence's new rows over its whole (cached) context; the
-    new tokens' k/v must already be in the cache."""
+    new tokens' k/v must already be in the cache.
+
+    ``tile_list`` (int32, from ``vserve.ops.tiles.prefill_tiles`` with ``prefill_block_m``
+    rows per tile, padded with -1) fixes the grid to one program per entry and head, whatever the step holds:
+    that is how a CUDA graph replays it. ``bt_stride`` as in ``decode_attention``."""
     num_tokens, num_heads, head_dim = q.shape
     num_seqs = seq_lens.shape[0]
     if num_tokens == 0 or num_seqs == 0:
@@ -497,20 +519,26 @@ def prefill_attention(
     half = head_dim // 2
     fp32 = k_cache.dtype == torch.float32
     block_dh = _pow2(half)
-    block_m = 32 if fp32 or block_dh > 64 else 64
+    block_m = tiles.prefill_block_m(k_cache.dtype, head_dim)
     block_n = 32 if fp32 or block_dh > 64 else 64
-    if max_query_len <= 16:
-        block_m = 16
-    grid = (triton.cdiv(max_query_len, block_m), num_heads, num_seqs)
+    if tile_list is not None:
+        grid: tuple[int, ...] = (tile_list.shape[0], num_heads)
+    else:
+        if max_query_len <= 16:
+            block_m = 16
+        grid = (triton.cdiv(max_query_len, block_m), num_heads, num_seqs)
     _prefill_kernel[grid](
         q, q.stride(0), q.stride(1),
         k_cache, v_cache, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        block_tables, block_tables.stride(0), seq_lens, query_start_loc,
+        block_tables, block_tables.stride(0),
+        bt_stride if bt_stride is not None else seq_lens, seq_lens, query_start_loc,
+        tile_list if tile_list is not None else seq_lens,
         out, out.stride(0), out.stride(1),
         scale * _LOG2E,
         GROUP=num_heads // num_kv_heads, HALF=half,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_DH=block_dh,
         PAGE=k_cache.shape[1], PRECISION=_precision(k_cache.dtype),
+        TILED=tile_list is not None, BT_STRIDE_IN_MEM=bt_stride is not None,
         num_warps=4, num_stages=2,
     )
     return out

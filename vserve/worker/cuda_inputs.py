@@ -28,7 +28,9 @@ import torch
 
 from vserve.attention.backend import AttentionMetadata
 from vserve.core.sched_output import ScheduledRequest
+from vserve.ops.tiles import prefill_tiles
 from vserve.worker.cuda_graphs import table_offset
+from vserve.worker.mixed_graphs import MixedLayout
 
 _ALIGN_PAD = [0] * 16
 
@@ -256,6 +258,94 @@ class CudaInputs:
         h[5 * mb] = width
         h[off : off + n * width] = table
         return self._upload(0, end, record=not samples)
+
+
+    # ---- mixed-step graphs --------------------------------------------------------------
+    def prepare_mixed(self, scheduled: list[ScheduledRequest], rows: list[int],
+                      layout: MixedLayout, padded: int, block_size: int,
+                      overrides: dict[str, int] | None = None) -> tuple[int, int]:
+        """Write the inputs of a step of any shape where the mixed-step graph of ``padded``
+        tokens reads them (``vserve.worker.mixed_graphs``), with one copy. Returns the
+        upload number and how many rows sample (the graph's first sampled rows, in the
+        order of ``scheduled``)."""
+        h = self._writable()
+        n_sample, end = pack_mixed(h, scheduled, rows, layout, padded, block_size,
+                                   self.dummy_row, overrides)
+        return self._upload(0, end, record=n_sample == 0), n_sample
+
+
+def pack_mixed(h: np.ndarray, scheduled: list[ScheduledRequest], rows: list[int],
+               layout: MixedLayout, padded: int, block_size: int, dummy_row: int,
+               overrides: dict[str, int] | None) -> tuple[int, int]:
+    """Fill ``h`` (int32, ``layout.size`` entries) with a step's inputs at the offsets of
+    ``layout``, padded to ``padded`` tokens. Returns the number of rows that sample and the
+    end of what the graph reads (the table, last, is ``[seqs, width]``)."""
+    bs = block_size
+    lay = layout
+    ids: list[int] = []
+    positions: list[int] = []
+    slots: list[int] = []
+    token_rows: list[int] = []
+    qsl = [0]
+    seq_lens: list[int] = []
+    sample_idx: list[int] = []
+    sample_rows: list[int] = []
+    width = 1
+    for s, row in zip(scheduled, rows, strict=True):
+        req, n = s.request, s.num_new_tokens
+        start = req.num_computed_tokens + s.num_ahead
+        end = start + n
+        blocks = s.block_ids
+        if n == 1:
+            ids.append(input_token(s, start, overrides))
+            positions.append(start)
+            slots.append(blocks[start // bs] * bs + start % bs)
+            token_rows.append(row)
+        else:
+            ids.extend(req.all_token_ids[start:end])
+            positions.extend(range(start, end))
+            slots.extend(blocks[p // bs] * bs + p % bs for p in range(start, end))
+            token_rows.extend([dummy_row] * n)
+        qsl.append(qsl[-1] + n)
+        seq_lens.append(end)
+        if s.sample:
+            sample_idx.append(qsl[-1] - 1)
+            sample_rows.append(row)
+        w = -(-end // bs)
+        if w > width:
+            width = w
+    t, ns, nr = len(ids), len(seq_lens), len(sample_idx)
+    seqs = lay.seqs_for(padded)
+    assert t <= padded and ns <= seqs
+    tiles: list[int] = []
+    prefill_tiles([b - a for a, b in zip(qsl, qsl[1:])], lay.block_m, tiles)
+    nt = lay.tiles_for(padded)
+    assert len(tiles) <= nt
+    h[lay.ids : lay.ids + t] = ids
+    h[lay.ids + t : lay.ids + padded] = 0
+    h[lay.positions : lay.positions + t] = positions
+    h[lay.positions + t : lay.positions + padded] = 0
+    h[lay.slots : lay.slots + t] = slots
+    h[lay.slots + t : lay.slots + padded] = -1
+    h[lay.token_rows : lay.token_rows + t] = token_rows
+    h[lay.token_rows + t : lay.token_rows + padded] = dummy_row
+    h[lay.query_start : lay.query_start + ns + 1] = qsl
+    h[lay.query_start + ns + 1 : lay.query_start + seqs + 1] = t
+    h[lay.seq_lens : lay.seq_lens + ns] = seq_lens
+    h[lay.seq_lens + ns : lay.seq_lens + seqs] = 1
+    h[lay.sample_idx : lay.sample_idx + nr] = sample_idx
+    h[lay.sample_idx + nr : lay.sample_idx + seqs] = 0
+    h[lay.sample_rows : lay.sample_rows + nr] = sample_rows
+    h[lay.sample_rows + nr : lay.sample_rows + seqs] = dummy_row
+    h[lay.tiles : lay.tiles + len(tiles)] = tiles
+    h[lay.tiles + len(tiles) : lay.tiles + nt] = -1
+    h[lay.width] = width
+    table: list[int] = []
+    block_table_rows(scheduled, width, table)
+    h[lay.table : lay.table + ns * width] = table
+    end = lay.table + seqs * width
+    h[lay.table + ns * width : end] = 0
+    return nr, end
 
 
 class EagerInputs(NamedTuple):

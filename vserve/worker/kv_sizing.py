@@ -14,6 +14,7 @@ import torch
 
 from vserve.attention.backend import AttentionMetadata
 from vserve.logging_utils import get_logger
+from vserve.worker.mixed_graphs import MAX_MIXED_GRAPH_TOKENS
 
 if TYPE_CHECKING:
     from vserve.worker.model_runner import ModelRunner
@@ -68,6 +69,11 @@ def profile_cuda_budget(runner: ModelRunner) -> int:
             + bs * (runner.max_blocks_per_seq + 5) * 4
             + (64 << 20)
         )
+        if runner.config.device.mixed_step_graphs:
+            # The mixed-step graphs keep the intermediates of a forward of up to
+            # MAX_MIXED_GRAPH_TOKENS tokens in their pool, next to what eager steps use.
+            share = min(1.0, MAX_MIXED_GRAPH_TOKENS / runner.config.scheduler.max_num_batched_tokens)
+            graph_reserve += int(activation_peak * share)
     budget = int(total * cache.gpu_memory_utilization) - used - activation_peak - graph_reserve
     logger.info(
         "GPU memory: %.2f GiB total, %.2f GiB in use after loading (weights %.2f GiB), "

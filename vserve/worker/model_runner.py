@@ -28,10 +28,12 @@ from vserve.config import EngineConfig
 from vserve.core.sched_output import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
 from vserve.models.arch import ModelArchConfig, load_arch_config
 from vserve.models.loader import load_model, resolve_dtype
+from vserve.ops.tiles import prefill_block_m
 from vserve.protocol.outputs import Logprobs
 from vserve.worker import kv_sizing
 from vserve.worker.cuda_graphs import DecodeGraphs, table_offset
 from vserve.worker.cuda_inputs import DEVICE_TOKEN, CudaInputs, input_token
+from vserve.worker.mixed_graphs import MAX_MIXED_GRAPH_TOKENS, MixedGraphs, MixedLayout
 from vserve.worker.pending import PendingOutput
 from vserve.worker.sampler import Sampler, _argmax, gather_logprobs
 
@@ -83,6 +85,7 @@ class ModelRunner:
         self.num_blocks = 0
         self.is_cuda = self.device.type == "cuda" and not self.skip_compute
         self.graphs: DecodeGraphs | None = None
+        self.mixed_graphs: MixedGraphs | None = None
         self.max_blocks_per_seq = math.ceil(self.max_model_len / self.block_size)
         self.inputs: CudaInputs | None = None
         if self.is_cuda:
@@ -93,8 +96,14 @@ class ModelRunner:
             # ids, positions, slots, token rows (tokens); query starts, seq lens, sample rows
             # and their row ids (seqs); table; alignment padding of each segment — or the
             # graphs' layout.
+            self.mixed_layout = MixedLayout(
+                max_tokens=min(sc.max_num_batched_tokens, MAX_MIXED_GRAPH_TOKENS),
+                max_seqs=gbs,
+                block_m=prefill_block_m(self.dtype, self.arch.head_dim),
+                max_blocks_per_seq=self.max_blocks_per_seq)
             size = max(4 * max_tokens + 4 * max_seqs + 1 + max_seqs * self.max_blocks_per_seq
-                       + 8 * 16, table_offset(gbs) + gbs * self.max_blocks_per_seq)
+                       + 8 * 16, table_offset(gbs) + gbs * self.max_blocks_per_seq,
+                       self.mixed_layout.size)
             # Every request in the batch holds a persistent row of ``last_tokens`` from its
             # first step until the step that reports it finished (see CudaInputs).
             self._max_rows = 2 * max_seqs
@@ -153,6 +162,12 @@ class ModelRunner:
                 self.model, self.kv_caches, self.graph_batch_size(), self.max_blocks_per_seq,
                 self.arch.vocab_size, self.device, self.inputs.stage, self.inputs.last_tokens)
             self.graphs.capture()
+            if self.config.device.mixed_step_graphs:
+                self.mixed_graphs = MixedGraphs(
+                    self.model, self.kv_caches, self.mixed_layout, self.arch.vocab_size,
+                    self.device, self.inputs.stage, self.inputs.last_tokens,
+                    pool=self.graphs.pool, logits=self.graphs.logits)
+                self.mixed_graphs.capture()
 
     # ---- one step --------------------------------------------------------------------
     def _prepare(self, scheduled: list[ScheduledRequest],
@@ -286,6 +301,17 @@ class ModelRunner:
             return None
         return self.graphs.padded_size(len(scheduled))
 
+    def _mixed_size(self, scheduled: list[ScheduledRequest]) -> int | None:
+        """The token count of the mixed-step graph these rows replay, or None (eager).
+
+        Prompt logprobs need every row's hidden state, which a graph does not keep."""
+        if self.mixed_graphs is None:
+            return None
+        if any(s.request.sampling_params.prompt_logprobs is not None for s in scheduled):
+            return None
+        tokens = sum(s.num_new_tokens for s in scheduled)
+        return self.mixed_graphs.padded_size(tokens, len(scheduled))
+
     def _execute_cuda(self, scheduled: list[ScheduledRequest],
                       overrides: dict[str, int] | None) -> PendingOutput:
         graphs, inputs = self.graphs, self.inputs
@@ -315,6 +341,21 @@ class ModelRunner:
                 idx = [i for i, x in enumerate(samples) if x]
                 logits = all_logits[torch.tensor(idx, device=self.device)]
             row0 = list(range(n + 1))
+        elif (mixed := self._mixed_size(scheduled)) is not None:
+            assert self.mixed_graphs is not None
+            mg = self.mixed_graphs
+            upload, n_sample = inputs.prepare_mixed(scheduled, rows, mg.layout, mixed,
+                                                    self.block_size, overrides)
+            sampled_logits = mg.replay(mixed, n_sample)
+            if n_sample:
+                sampling = [r for r, x in zip(requests, samples, strict=True) if x]
+                if Sampler.plain_greedy(sampling):
+                    host, event = inputs.read_back(mg.sampled_ids(n_sample))
+                    return PendingOutput.on_device(
+                        [r.request_id for r in sampling], host, event,
+                        lambda: inputs.completed(upload), chainable=chainable)
+                logits = sampled_logits
+            row0 = []  # no prompt logprobs in a graphed step
         else:
             eager = inputs.prepare_eager(scheduled, rows, self.block_size, overrides)
             upload = eager.upload
