@@ -178,12 +178,19 @@ def _prefill_ms(core: Any, vocab: int) -> list[float]:
     return prefill
 
 
-def _churn(core: Any, vocab: int, n: int = 256, total: int = 1024) -> float:
+def _churn(core: Any, vocab: int, n: int = 256, total: int = 1024,
+           profile_to: Path | None = None) -> dict[str, float]:
     """Steady churn, in process: ``n`` in flight, each finished request replaced at once by
     a new one, output lengths spread over 64..192 (mean 128) so that requests arrive and
-    finish at every step, as behind an HTTP front end. Output tokens/s."""
+    finish at every step, as behind an HTTP front end. Output tokens/s, and per step: wall
+    time and the tokens it computed. ``profile_to``: a torch.profiler table of 40 steps in
+    the middle of the run."""
     rng = random.Random(5)
-    started, done, produced = 0, 0, 0
+    started, done, produced, steps = 0, 0, 0, 0
+    mixed = core.runner.mixed_graphs
+    mixed_ms: list[float] = []
+    other_ms: list[float] = []
+    prof: Any = None
     t0 = time.perf_counter()
     while True:
         while started < total and started - done < n:
@@ -191,11 +198,44 @@ def _churn(core: Any, vocab: int, n: int = 256, total: int = 1024) -> float:
             started += 1
         if not core.has_unfinished_requests():
             break
+        if profile_to is not None and steps == 200:
+            from torch.profiler import ProfilerActivity, profile
+
+            prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+            prof.__enter__()
+        replays = mixed.replays if mixed is not None else 0
+        a = time.perf_counter()
         for outs in core.step().values():
             produced += len(outs.token_ids)
             done += len(outs.finished)
+        dt = (time.perf_counter() - a) * 1e3
+        (mixed_ms if mixed is not None and mixed.replays > replays else other_ms).append(dt)
+        steps += 1
+        if prof is not None and steps == 240:
+            torch.cuda.synchronize()
+            prof.__exit__(None, None, None)
+            assert profile_to is not None
+            kav = prof.key_averages()
+            profile_to.write_text(
+                "40 steps under steady churn (256 in flight)\n\n== by GPU time ==\n"
+                + kav.table(sort_by="self_cuda_time_total", row_limit=30)
+                + "\n\n== by CPU time ==\n"
+                + kav.table(sort_by="self_cpu_time_total", row_limit=30))
+            prof = None
     torch.cuda.synchronize()
-    return produced / (time.perf_counter() - t0)
+    wall = time.perf_counter() - t0
+
+    def stats(xs: list[float]) -> dict[str, float]:
+        if not xs:
+            return {"n": 0}
+        q = np.percentile(xs, [50, 90, 99])
+        return {"n": len(xs), "mean": float(np.mean(xs)), "p50": float(q[0]),
+                "p90": float(q[1]), "p99": float(q[2]), "max": float(max(xs)),
+                "first5": [round(x, 2) for x in xs[:5]]}
+
+    return {"output_tokens_per_s": produced / wall, "steps": steps,
+            "step_ms_mean": wall / steps * 1e3, "output_tokens_per_step": produced / steps,
+            "mixed_graph_step_ms": stats(mixed_ms), "other_step_ms": stats(other_ms)}
 
 
 def _add(core: Any, prompts: list[list[int]], max_tokens: int) -> None:
@@ -360,7 +400,9 @@ def engine_decode(model_dir: Path, weight_bytes: int, copy_bw: float, args: argp
     torch.cuda.synchronize()
     res["engine_batch256_output_tokens_per_s"] = n * 128 / (time.perf_counter() - t0)
 
-    res["engine_churn256_output_tokens_per_s"] = _churn(core, vocab)
+    churn = _churn(core, vocab, profile_to=out / "profile_churn.txt" if args.profile else None)
+    res["engine_churn256_output_tokens_per_s"] = churn.pop("output_tokens_per_s")
+    res["engine_churn256"] = churn
     res["mixed_graph_replays"] = runner.mixed_graphs.replays if runner.mixed_graphs else 0
 
     if args.profile:
@@ -368,16 +410,21 @@ def engine_decode(model_dir: Path, weight_bytes: int, copy_bw: float, args: argp
     del graphs, runner, core
     gc.collect()
     torch.cuda.empty_cache()
-    # Side by side: the same engine with steps holding prompt chunks run eagerly.
+    return res
+
+
+def engine_no_mixed_graphs(model_dir: Path) -> dict[str, Any]:
+    """Side by side with ``engine_decode``: the same engine with steps holding prompt chunks
+    run eagerly (``--no-mixed-step-graphs``), in its own process."""
+    vocab = LLAMA_3_2_1B["vocab_size"]
     core = _engine(model_dir, 256, mixed_step_graphs=False)
     _add(core, random_prompts(2, 128, vocab, 2), 8)
     while core.has_unfinished_requests():
         core.step()
-    res["engine_prefill_128_ms_all_no_mixed_graphs"] = _prefill_ms(core, vocab)
-    res["engine_churn256_output_tokens_per_s_no_mixed_graphs"] = _churn(core, vocab)
-    del core
-    gc.collect()
-    torch.cuda.empty_cache()
+    res: dict[str, Any] = {"engine_prefill_128_ms_all": _prefill_ms(core, vocab)}
+    churn = _churn(core, vocab)
+    res["engine_churn256_output_tokens_per_s"] = churn.pop("output_tokens_per_s")
+    res["engine_churn256"] = churn
     return res
 
 
@@ -445,7 +492,8 @@ class Server:
 
 
 def http_sweep(model_dir: Path, concurrencies: list[int], out: Path,
-               api_servers: int, extra: list[str] | None = None) -> dict[str, Any]:
+               api_servers: int, extra: list[str] | None = None,
+               requests_per_slot: int = 2) -> dict[str, Any]:
     from vserve.bench.cli import add_bench_serve_args
     from vserve.bench.runner import run_benchmark
 
@@ -456,7 +504,7 @@ def http_sweep(model_dir: Path, concurrencies: list[int], out: Path,
                        if "KV blocks" in ln or "GPU memory" in ln or "CUDA graphs" in ln]
         results["server_log"] = ready_lines
         for conc in concurrencies:
-            n = max(8, 2 * conc) if conc > 1 else 8
+            n = max(8, requests_per_slot * conc) if conc > 1 else 8
             p = argparse.ArgumentParser()
             add_bench_serve_args(p)
             a = p.parse_args([
@@ -546,6 +594,8 @@ def child(args: argparse.Namespace) -> None:
     model_dir = Path(args.model_dir)
     if args.part == "engine":
         res = engine_decode(model_dir, args.weight_bytes, args.copy_bw, args, out)
+    elif args.part == "engine_no_mixed":
+        res = engine_no_mixed_graphs(model_dir)
     else:
         res = hf_generate(model_dir, args.hf_batch)
     (out / f"part_{args.part}.json").write_text(json.dumps(res, indent=2, default=str))
@@ -553,7 +603,8 @@ def child(args: argparse.Namespace) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--part", choices=["engine", "hf"], default=None, help=argparse.SUPPRESS)
+    p.add_argument("--part", choices=["engine", "engine_no_mixed", "hf"], default=None,
+                   help=argparse.SUPPRESS)
     p.add_argument("--copy-bw", type=float, default=None, help=argparse.SUPPRESS)
     p.add_argument("--weight-bytes", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--out", default="gpu-bench")
@@ -566,6 +617,8 @@ def main() -> None:
                    help="extra `vserve serve` arguments of one HTTP configuration (repeat to "
                         "compare side by side, e.g. '' and '--no-mixed-step-graphs')")
     p.add_argument("--hf-batch", type=int, default=256)
+    p.add_argument("--requests-per-slot", type=int, default=2,
+                   help="HTTP runs send this many times the concurrency in requests")
     p.add_argument("--skip-engine", action="store_true")
     p.add_argument("--skip-http", action="store_true")
     p.add_argument("--offline", action="store_true", help="sweep through vserve.LLM, no HTTP")
@@ -610,6 +663,10 @@ def main() -> None:
         summary["engine"] = run_part("engine", model_dir, weight_bytes, bw, args, out)
         log(f"engine: {json.dumps(summary['engine'], indent=1)}")
         save()
+        summary["engine_no_mixed"] = run_part("engine_no_mixed", model_dir, weight_bytes, bw,
+                                              args, out)
+        log(f"engine, mixed-step graphs off: {json.dumps(summary['engine_no_mixed'])}")
+        save()
     concs = [int(c) for c in args.concurrency.split(",") if c]
     if not args.skip_http:
         mode = "offline" if args.offline else "http"
@@ -622,7 +679,7 @@ def main() -> None:
                     for variant in variants:
                         label = f"api{count} {variant}".strip()
                         runs[label] = http_sweep(model_dir, concs, out, count,
-                                                 shlex.split(variant))
+                                                 shlex.split(variant), args.requests_per_slot)
                         log(f"serving [{label}] done")
                         summary["serving_runs"] = runs
                         save()
@@ -670,12 +727,16 @@ def report(s: dict[str, Any]) -> str:
             f"engine, 256 x (128 in, 128 out), in process: "
             f"{e['engine_batch256_output_tokens_per_s']:.0f} output tokens/s; steady churn "
             f"(256 in flight, 64..192 out): {e.get('engine_churn256_output_tokens_per_s', 0):.0f}"
-            f" ({e.get('mixed_graph_replays')} mixed-step graph replays); mixed-step graphs "
-            f"off: {e.get('engine_churn256_output_tokens_per_s_no_mixed_graphs', 0):.0f}, "
-            f"prefill of 128 tokens "
-            f"{np.median(e.get('engine_prefill_128_ms_all_no_mixed_graphs') or [0]):.1f} ms",
+            f" ({e.get('mixed_graph_replays')} mixed-step graph replays, per step "
+            f"{e.get('engine_churn256')})",
             f"KV blocks {e['num_kv_blocks']}, max concurrency at 4096 tokens "
             f"{e['max_concurrency_at_4096']:.1f}"]
+    off = s.get("engine_no_mixed") or {}
+    if "engine_churn256_output_tokens_per_s" in off:
+        lines.append(
+            f"engine, mixed-step graphs off: churn {off['engine_churn256_output_tokens_per_s']:.0f}"
+            f" output tokens/s (per step {off['engine_churn256']}); prefill of 128 tokens "
+            f"{np.median(off['engine_prefill_128_ms_all']):.1f} ms")
     for label, run in (s.get("serving_runs") or {}).items():
         for k, v in run.items():
             if k.startswith("c") and isinstance(v, dict) and v.get("output_throughput"):

@@ -15,7 +15,7 @@ from vserve.core.request import Request
 from vserve.core.sched_output import ScheduledRequest
 from vserve.ops.tiles import TILE_SHIFT, max_tiles, prefill_block_m, prefill_tiles
 from vserve.protocol.sampling import SamplingParams
-from vserve.worker.cuda_inputs import DEVICE_TOKEN, pack_mixed
+from vserve.worker.cuda_inputs import DEVICE_TOKEN, mixed_order, pack_mixed
 from vserve.worker.mixed_graphs import MixedLayout, mixed_sizes
 
 
@@ -95,9 +95,11 @@ def test_pack_mixed_places_every_input(chained: bool) -> None:
     assert h[layout.sample_idx : layout.sample_idx + seqs].tolist() == [0, 7] + [0] * 6
     assert h[layout.sample_rows : layout.sample_rows + seqs].tolist() == [0, 1] + [dummy] * 6
     nt = layout.tiles_for(32)
+    # The decode row (sequence 0) is the decode kernel's: no tile lists it.
+    assert h[layout.num_decode] == 1
     tiles = h[layout.tiles : layout.tiles + nt].tolist()
-    assert tiles[:4] == [0, 1 << TILE_SHIFT, 2 << TILE_SHIFT, (2 << TILE_SHIFT) | 1]
-    assert tiles[4:] == [-1] * (nt - 4)
+    assert tiles[:3] == [1 << TILE_SHIFT, 2 << TILE_SHIFT, (2 << TILE_SHIFT) | 1]
+    assert tiles[3:] == [-1] * (nt - 3)
     width = h[layout.width]
     assert width == 9  # 36 tokens in blocks of 4
     table = h[layout.table : layout.table + seqs * width].reshape(seqs, width).tolist()
@@ -113,3 +115,16 @@ def test_pack_mixed_rejects_what_the_graph_cannot_hold() -> None:
     h = np.zeros(layout.size, dtype=np.int32)
     with pytest.raises(AssertionError):
         pack_mixed(h, scheduled, [0, 1, 2], layout, 16, 4, 9, None)
+
+
+def test_one_token_rows_go_first_in_order() -> None:
+    reqs = [ScheduledRequest(_req(f"r{i}", [1] * 9, 0), n, [1, 2, 3]) for i, n in
+            enumerate([5, 1, 9, 1, 1, 2])]
+    order = mixed_order(reqs)
+    assert order == [1, 3, 4, 0, 2, 5]
+    layout = MixedLayout(max_tokens=64, max_seqs=8, block_m=16, max_blocks_per_seq=4)
+    h = np.zeros(layout.size, dtype=np.int32)
+    pack_mixed(h, [reqs[i] for i in order], list(range(6)), layout, 32, 4, 9, None)
+    assert h[layout.num_decode] == 3
+    tiles = h[layout.tiles : layout.tiles + 3].tolist()
+    assert [t >> TILE_SHIFT for t in tiles] == [3, 4, 5]

@@ -42,14 +42,21 @@ def _tolerance(dtype: torch.dtype) -> float:
     return {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 2e-2}[dtype]
 
 
-def _tile_graph_metadata(meta, seqs, dtype, head_dim):
+def _tile_graph_metadata(meta, seqs, dtype, head_dim, split_decode):
     """``meta`` as a CUDA graph of mixed steps passes it: a fixed list of query tiles padded
     with -1, the block table packed with its width in a buffer viewed wider, the width read
-    from the device, and a ``max_query_len`` that says nothing about the grid."""
+    from the device, and a ``max_query_len`` that says nothing about the grid.
+    ``split_decode``: the leading one-token sequences go to the decode kernel
+    (``num_decode_rows``) and the tiles list only the others."""
     from vserve.ops.tiles import prefill_block_m, prefill_tiles
 
+    first = 0
+    if split_decode:
+        while first < len(seqs) and seqs[first][1] == 1:
+            first += 1
+        meta.num_decode_rows = torch.tensor([first], dtype=torch.int32, device=DEVICE)
     tiles: list[int] = []
-    prefill_tiles([n for _, n in seqs], prefill_block_m(dtype, head_dim), tiles)
+    prefill_tiles([n for _, n in seqs], prefill_block_m(dtype, head_dim), tiles, first=first)
     tiles += [-1] * 7
     width = meta.block_tables.shape[1]
     wide = width + 5
@@ -65,7 +72,7 @@ def _tile_graph_metadata(meta, seqs, dtype, head_dim):
 
 
 def run_case(seqs, num_heads, num_kv_heads, head_dim, block_size, dtype, seed, fused_rope=False,
-             tiled=False):
+             tiled=False, split_decode=False):
     """Triton vs reference on the same inputs; returns (out, ref, caches...). ``tiled``: the
     prefill path with the fixed grid of a CUDA graph (``_tile_graph_metadata``)."""
     gen = torch.Generator().manual_seed(seed)
@@ -103,7 +110,7 @@ def run_case(seqs, num_heads, num_kv_heads, head_dim, block_size, dtype, seed, f
     meta_cpu = make_attn_metadata(seqs, tables, block_size)
     meta_dev = make_attn_metadata(seqs, tables, block_size, DEVICE)
     if tiled:
-        meta_dev = _tile_graph_metadata(meta_dev, seqs, dtype, head_dim)
+        meta_dev = _tile_graph_metadata(meta_dev, seqs, dtype, head_dim, split_decode)
     # The reference runs in float32 on the CPU from the same (rounded) inputs.
     ref_kc, ref_vc = k_cache.float(), v_cache.float()
     ref_q, ref_k, ref_v = q.float().clone(), k.float().clone(), v.float().clone()
@@ -189,11 +196,13 @@ def test_triton_matches_reference(shape, dtype, mode, fresh_seed: int):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("shape", [SHAPES[3], SHAPES[4], SHAPES[5]],
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[3], SHAPES[4], SHAPES[5]],
                          ids=lambda s: "h{}-kv{}-d{}-b{}".format(*s))
-def test_tiled_prefill_matches_reference(shape, dtype, fresh_seed: int):
+@pytest.mark.parametrize("split_decode", [False, True], ids=["tiles-only", "decode-first"])
+def test_tiled_prefill_matches_reference(shape, dtype, split_decode, fresh_seed: int):
     """The prefill kernel on a fixed grid of listed tiles (how a graph of mixed steps runs
-    it): decode rows, prompt chunks over cached prefixes, more than one tile per sequence."""
+    it): decode rows, prompt chunks over cached prefixes, more than one tile per sequence;
+    and with the leading one-token rows served by the decode kernel (the graph's layout)."""
     if _INTERPRET:
         pytest.skip("too slow under the interpreter")
     seed = fresh_seed
@@ -203,8 +212,11 @@ def test_tiled_prefill_matches_reference(shape, dtype, fresh_seed: int):
         seqs = ([(rng.randint(0, 300), 1) for _ in range(rng.randint(0, 9))]
                 + _random_seqs(rng, block_size, decode=False) + [(rng.randint(0, 40), 150)])
         rng.shuffle(seqs)
+        if split_decode:
+            seqs.sort(key=lambda s: s[1] != 1)
         out, ref, *_ = run_case(seqs, heads, kv_heads, head_dim, block_size, dtype,
-                                rng.randrange(2**31), fused_rope=True, tiled=True)
+                                rng.randrange(2**31), fused_rope=True, tiled=True,
+                                split_decode=split_decode)
         assert not out.isnan().any(), (seed, seqs, "unwritten or NaN-reading output")
         err = ((out - ref).norm() / ref.norm()).item()
         assert err < _tolerance(dtype), (seed, seqs, err)

@@ -48,6 +48,10 @@ class AttentionMetadata:
     # int32 list (``vserve.ops.attention.prefill_tiles``, padded with -1), so that its grid
     # does not depend on the step. None everywhere else.
     prefill_tiles: torch.Tensor | None = None
+    # With ``prefill_tiles``: a device ``[1]`` int32, the number of leading one-token
+    # sequences (rows ``0 .. n-1``, sequences ``0 .. n-1``), which the decode kernel serves;
+    # the tiles then list only the later sequences.
+    num_decode_rows: torch.Tensor | None = None
 
     @property
     def num_seqs(self) -> int:

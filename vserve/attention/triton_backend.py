@@ -76,7 +76,17 @@ class TritonAttentionBackend(AttentionBackend):
                 metadata.slot_mapping, scale, out, positions, cos, sin,
                 bt_stride=metadata.block_table_stride,
             )
-        ops.rope_and_cache(q, k, v, k_cache, v_cache, metadata.slot_mapping, positions, cos, sin)
+        rows = metadata.num_decode_rows
+        if rows is not None:
+            # A graph of mixed steps: the leading one-token rows take the decode kernel (one
+            # program per KV head serves its query group), the prompt rows the tiled one.
+            n = metadata.seq_lens.shape[0]
+            ops.decode_attention(
+                q[:n], k[:n], v[:n], k_cache, v_cache, metadata.block_tables,
+                metadata.seq_lens, metadata.slot_mapping, scale, out[:n], positions, cos, sin,
+                num_splits=1, bt_stride=metadata.block_table_stride, num_rows=rows)
+        ops.rope_and_cache(q, k, v, k_cache, v_cache, metadata.slot_mapping, positions, cos, sin,
+                           row_start=rows)
         return ops.prefill_attention(
             q, k_cache, v_cache, metadata.block_tables, metadata.seq_lens,
             metadata.query_start_loc, metadata.max_query_len, scale, out,

@@ -61,8 +61,13 @@ def _rope_cache_kernel(
     NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HALF: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_DH: tl.constexpr,
     PAGE: tl.constexpr, ROPE: tl.constexpr,
+    ROW_START_IN_MEM: tl.constexpr, row_start_ptr,
 ):
     t = tl.program_id(0).to(tl.int64)
+    if ROW_START_IN_MEM:
+        # A graph of mixed steps: rows before ``row_start[0]`` are the decode kernel's.
+        if t < tl.load(row_start_ptr):
+            return
     dh = tl.arange(0, BLOCK_DH)
     dmask = dh < HALF
     hk = tl.arange(0, BLOCK_HK)
@@ -116,6 +121,7 @@ def _decode_kernel(
     BLOCK_G: tl.constexpr, BLOCK_DH: tl.constexpr, BLOCK_N: tl.constexpr,
     PAGE: tl.constexpr, ROPE: tl.constexpr, PRECISION: tl.constexpr,
     NUM_SPLITS: tl.constexpr, BT_STRIDE_IN_MEM: tl.constexpr, PDL: tl.constexpr,
+    ROWS_IN_MEM: tl.constexpr, rows_ptr,
 ):
     s = tl.program_id(0).to(tl.int64)
     kvh = tl.program_id(1)
@@ -123,6 +129,10 @@ def _decode_kernel(
     if PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
+    if ROWS_IN_MEM:
+        # A graph of mixed steps: only the first ``rows[0]`` rows are one-token sequences.
+        if s >= tl.load(rows_ptr):
+            return
     if BT_STRIDE_IN_MEM:
         # CUDA graphs: the block table is packed [bs, width] with width changing per step.
         s_bt = tl.load(bt_stride_ptr)
@@ -367,10 +377,12 @@ def rope_and_cache(
     positions: torch.Tensor | None = None,
     cos_cache: torch.Tensor | None = None,
     sin_cache: torch.Tensor | None = None,
+    row_start: torch.Tensor | None = None,
 ) -> None:
     """Rotate ``q`` in place and ``k`` (when ``positions`` is given), then write k and v into
     the cache at ``slot_mapping`` (negative slots are skipped). ``q``/``k``/``v`` are
-    ``[T, heads, head_dim]`` views (any row/head strides, contiguous last dimension)."""
+    ``[T, heads, head_dim]`` views (any row/head strides, contiguous last dimension).
+    ``row_start`` (a one-element int32 device tensor): rows before it are left untouched."""
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
     if num_tokens == 0:
@@ -393,6 +405,8 @@ def rope_and_cache(
         NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HALF=half,
         BLOCK_H=triton.next_power_of_2(num_heads), BLOCK_HK=triton.next_power_of_2(num_kv_heads),
         BLOCK_DH=triton.next_power_of_2(half), PAGE=k_cache.shape[1], ROPE=rope,
+        ROW_START_IN_MEM=row_start is not None,
+        row_start_ptr=row_start if row_start is not None else slot_mapping,
         num_warps=4 if num_heads * head_dim >= 2048 else 1,
     )
 
@@ -413,13 +427,18 @@ def decode_attention(
     sin_cache: torch.Tensor | None = None,
     num_splits: int | None = None,
     bt_stride: torch.Tensor | None = None,
+    num_rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One new token per sequence (row ``s`` of q/k/v is sequence ``s``): RoPE (when
     ``positions`` is given), cache write, and attention over ``seq_lens[s]`` tokens.
 
     ``bt_stride``: a one-element int32 device tensor holding the block table's row stride,
     read by the kernel instead of ``block_tables.stride(0)`` (CUDA graphs replay over a
-    packed table whose width changes from step to step)."""
+    packed table whose width changes from step to step).
+
+    ``num_rows`` (a one-element int32 device tensor; needs ``num_splits=1``): only rows
+    ``0 .. num_rows[0] - 1`` are one-token sequences; programs of later rows do nothing (a
+    CUDA graph of mixed steps, whose other rows are prompt chunks)."""
     num_seqs, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
     if num_seqs == 0:
@@ -439,6 +458,7 @@ def decode_attention(
     block_n = 32 if fp32 else 64
     if num_splits is None:
         num_splits = decode_splits(num_seqs, num_kv_heads, q.device)
+    assert num_rows is None or num_splits == 1
     if num_splits > 1:
         part = torch.empty((num_seqs, num_heads, num_splits, head_dim), dtype=torch.float32,
                            device=q.device)
@@ -460,6 +480,8 @@ def decode_attention(
         BLOCK_G=_pow2(group), BLOCK_DH=_pow2(half), BLOCK_N=block_n,
         PAGE=k_cache.shape[1], ROPE=rope, PRECISION=_precision(k_cache.dtype),
         NUM_SPLITS=num_splits, BT_STRIDE_IN_MEM=bt_stride is not None, PDL=pdl(),
+        ROWS_IN_MEM=num_rows is not None,
+        rows_ptr=num_rows if num_rows is not None else seq_lens,
         num_warps=4, num_stages=2, launch_pdl=pdl(),
     )
     if num_splits > 1:

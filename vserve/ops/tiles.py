@@ -19,9 +19,11 @@ def prefill_block_m(dtype: torch.dtype, head_dim: int) -> int:
     return 32 if dtype == torch.float32 or half_block > 64 else 64
 
 
-def prefill_tiles(q_lens: list[int], block_m: int, out: list[int]) -> None:
-    """Append the query tiles of sequences with ``q_lens`` new rows to ``out``."""
-    for s, n in enumerate(q_lens):
+def prefill_tiles(q_lens: list[int], block_m: int, out: list[int], first: int = 0) -> None:
+    """Append the query tiles of sequences ``first ..`` (with ``q_lens`` new rows) to
+    ``out``."""
+    for s in range(first, len(q_lens)):
+        n = q_lens[s]
         base = s << TILE_SHIFT
         if n <= block_m:
             out.append(base)

@@ -146,6 +146,11 @@ class DecodeGraphs:
                 self._forward(bs)
             self.graphs[bs] = graph
         torch.cuda.synchronize()
+        # A graph's first launch also uploads it to the device: do it now, over the dummy
+        # inputs (padded rows only touch the null block and the dummy row).
+        for graph in self.graphs.values():
+            graph.replay()
+        torch.cuda.synchronize()
         logger.info("captured %d CUDA graphs (decode batch sizes %d..%d) in %.1fs, %.0f MiB",
                     len(self.graphs), self.sizes[0], self.sizes[-1], time.perf_counter() - t0,
                     (free0 - torch.cuda.mem_get_info()[0]) / 2**20)

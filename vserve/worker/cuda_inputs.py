@@ -274,12 +274,20 @@ class CudaInputs:
         return self._upload(0, end, record=n_sample == 0), n_sample
 
 
+def mixed_order(scheduled: list[ScheduledRequest]) -> list[int]:
+    """Indices of ``scheduled`` with the one-token rows first (stable)."""
+    return sorted(range(len(scheduled)), key=lambda i: scheduled[i].num_new_tokens != 1)
+
+
 def pack_mixed(h: np.ndarray, scheduled: list[ScheduledRequest], rows: list[int],
                layout: MixedLayout, padded: int, block_size: int, dummy_row: int,
                overrides: dict[str, int] | None) -> tuple[int, int]:
     """Fill ``h`` (int32, ``layout.size`` entries) with a step's inputs at the offsets of
     ``layout``, padded to ``padded`` tokens. Returns the number of rows that sample and the
-    end of what the graph reads (the table, last, is ``[seqs, width]``)."""
+    end of what the graph reads (the table, last, is ``[seqs, width]``).
+
+    The leading one-token rows of ``scheduled`` are the decode kernel's (``num_decode``);
+    put them first (``mixed_order``) so that every decode row is."""
     bs = block_size
     lay = layout
     ids: list[int] = []
@@ -317,8 +325,12 @@ def pack_mixed(h: np.ndarray, scheduled: list[ScheduledRequest], rows: list[int]
     t, ns, nr = len(ids), len(seq_lens), len(sample_idx)
     seqs = lay.seqs_for(padded)
     assert t <= padded and ns <= seqs
+    q_lens = [b - a for a, b in zip(qsl, qsl[1:])]
+    num_decode = 0
+    while num_decode < ns and q_lens[num_decode] == 1:
+        num_decode += 1
     tiles: list[int] = []
-    prefill_tiles([b - a for a, b in zip(qsl, qsl[1:])], lay.block_m, tiles)
+    prefill_tiles(q_lens, lay.block_m, tiles, first=num_decode)
     nt = lay.tiles_for(padded)
     assert len(tiles) <= nt
     h[lay.ids : lay.ids + t] = ids
@@ -340,6 +352,7 @@ def pack_mixed(h: np.ndarray, scheduled: list[ScheduledRequest], rows: list[int]
     h[lay.tiles : lay.tiles + len(tiles)] = tiles
     h[lay.tiles + len(tiles) : lay.tiles + nt] = -1
     h[lay.width] = width
+    h[lay.num_decode] = num_decode
     table: list[int] = []
     block_table_rows(scheduled, width, table)
     h[lay.table : lay.table + ns * width] = table

@@ -7,11 +7,15 @@ to ``max_tokens`` tokens and ``max_seqs`` sequences replay a graph captured for 
 token count up of a ladder (16, 32, 64, … ``max_tokens``).
 
 What makes such a step replayable: every kernel's grid depends only on the token count ``T``
-of the bucket. Linear layers, norms and the RoPE/cache-write kernel run over ``T`` rows;
-the prefill attention kernel gets a fixed list of ``tiles(T)`` query tiles
-(``vserve.ops.attention.prefill_tiles``, padded with -1) instead of a grid sized by the
-longest query; its block table row width is read from the device. Logits are computed for
-``seqs(T)`` gathered rows only (the rows that sample, padded with row 0).
+of the bucket. Linear layers and norms run over ``T`` rows. Attention is split by row kind:
+the step's one-token sequences (decode rows) come first, and the decode kernel runs over
+``seqs(T)`` rows, its programs past the device-held count ``num_decode`` doing nothing (one
+program per KV head serves the whole query group: under churn these are most rows); the
+RoPE/cache-write kernel skips those rows, and the prefill kernel gets a fixed list of
+``tiles(T)`` query tiles of the other sequences (``vserve.ops.tiles``, padded with -1)
+instead of a grid sized by the longest query. Block table row width is read from the
+device. Logits are computed for ``seqs(T)`` gathered rows only (the rows that sample,
+padded with row 0).
 
 Inputs live in the runner's device staging buffer at the offsets of :class:`MixedLayout`;
 ``vserve.worker.cuda_inputs.CudaInputs.prepare_mixed`` writes them. Padded token rows hold
@@ -122,6 +126,10 @@ class MixedLayout:
         return self.tiles + _al(self.max_tiles)
 
     @property
+    def num_decode(self) -> int:
+        return self.width + 1
+
+    @property
     def table(self) -> int:
         return self.width + 16
 
@@ -162,6 +170,7 @@ class MixedGraphs:
         self.sample_rows = stage[lay.sample_rows : lay.sample_rows + ms]
         self.tiles = stage[lay.tiles : lay.tiles + lay.max_tiles]
         self.width = stage[lay.width : lay.width + 1]
+        self.num_decode = stage[lay.num_decode : lay.num_decode + 1]
         self.table = stage[lay.table : lay.size]
         # The decode graphs' logits buffer serves here too (``logits``): a step's logits are
         # consumed (sampled, on the stream) before the next step's graph runs.
@@ -202,6 +211,7 @@ class MixedGraphs:
             seq_lens_cpu=[],
             block_table_stride=self.width,
             prefill_tiles=self.tiles[:nt],
+            num_decode_rows=self.num_decode,
         )
         hidden = self.model(ids, self.positions[:t], self.kv_caches, meta)
         picked = hidden[self.sample_idx[:s].long()]
@@ -222,6 +232,7 @@ class MixedGraphs:
         self.sample_rows.fill_(self.dummy_row)
         self.tiles.fill_(-1)
         self.width.fill_(1)
+        self.num_decode.zero_()
         self.table.zero_()
 
     @torch.inference_mode()
@@ -240,6 +251,11 @@ class MixedGraphs:
             with torch.cuda.graph(graph, pool=self.pool):
                 self._forward(t)
             self.graphs[t] = graph
+        torch.cuda.synchronize()
+        # A graph's first launch also uploads it to the device (slow, and it would land on a
+        # request's step): do it now, over the inert dummy inputs.
+        for graph in self.graphs.values():
+            graph.replay()
         torch.cuda.synchronize()
         logger.info("captured %d CUDA graphs of mixed steps (%d..%d tokens) in %.1fs, %.0f MiB",
                     len(self.graphs), self.sizes[0], self.sizes[-1], time.perf_counter() - t0,

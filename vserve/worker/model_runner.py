@@ -32,7 +32,7 @@ from vserve.ops.tiles import prefill_block_m
 from vserve.protocol.outputs import Logprobs
 from vserve.worker import kv_sizing
 from vserve.worker.cuda_graphs import DecodeGraphs, table_offset
-from vserve.worker.cuda_inputs import DEVICE_TOKEN, CudaInputs, input_token
+from vserve.worker.cuda_inputs import DEVICE_TOKEN, CudaInputs, input_token, mixed_order
 from vserve.worker.mixed_graphs import MAX_MIXED_GRAPH_TOKENS, MixedGraphs, MixedLayout
 from vserve.worker.pending import PendingOutput
 from vserve.worker.sampler import Sampler, _argmax, gather_logprobs
@@ -344,11 +344,15 @@ class ModelRunner:
         elif (mixed := self._mixed_size(scheduled)) is not None:
             assert self.mixed_graphs is not None
             mg = self.mixed_graphs
-            upload, n_sample = inputs.prepare_mixed(scheduled, rows, mg.layout, mixed,
-                                                    self.block_size, overrides)
+            # One-token rows first: the graph gives them the decode kernel.
+            order = mixed_order(scheduled)
+            scheduled = [scheduled[i] for i in order]
+            upload, n_sample = inputs.prepare_mixed(scheduled, [rows[i] for i in order],
+                                                    mg.layout, mixed, self.block_size,
+                                                    overrides)
             sampled_logits = mg.replay(mixed, n_sample)
             if n_sample:
-                sampling = [r for r, x in zip(requests, samples, strict=True) if x]
+                sampling = [s.request for s in scheduled if s.sample]
                 if Sampler.plain_greedy(sampling):
                     host, event = inputs.read_back(mg.sampled_ids(n_sample))
                     return PendingOutput.on_device(
