@@ -70,6 +70,7 @@ Dtype = Literal["auto", "float32", "float16", "bfloat16"]
 Device = Literal["auto", "cpu", "cuda"]
 SchedulingPolicy = Literal["fcfs", "priority"]
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
+ToolCallParser = Literal["hermes", "llama3_json", "mistral"]
 
 
 @dataclass(frozen=True)
@@ -289,6 +290,13 @@ class ServerConfig:
     api_server_heartbeat_timeout: float = option(
         30.0, help="seconds an API server's event loop may go without a heartbeat before "
                    "the supervisor kills and replaces it")
+    enable_auto_tool_choice: bool = option(
+        False, help="serve tool_choice 'auto' (and tools without a tool_choice): the model's "
+                    "own tool-call format, read by --tool-call-parser")
+    tool_call_parser: ToolCallParser | None = option(
+        None, help="how to read tool calls out of the model's output with "
+                   "--enable-auto-tool-choice: hermes (<tool_call> JSON: Qwen2/Qwen3, the "
+                   "demo model), llama3_json, mistral")
     log_level: LogLevel = option("info", help="vserve's log level")
     log_stats_interval: float = option(10.0, help="seconds between stats log lines; 0 turns "
                                                   "them off")
@@ -322,6 +330,11 @@ class ServerConfig:
                              "an empty bearer token)")
         _check_choice(self, "log_level")
         _check_choice(self, "uvicorn_log_level")
+        if self.tool_call_parser is not None:
+            _check_choice(self, "tool_call_parser")
+        if self.enable_auto_tool_choice and self.tool_call_parser is None:
+            raise ValueError("--enable-auto-tool-choice needs --tool-call-parser (hermes, "
+                             "llama3_json or mistral)")
 
 
 @dataclass(frozen=True)

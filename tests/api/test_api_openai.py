@@ -322,14 +322,17 @@ def test_chat_n_and_logprobs(client: openai.OpenAI) -> None:
 def test_chat_rejects_unsupported(client: openai.OpenAI) -> None:
     tool = {"type": "function", "function": {"name": "f", "parameters": {}}}
     rejected: list[tuple[dict[str, Any], str]] = [
-        ({"tools": [tool]}, "tools"), ({"tool_choice": "auto"}, "tool_choice"),
-        ({"response_format": {"type": "json_object"}}, "response_format.type"),
+        # tool_choice auto needs --enable-auto-tool-choice (tests/api/test_structured_outputs.py
+        # serves it), and any tool_choice needs tools.
+        ({"tools": [tool], "tool_choice": "auto"}, "tool_choice"),
+        ({"tool_choice": "auto"}, "tool_choice"),
+        ({"response_format": {"type": "yaml"}}, "response_format.type"),
         ({"functions": [{"name": "f"}]}, "functions"), ({"store": True}, "store"),
         ({"messages": [{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]},
          "messages[0].content"),
-        ({"messages": [{"role": "tool", "content": "x", "tool_call_id": "1"}]},
-         "messages[0].role"),
+        ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0]"),
+        ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role"),
         ({"messages": []}, "messages"),
     ]
     for kw, param in rejected:
@@ -342,6 +345,11 @@ def test_chat_rejects_unsupported(client: openai.OpenAI) -> None:
                                        user="u1", metadata={"k": "v"},
                                        response_format={"type": "text"})
     assert r.choices
+    # Tools without a tool_choice on a server without auto tool choice: shown to the
+    # template, the output is content.
+    r = client.chat.completions.create(model="demo", messages=MESSAGES, max_tokens=3,
+                                       tools=[tool])  # type: ignore[list-item]
+    assert r.choices[0].message.tool_calls is None
 
 
 # ---- streaming ------------------------------------------------------------------------------

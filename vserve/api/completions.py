@@ -25,6 +25,7 @@ from vserve.api.generation import (
     prepare_prompt,
     resolve_model,
     response_id,
+    structured_constraint,
 )
 from vserve.api.logprobs import completion_logprobs, filter_rows, prompt_logprobs_json
 from vserve.api.protocol import MAX_N, CompletionRequest
@@ -153,9 +154,10 @@ def add_routes(app: FastAPI, state: ServerState) -> None:
     async def create_completion(body: CompletionRequest, request: Request) -> Response:
         """Complete one or more prompts (OpenAI's legacy completions API)."""
         model = resolve_model(state, body.model)
+        structured = structured_constraint(body)
         try:
             body.check_streaming()
-            params = body.sampling_params(body.logprobs, body.max_tokens)
+            params = body.sampling_params(body.logprobs, body.max_tokens, structured)
             if body.echo and body.logprobs is not None:
                 params = params.clone(
                     prompt_logprobs=max(body.logprobs, params.prompt_logprobs or 0))

@@ -38,14 +38,14 @@ _TYPE_OF_STATUS = {400: INVALID_REQUEST, 401: AUTHENTICATION, 404: NOT_FOUND,
 # OpenAI request fields vserve knows of and deliberately does not implement: rejected with a
 # message that says so (any other unknown field is rejected as unrecognized).
 UNSUPPORTED_FIELDS = frozenset({
-    "tools", "tool_choice", "parallel_tool_calls", "functions", "function_call", "audio",
+    "functions", "function_call", "audio",
     "prediction", "reasoning_effort", "service_tier", "web_search_options", "verbosity",
     "moderation", "prompt_cache_options", "prompt_cache_retention", "include_obfuscation",
     "continuous_usage_stats", "guided_json", "guided_regex", "guided_choice",
-    "guided_grammar", "structured_outputs", "chat_template", "chat_template_kwargs",
-    "continue_final_message", "documents", "echo", "tool_calls", "tool_call_id",
+    "guided_grammar", "chat_template", "chat_template_kwargs",
+    "continue_final_message", "documents", "echo",
     "reasoning_content", "truncate_prompt_tokens", "return_tokens_as_token_ids",
-    "response_format", "modalities", "store", "best_of", "suffix",
+    "modalities", "store", "best_of", "suffix",
 })
 
 _encoder = msgspec.json.Encoder()

@@ -29,6 +29,7 @@ from fastapi import Request
 
 from vserve.api.errors import APIError
 from vserve.api.middleware import CLIENT_REQUEST_ID_KEY, REQUEST_ID_KEY
+from vserve.api.protocol import FieldError, _Generation, structured_output_of
 from vserve.api.state import ServerState
 from vserve.frontend.engine_client import EngineDeadError, EngineUnavailableError
 from vserve.frontend.input_processor import PromptTooLongError, check_prompt, child_params
@@ -41,7 +42,8 @@ from vserve.metrics.request_metrics import (
 )
 from vserve.protocol.outputs import EngineCoreOutput, RequestTiming
 from vserve.protocol.requests import EngineCoreRequest
-from vserve.protocol.sampling import SamplingParams
+from vserve.protocol.sampling import SamplingParams, StructuredOutput
+from vserve.structured.grammar import check
 
 RETRY_AFTER_S = 1
 
@@ -114,6 +116,21 @@ def prepare_prompt(state: ServerState, text: str | None, token_ids: list[int],
                        f"long and this model's maximum context length is {window} tokens",
                        "min_tokens")
     return Prompt(text, token_ids, params)
+
+
+def structured_constraint(body: _Generation) -> StructuredOutput | None:
+    """The output constraint of ``response_format`` / ``structured_outputs``, checked: a
+    schema, regex or grammar that cannot be enforced is a 400 naming the field, before
+    anything reaches an engine."""
+    try:
+        so, param = structured_output_of(body.response_format, body.structured_outputs)
+    except FieldError as e:
+        raise APIError(400, str(e), e.param) from None
+    if so is not None:
+        error = check(so)
+        if error is not None:
+            raise APIError(400, f"{param}: {error}", param)
+    return so
 
 
 def check_vocab_ids(state: ServerState, params: SamplingParams) -> None:

@@ -14,11 +14,13 @@ Invariants:
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from vserve.protocol.sampling import SamplingParams
+from vserve.protocol.sampling import SamplingParams, StructuredOutput
+from vserve.structured.grammar import json_schema
 
 Int32 = Annotated[int, Field(ge=-(2**31), le=2**31 - 1)]
 Int64 = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
@@ -84,6 +86,87 @@ def _check_stop(value: Any) -> Any:
     raise ValueError("stop must be a string or a list of strings")
 
 
+class JsonSchemaFormat(_Strict):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, populate_by_name=True)
+
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = Field(None, description="Accepted; the schema is always enforced.")
+
+
+class ResponseFormat(_Strict):
+    """``text``, ``json_object`` (any JSON object) or ``json_schema`` (enforced by a
+    grammar in the engine)."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_iff_json_schema(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise FieldError("response_format.json_schema",
+                             "response_format.json_schema is required with type json_schema")
+        if self.type != "json_schema" and self.json_schema is not None:
+            raise FieldError("response_format.json_schema", "response_format.json_schema is "
+                             "only allowed with type json_schema")
+        return self
+
+
+class StructuredOutputsParams(_Strict):
+    """vLLM's ``structured_outputs``: exactly one of its constraints."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, populate_by_name=True)
+
+    json_: dict[str, Any] | str | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> StructuredOutputsParams:
+        given = [k for k in ("json", "regex", "choice", "grammar", "json_object")
+                 if getattr(self, "json_" if k == "json" else k) not in (None, False)]
+        if len(given) != 1:
+            raise FieldError("structured_outputs", "structured_outputs needs exactly one of "
+                             "json, regex, choice, grammar, json_object; got "
+                             + (", ".join(given) or "none"))
+        return self
+
+
+def structured_output_of(response_format: ResponseFormat | None,
+                         structured: StructuredOutputsParams | None
+                         ) -> tuple[StructuredOutput | None, str]:
+    """The request's output constraint and the field that set it; raises FieldError."""
+    fmt = response_format if response_format is not None and response_format.type != "text" \
+        else None
+    if fmt is not None and structured is not None:
+        raise FieldError("structured_outputs", "structured_outputs cannot be combined with "
+                         f"response_format of type {fmt.type!r}")
+    if fmt is not None:
+        if fmt.type == "json_object":
+            return json_schema({"type": "object"}), "response_format"
+        assert fmt.json_schema is not None
+        schema = fmt.json_schema.schema_
+        return json_schema(schema if schema is not None else {}), \
+            "response_format.json_schema.schema"
+    if structured is None:
+        return None, ""
+    if structured.json_ is not None:
+        if isinstance(structured.json_, str):
+            return StructuredOutput("json", structured.json_), "structured_outputs.json"
+        return json_schema(structured.json_), "structured_outputs.json"
+    if structured.regex is not None:
+        return StructuredOutput("regex", structured.regex), "structured_outputs.regex"
+    if structured.choice is not None:
+        return StructuredOutput("choice", json.dumps(structured.choice)), \
+            "structured_outputs.choice"
+    if structured.grammar is not None:
+        return StructuredOutput("grammar", structured.grammar), "structured_outputs.grammar"
+    return json_schema({"type": "object"}), "structured_outputs.json_object"
+
+
 class _Generation(_Body):
     """Fields shared by completions and chat completions (OpenAI's plus vLLM's extras)."""
 
@@ -113,10 +196,16 @@ class _Generation(_Body):
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     user: str | None = Field(None, description="Informational; accepted and not used.")
+    response_format: ResponseFormat | None = Field(
+        None, description="text, json_object or json_schema (enforced by a grammar).")
+    structured_outputs: StructuredOutputsParams | None = Field(
+        None, description="vLLM extra: exactly one of json, regex, choice, grammar, "
+                          "json_object.")
 
     _check_stop = field_validator("stop", mode="before")(_check_stop)
 
-    def sampling_params(self, logprobs: int | None, max_tokens: int | None) -> SamplingParams:
+    def sampling_params(self, logprobs: int | None, max_tokens: int | None,
+                        structured: StructuredOutput | None = None) -> SamplingParams:
         """The request's SamplingParams (raises ValueError naming a field)."""
 
         def pick(value: Any, default: Any) -> Any:
@@ -152,6 +241,7 @@ class _Generation(_Body):
             prompt_logprobs=self.prompt_logprobs,
             skip_special_tokens=pick(self.skip_special_tokens, True),
             spaces_between_special_tokens=pick(self.spaces_between_special_tokens, True),
+            structured=structured,
         )
 
     def check_streaming(self) -> None:
@@ -230,12 +320,35 @@ class TextPart(_Strict):
     text: str
 
 
+class ToolCallFunction(_Strict):
+    name: str
+    arguments: str = Field(description="The arguments as JSON text.")
+
+
+class ToolCall(_Strict):
+    id: str
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
 class ChatMessage(_Strict):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = Field(None, description="Assistant messages only.")
+    tool_call_id: str | None = Field(None, description="Tool messages: the call answered.")
 
     _check_content = field_validator("content", mode="before")(_check_content)
+
+    @model_validator(mode="after")
+    def _tool_fields(self) -> ChatMessage:
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError("tool_calls is only allowed in assistant messages")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs tool_call_id")
+        if self.tool_call_id is not None and self.role != "tool":
+            raise ValueError("tool_call_id is only allowed in tool messages")
+        return self
 
     def as_template_input(self) -> dict[str, Any]:
         content: Any = self.content
@@ -244,19 +357,41 @@ class ChatMessage(_Strict):
         msg: dict[str, Any] = {"role": self.role, "content": content}
         if self.name is not None:
             msg["name"] = self.name
+        if self.tool_calls:
+            # Templates index into the arguments (HF convention): a dict when it is JSON.
+            calls = []
+            for call in self.tool_calls:
+                try:
+                    args: Any = json.loads(call.function.arguments)
+                except json.JSONDecodeError:
+                    args = call.function.arguments
+                calls.append({"id": call.id, "type": "function",
+                              "function": {"name": call.function.name, "arguments": args}})
+            msg["tool_calls"] = calls
+        if self.tool_call_id is not None:
+            msg["tool_call_id"] = self.tool_call_id
         return msg
 
 
-class ResponseFormat(_Strict):
-    type: str
+class FunctionDefinition(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = Field(None, description="A JSON schema (an object).")
+    strict: bool | None = Field(None, description="Accepted; forced calls always validate.")
 
-    @field_validator("type")
-    @classmethod
-    def _text_only(cls, value: str) -> str:
-        if value != "text":
-            raise ValueError(f"response_format of type {value!r} is not supported by vserve "
-                             "(only 'text')")
-        return value
+
+class ToolDefinition(_Strict):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class ToolChoiceFunction(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: ToolChoiceFunction
 
 
 class ChatCompletionRequest(_Generation):
@@ -267,13 +402,16 @@ class ChatCompletionRequest(_Generation):
     top_logprobs: Int32 | None = Field(None, description="0..20; needs logprobs: true.")
     max_completion_tokens: Int64 | None = Field(None, description="Wins over max_tokens.")
     add_generation_prompt: bool | None = Field(None, description="vLLM extra; default true.")
-    response_format: ResponseFormat | None = Field(None, description="Only {'type': 'text'}.")
     modalities: list[str] | None = Field(None, description="Only ['text'].")
     store: bool | None = Field(None, description="Only false.")
     metadata: dict[str, str] | None = Field(None, description="Informational.")
     safety_identifier: str | None = Field(None, description="Informational.")
     prompt_cache_key: str | None = Field(
         None, description="Accepted as a hint; prefix caching is automatic.")
+    tools: list[ToolDefinition] | None = Field(None, description="Functions the model may call.")
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        None, description="Default: auto with --enable-auto-tool-choice, else none.")
+    parallel_tool_calls: bool | None = Field(None, description="Default true.")
 
     @field_validator("modalities")
     @classmethod

@@ -40,8 +40,9 @@ class Formatter(Protocol):
         ...
 
     def chunk(self, delta: CompletionDelta, token_ids: list[int], text: str,
-              logprobs: list[PositionLogprobs] | None) -> dict[str, Any]:
-        """One streamed chunk for ``delta.index`` (tokens and text include held-back ones)."""
+              logprobs: list[PositionLogprobs] | None) -> dict[str, Any] | None:
+        """One streamed chunk for ``delta.index`` (tokens and text include held-back ones);
+        None when there is nothing to send yet (a tool call still being read)."""
         ...
 
     def usage_chunk(self, usage: dict[str, int]) -> dict[str, Any]: ...
@@ -82,7 +83,9 @@ async def _events(gen: Generation, fmt: Formatter, include_usage: bool
                 token_ids = h.token_ids + token_ids
                 if h.logprobs is not None or logprobs is not None:
                     logprobs = (h.logprobs or []) + (logprobs or [])
-            yield sse_event(fmt.chunk(delta, token_ids, delta.text, logprobs))
+            out = fmt.chunk(delta, token_ids, delta.text, logprobs)
+            if out is not None:
+                yield sse_event(out)
         if include_usage:
             yield sse_event(fmt.usage_chunk(gen.usage()))
     except GenerationError as e:

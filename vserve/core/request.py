@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import time
+from typing import Any
 
 from vserve.protocol.outputs import FinishReason
 from vserve.protocol.requests import EngineCoreRequest
@@ -63,6 +64,9 @@ class Request:
         self.status = RequestStatus.WAITING
         self.output_token_ids: list[int] = []
         self.all_token_ids: list[int] = list(prompt_token_ids)
+        # Structured outputs: the llguidance matcher that has consumed every output token so
+        # far (``vserve.structured.matcher``); None for an unconstrained request.
+        self.grammar: Any = None
         self.num_computed_tokens = 0
         self.num_cached_tokens = -1  # prefix-cache hit length at first schedule; -1 before
         self.num_preemptions = 0

@@ -30,6 +30,7 @@ from vserve.protocol.outputs import (
     RequestTiming,
     SchedulerStats,
 )
+from vserve.structured.matcher import accept_token
 
 _STOPPED = RequestStatus.FINISHED_STOPPED
 _LENGTH = RequestStatus.FINISHED_LENGTH
@@ -404,6 +405,11 @@ class Scheduler:
                 client.request_ids.append(rid)
                 client.token_ids.append(token)
                 status = self._check_stop(request, token, len(request.output_token_ids))
+                if request.grammar is not None and accept_token(request.grammar, token) \
+                        and status is None:
+                    # The grammar is complete: nothing but EOS could follow.
+                    request.stop_reason = None
+                    status = _STOPPED
                 if status is not None:
                     now = now or time.time()
                     self._finish(request, status)

@@ -19,7 +19,10 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import FIRST_COMPLETED, Future
+from concurrent.futures import wait as futures_wait
 from pathlib import Path
+from typing import Any
 
 from vserve.config import EngineConfig
 from vserve.core.request import Request
@@ -32,6 +35,7 @@ from vserve.protocol.outputs import (
     SchedulerStats,
 )
 from vserve.protocol.requests import EngineCoreRequest
+from vserve.structured.matcher import StructuredOutputs
 from vserve.worker.model_runner import ModelRunner
 from vserve.worker.pending import PendingOutput
 
@@ -56,6 +60,8 @@ class EngineCore:
         requested = config.scheduler.async_scheduling
         self.async_scheduling = self.runner.is_cuda if requested is None else requested
         self._in_flight: tuple[SchedulerOutput, PendingOutput] | None = None
+        self.structured: StructuredOutputs | None = None  # made at the first constrained request
+        self._compiling: list[tuple[Request, Future[Any]]] = []
         usable = self.num_kv_blocks - 1  # block 0 is the reserved null block
         self.max_concurrency = usable * config.cache.block_size / self.max_model_len
         logger.info(
@@ -86,20 +92,70 @@ class EngineCore:
         return None
 
     def add_request(self, req: EngineCoreRequest) -> FinishedRequest | None:
-        """Queue a request; returns its error ending instead when it cannot run."""
+        """Queue a request; returns its error ending instead when it cannot run.
+
+        A request with a structured-output constraint waits in ``_compiling`` until its
+        grammar is compiled on the compile thread; only then does the scheduler see it."""
         error = self.validate(req)
         if error is None:
             try:
-                self.scheduler.add_request(Request.from_engine_core_request(req))
+                request = Request.from_engine_core_request(req)
+                so = req.sampling_params.structured
+                if so is None:
+                    self.scheduler.add_request(request)
+                    return None
+                if self.runner.skip_compute:
+                    raise ValueError("structured outputs are not available with "
+                                     "--benchmark-skip-compute (its tokens are fake)")
+                if request.request_id in self.scheduler.requests or any(
+                        r.request_id == request.request_id for r, _ in self._compiling):
+                    raise ValueError(f"request id {request.request_id!r} is already in use")
+                if self.structured is None:
+                    self.structured = StructuredOutputs(
+                        self.runner.model_dir, self.vocab_size, list(req.eos_token_ids))
+                self._compiling.append((request, self.structured.submit(so)))
                 return None
             except ValueError as e:  # e.g. a duplicate id: refuse it, never die of it
                 error = str(e)
         return FinishedRequest(req.request_id, FinishReason.ERROR, error=error)
 
+    def _admit_compiled(self, wait: bool) -> dict[int, EngineCoreOutputs]:
+        """Move requests whose grammar is ready into the scheduler; a grammar that failed
+        to compile ends its request with an error. ``wait``: nothing else to do, so block
+        briefly for the first one instead of spinning."""
+        if wait:
+            futures_wait([f for _, f in self._compiling], timeout=0.01,
+                         return_when=FIRST_COMPLETED)
+        out: dict[int, EngineCoreOutputs] = {}
+        still = []
+        for request, future in self._compiling:
+            if not future.done():
+                still.append((request, future))
+                continue
+            try:
+                request.grammar = future.result()
+                self.scheduler.add_request(request)
+                continue
+            except Exception as e:  # noqa: BLE001 - any compile failure ends the request
+                error = str(e) or type(e).__name__
+            outs = out.get(request.client_index)
+            if outs is None:
+                outs = out[request.client_index] = EngineCoreOutputs(self.engine_index)
+                outs.finished = []
+            outs.finished.append(FinishedRequest(request.request_id, FinishReason.ERROR,
+                                                 error=error))
+        self._compiling = still
+        return out
+
     def abort_requests(self, request_ids: list[str]) -> dict[int, EngineCoreOutputs]:
         """Abort; returns each affected front end's outputs announcing the aborts."""
         out: dict[int, EngineCoreOutputs] = {}
-        for req in self.scheduler.abort_requests(request_ids):
+        aborted = list(self.scheduler.abort_requests(request_ids))
+        if self._compiling:
+            gone = set(request_ids)
+            aborted += [r for r, _ in self._compiling if r.request_id in gone]
+            self._compiling = [(r, f) for r, f in self._compiling if r.request_id not in gone]
+        for req in aborted:
             outs = out.get(req.client_index)
             if outs is None:
                 outs = out[req.client_index] = EngineCoreOutputs(self.engine_index)
@@ -111,14 +167,22 @@ class EngineCore:
         """Drop every request of a front end that went away; returns how many."""
         ids = self.scheduler.request_ids_of_client(client_index)
         self.scheduler.abort_requests(ids)
-        return len(ids)
+        held = len(self._compiling)
+        self._compiling = [(r, f) for r, f in self._compiling if r.client_index != client_index]
+        return len(ids) + held - len(self._compiling)
 
     # ---- the loop body ---------------------------------------------------------------
     def has_unfinished_requests(self) -> bool:
         """Requests to run, or a step in flight whose results are not applied yet."""
-        return self._in_flight is not None or self.scheduler.has_unfinished_requests()
+        return (self._in_flight is not None or self.scheduler.has_unfinished_requests()
+                or bool(self._compiling))
 
     def step(self) -> dict[int, EngineCoreOutputs]:
+        if self._compiling:
+            failed = self._admit_compiled(
+                wait=self._in_flight is None and not self.scheduler.has_unfinished_requests())
+            if failed:
+                return failed
         if self._in_flight is None:
             sched = self.scheduler.schedule()
             pending = self.runner.execute_model_async(sched)

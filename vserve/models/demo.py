@@ -51,20 +51,38 @@ MODEL_MAX_LENGTH = 4096
 SEED = 0
 MARKER_FILE = ".vserve-demo-complete"
 # Part of the content hash (which covers this file's source); bump to force a rebuild.
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2
 # Temp build directories older than this are leftovers of a crashed build (a build takes < 1 s).
 _STALE_TMP_SECONDS = 3600.0
 
-# Llama-3 style: bos, then one header + body + <|eot_id|> per message.
+# Llama-3 style: bos, then one header + body + <|eot_id|> per message. With tools: a system
+# block listing them first; assistant tool calls as hermes-style <tool_call> JSON; tool
+# results under a "tool" header (``--tool-call-parser hermes`` reads the calls back).
 CHAT_TEMPLATE = (
     "{{- bos_token }}\n"
-    "{%- for message in messages %}\n"
-    "{%- if message['role'] not in ['system', 'user', 'assistant'] %}\n"
-    "{{- raise_exception('Unsupported role ' + message['role'] + "
-    "'; expected system, user or assistant') }}\n"
+    "{%- if tools %}\n"
+    "{{- '<|start_header_id|>system<|end_header_id|>\\n\\nCall functions as <tool_call>"
+    "{\"name\": ..., \"arguments\": ...}</tool_call>:\\n' }}\n"
+    "{%- for tool in tools %}{{- tool | tojson + '\\n' }}{%- endfor %}\n"
+    "{{- '<|eot_id|>' }}\n"
     "{%- endif %}\n"
+    "{%- for message in messages %}\n"
+    "{%- if message['role'] not in ['system', 'user', 'assistant', 'tool'] %}\n"
+    "{{- raise_exception('Unsupported role ' + message['role'] + "
+    "'; expected system, user, assistant or tool') }}\n"
+    "{%- endif %}\n"
+    "{%- if message['tool_calls'] is defined %}\n"
+    "{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' "
+    "+ (message['content'] or '') | trim }}\n"
+    "{%- for call in message['tool_calls'] %}"
+    "{{- '<tool_call>' + {'name': call['function']['name'], "
+    "'arguments': call['function']['arguments']} | tojson + '</tool_call>' }}"
+    "{%- endfor %}\n"
+    "{{- '<|eot_id|>' }}\n"
+    "{%- else %}\n"
     "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' "
-    "+ message['content'] | trim + '<|eot_id|>' }}\n"
+    "+ (message['content'] or '') | trim + '<|eot_id|>' }}\n"
+    "{%- endif %}\n"
     "{%- endfor %}\n"
     "{%- if add_generation_prompt %}\n"
     "{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}\n"

@@ -10,6 +10,21 @@ import msgspec
 _SAMPLING_EPS = 1e-5
 
 
+class StructuredOutput(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A constraint on a request's whole output, compiled into a grammar by the engine.
+
+    ``kind``: ``json`` (``spec`` is a JSON schema, as JSON text), ``regex``, ``choice``
+    (``spec`` is a JSON list of strings), ``grammar`` (Lark or GBNF/EBNF text). The
+    front end validates it before it reaches an engine (``vserve.structured.grammar``).
+    """
+
+    kind: str
+    spec: str
+
+
+STRUCTURED_KINDS = ("json", "regex", "choice", "grammar")
+
+
 class SamplingParams(
     msgspec.Struct, omit_defaults=True, kw_only=True, dict=False, forbid_unknown_fields=True
 ):
@@ -39,6 +54,7 @@ class SamplingParams(
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
+    structured: StructuredOutput | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -96,6 +112,9 @@ class SamplingParams(
             for t in self.stop_token_ids:
                 if t < 0:
                     raise bad("stop_token_ids", f"has a negative token id {t}")
+        if self.structured is not None and self.structured.kind not in STRUCTURED_KINDS:
+            raise bad("structured", f"kind must be one of {', '.join(STRUCTURED_KINDS)}, got "
+                                    f"{self.structured.kind!r}")
 
     @property
     def greedy(self) -> bool:

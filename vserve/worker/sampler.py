@@ -17,10 +17,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from vserve.core.request import Request
 from vserve.protocol.outputs import Logprobs
+from vserve.structured.matcher import bitmask_width, fill_bitmask
 
 
 @dataclass
@@ -85,6 +87,9 @@ class Sampler:
 
     def _apply_constraints(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
         vocab = logits.shape[1]
+        rows = [i for i, r in enumerate(requests) if r.grammar is not None]
+        if rows:
+            apply_grammar_bitmask(logits, rows, [requests[i].grammar for i in rows])
         for i, req in enumerate(requests):
             p = req.sampling_params
             if p.logit_bias:
@@ -157,11 +162,28 @@ def _argmax(logits: torch.Tensor) -> torch.Tensor:
     return logits.argmax(dim=-1)
 
 
+def apply_grammar_bitmask(logits: torch.Tensor, rows: list[int], matchers: list) -> None:
+    """Set to -inf, in ``logits[rows]``, every token the rows' grammars do not allow next.
+
+    The bitmask is computed on the host (llguidance, in parallel) and expanded to a boolean
+    mask on the logits' device, one upload per step."""
+    vocab = logits.shape[1]
+    width = bitmask_width(vocab)
+    host = np.empty((len(rows), width), dtype=np.int32)
+    fill_bitmask(matchers, host)
+    words = torch.from_numpy(host).to(logits.device, non_blocking=True)
+    shifts = torch.arange(32, device=logits.device, dtype=torch.int32)
+    allowed = ((words.unsqueeze(-1) >> shifts) & 1).view(len(rows), width * 32)[:, :vocab]
+    index = torch.tensor(rows, device=logits.device)
+    logits[index] = logits[index].masked_fill(allowed == 0, float("-inf"))
+
+
 def _constrained(req: Request) -> bool:
     """Whether ``_apply_constraints`` would change this request's row."""
     p = req.sampling_params
     return bool(
-        p.logit_bias
+        req.grammar is not None
+        or p.logit_bias
         or req.num_output_tokens < p.min_tokens
         or p.repetition_penalty != 1.0
         or p.presence_penalty

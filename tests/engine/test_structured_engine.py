@@ -1,0 +1,107 @@
+"""Structured outputs inside the engine core (in process, CPU, the demo model): grammars
+compile off the busy loop and are cached, constrained and unconstrained requests share
+steps (with async scheduling too, which stops chaining only while a constrained row is in
+the batch), a grammar that fails to compile ends its request with an error, and an abort
+while compiling loses nothing."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from typing import Any
+
+import jsonschema
+import pytest
+from tokenizers import Tokenizer
+
+from vserve.config import DeviceConfig, EngineConfig, ModelConfig, SchedulerConfig
+from vserve.engine.core import EngineCore
+from vserve.models.source import resolve_model_dir
+from vserve.protocol.outputs import FinishReason
+from vserve.protocol.requests import EngineCoreRequest
+from vserve.protocol.sampling import SamplingParams, StructuredOutput
+from vserve.structured.grammar import json_schema
+
+EOS = [296]
+SCHEMA = {"type": "object",
+          "properties": {"name": {"type": "string", "maxLength": 6},
+                         "n": {"type": "integer", "minimum": 0, "maximum": 99}},
+          "required": ["name", "n"], "additionalProperties": False}
+
+
+@pytest.fixture(scope="module")
+def demo() -> tuple[EngineCore, Tokenizer]:
+    d = resolve_model_dir("demo")
+    return EngineCore(EngineConfig(model=ModelConfig(model=str(d)),
+                                   device=DeviceConfig(device="cpu"),
+                                   scheduler=SchedulerConfig(async_scheduling=True)), d), \
+        Tokenizer.from_file(str(d / "tokenizer.json"))
+
+
+def _run(core: EngineCore, reqs: dict[str, SamplingParams]) -> dict[str, tuple[list[int], Any]]:
+    for rid, params in reqs.items():
+        assert core.add_request(EngineCoreRequest(rid, [1, 2, 3], params, EOS,
+                                                  time.time())) is None
+    out: dict[str, tuple[list[int], Any]] = {}
+    while core.has_unfinished_requests():
+        for outs in core.step().values():
+            for o in outs.unpack():
+                toks, _ = out.get(o.request_id, ([], None))
+                out[o.request_id] = (toks + list(o.new_token_ids), o.finish_reason)
+    return out
+
+
+def test_constrained_and_free_rows_share_steps(demo: tuple[EngineCore, Tokenizer]) -> None:
+    core, tok = demo
+    specs: dict[str, StructuredOutput | None] = {
+        "json": json_schema(SCHEMA), "regex": StructuredOutput("regex", r"[ab]{2}-\d"),
+        "choice": StructuredOutput("choice", '["yes", "no"]'), "free": None}
+    reqs = {f"{kind}-{seed}": SamplingParams(temperature=1.0, seed=seed, max_tokens=40,
+                                             structured=so)
+            for seed in range(6) for kind, so in specs.items()}
+    compiles = core.structured.compiles if core.structured else 0
+    out = _run(core, reqs)
+    assert set(out) == set(reqs)
+    assert core.structured is not None
+    assert core.structured.compiles - compiles <= 3  # one per distinct grammar, then cached
+    for rid, (toks, finish) in out.items():
+        text = tok.decode(toks)
+        kind = rid.split("-")[0]
+        if kind == "free":
+            continue
+        assert finish == FinishReason.STOP, (rid, text)
+        if kind == "json":
+            jsonschema.validate(json.loads(text), SCHEMA)
+        elif kind == "regex":
+            assert re.fullmatch(r"[ab]{2}-\d", text), text
+        else:
+            assert text in ("yes", "no")
+    # Free rows ran unconstrained next to them, to their length or an EOS.
+    for seed in range(6):
+        toks, finish = out[f"free-{seed}"]
+        assert finish == FinishReason.LENGTH and len(toks) == 40 or toks[-1] in EOS
+
+
+def test_compile_failure_is_an_error_ending(demo: tuple[EngineCore, Tokenizer]) -> None:
+    core, _ = demo
+    out = _run(core, {"bad": SamplingParams(max_tokens=5,
+                                            structured=StructuredOutput("regex", "a(b")),
+                      "good": SamplingParams(max_tokens=3)})
+    assert out["bad"] == ([], FinishReason.ERROR)
+    assert out["good"][1] == FinishReason.LENGTH
+
+
+def test_abort_while_compiling(demo: tuple[EngineCore, Tokenizer]) -> None:
+    core, _ = demo
+    params = SamplingParams(max_tokens=5, structured=json_schema({"type": "object", "properties": {
+        f"p{i}": {"type": "string", "pattern": f"[a-z]{{{i}}}"} for i in range(1, 30)}}))
+    assert core.add_request(EngineCoreRequest("slow", [1, 2], params, EOS, time.time())) is None
+    outs = core.abort_requests(["slow"])
+    assert [f.request_id for o in outs.values() for f in o.finished or []] == ["slow"]
+    assert not core.has_unfinished_requests()
+    assert core.add_request(EngineCoreRequest("slow", [1, 2], params, EOS, time.time())) is None
+    assert core.add_request(EngineCoreRequest("slow", [1, 2], params, EOS, time.time())) \
+        is not None  # a duplicate id is refused while the first compiles
+    while core.has_unfinished_requests():
+        core.step()

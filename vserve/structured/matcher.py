@@ -1,0 +1,114 @@
+"""The engine side of structured outputs: compiling grammars, matching tokens, bitmasks.
+
+``StructuredOutputs`` owns the llguidance tokenizer (built once from the model's
+``tokenizer.json``), a one-thread compile pool and a cache of compiled grammars keyed by
+their text. A request's matcher is a copy of the cached pristine one, so it compiles once
+per distinct schema, on the pool's thread: llguidance drops the GIL while it compiles, so
+the busy loop keeps stepping meanwhile.
+
+Invariants the engine keeps: a constrained request enters the scheduler only once its
+matcher exists (``EngineCore`` holds it until then); every token appended to its output has
+been consumed by its matcher, in order (``Scheduler.update_from_output``), so the next
+bitmask is always computed from the state after the last known token — which is why a step
+with a constrained row never chains behind one in flight (``Sampler.history_free``).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from llguidance import LLExecutor, LLMatcher, LLTokenizer
+
+from vserve.protocol.sampling import StructuredOutput
+from vserve.structured.grammar import grammar_text
+
+logger = logging.getLogger(__name__)
+
+
+def bitmask_width(vocab_size: int) -> int:
+    """int32 words per row of a token bitmask."""
+    return (vocab_size + 31) // 32
+
+
+class StructuredOutputs:
+    """Compiles grammars for one model's tokenizer. ``vocab_size``: the logits' width (may
+    exceed the tokenizer's: padded embeddings), so bitmasks cover every logit."""
+
+    def __init__(self, model_dir: Path, vocab_size: int, eos_token_ids: list[int],
+                 cache_size: int = 256) -> None:
+        self.model_dir = model_dir
+        self.vocab_size = vocab_size
+        self._eos = eos_token_ids
+        self._tokenizer: LLTokenizer | None = None
+        self._lock = threading.Lock()
+        self._cache: dict[str, LLMatcher] = {}
+        self._cache_size = cache_size
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="grammar-compile")
+        self.compile_seconds_total = 0.0
+        self.compiles = 0
+        self.cache_hits = 0
+
+    def tokenizer(self) -> LLTokenizer:
+        """Built on first use (~0.1-1 s for a 128k vocabulary), on the compile thread."""
+        if self._tokenizer is None:
+            path = self.model_dir / "tokenizer.json"
+            if not path.is_file():
+                raise ValueError(f"structured outputs need {path} (a fast tokenizer)")
+            self._tokenizer = LLTokenizer(path.read_text(), n_vocab=self.vocab_size,
+                                          eos_token=self._eos or None)
+        return self._tokenizer
+
+    def submit(self, so: StructuredOutput) -> Future[LLMatcher]:
+        """A fresh matcher for ``so``, compiled (or copied from the cache) on the pool."""
+        return self._pool.submit(self._matcher, so)
+
+    def _matcher(self, so: StructuredOutput) -> LLMatcher:
+        text = grammar_text(so)
+        with self._lock:
+            pristine = self._cache.get(text)
+        if pristine is not None:
+            self.cache_hits += 1
+            return pristine.deep_copy()
+        t0 = time.perf_counter()
+        matcher = LLMatcher(self.tokenizer(), text, log_level=0)
+        if matcher.is_error():
+            raise ValueError(f"the {so.kind} constraint cannot be compiled: "
+                             f"{' '.join(matcher.get_error().split())}")
+        self.compile_seconds_total += time.perf_counter() - t0
+        self.compiles += 1
+        with self._lock:
+            if len(self._cache) >= self._cache_size:
+                self._cache.pop(next(iter(self._cache)))
+            self._cache[text] = matcher
+        return matcher.deep_copy()
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def accept_token(matcher: LLMatcher, token: int) -> bool:
+    """Advance ``matcher`` by the sampled ``token``; True when the grammar is complete (no
+    token but EOS could follow), so the request stops there."""
+    matcher.consume_token(token)
+    return matcher.is_stopped()
+
+
+_EXECUTOR: LLExecutor | None = None
+
+
+def fill_bitmask(matchers: list[LLMatcher], out: np.ndarray) -> None:
+    """Row i of ``out`` (int32 ``[len(matchers), bitmask_width]``) ← the tokens
+    ``matchers[i]`` allows next (bit ``t % 32`` of word ``t // 32``). Rows are computed in
+    parallel, off the GIL."""
+    global _EXECUTOR
+    if _EXECUTOR is None:
+        _EXECUTOR = LLExecutor()
+    assert out.dtype == np.int32 and out.flags["C_CONTIGUOUS"]
+    assert out.shape[0] >= len(matchers)
+    _EXECUTOR.unsafe_compute_mask_ptr([(m, i) for i, m in enumerate(matchers)],
+                                      out.ctypes.data, out.shape[1] * 4, len(matchers))
