@@ -13,6 +13,7 @@ from typing import Any
 
 import jsonschema
 import pytest
+import torch
 from tokenizers import Tokenizer
 
 from vserve.config import DeviceConfig, EngineConfig, ModelConfig, SchedulerConfig
@@ -30,11 +31,15 @@ SCHEMA = {"type": "object",
           "required": ["name", "n"], "additionalProperties": False}
 
 
-@pytest.fixture(scope="module")
-def demo() -> tuple[EngineCore, Tokenizer]:
+@pytest.fixture(scope="module", params=[
+    "cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="needs CUDA")])])
+def demo(request: pytest.FixtureRequest) -> tuple[EngineCore, Tokenizer]:
+    """The engine on CPU, and on CUDA (graphs, masks applied on the device) where there is
+    one."""
     d = resolve_model_dir("demo")
     return EngineCore(EngineConfig(model=ModelConfig(model=str(d)),
-                                   device=DeviceConfig(device="cpu"),
+                                   device=DeviceConfig(device=request.param),
                                    scheduler=SchedulerConfig(async_scheduling=True)), d), \
         Tokenizer.from_file(str(d / "tokenizer.json"))
 

@@ -165,17 +165,24 @@ def _argmax(logits: torch.Tensor) -> torch.Tensor:
 def apply_grammar_bitmask(logits: torch.Tensor, rows: list[int], matchers: list) -> None:
     """Set to -inf, in ``logits[rows]``, every token the rows' grammars do not allow next.
 
-    The bitmask is computed on the host (llguidance, in parallel) and expanded to a boolean
-    mask on the logits' device, one upload per step."""
+    The bitmask is computed on the host (llguidance). On CUDA it goes up as bits (4 bytes
+    per 32 tokens) and is expanded on the device; on CPU it is unpacked with numpy."""
     vocab = logits.shape[1]
     width = bitmask_width(vocab)
     host = np.empty((len(rows), width), dtype=np.int32)
     fill_bitmask(matchers, host)
-    words = torch.from_numpy(host).to(logits.device, non_blocking=True)
-    shifts = torch.arange(32, device=logits.device, dtype=torch.int32)
-    allowed = ((words.unsqueeze(-1) >> shifts) & 1).view(len(rows), width * 32)[:, :vocab]
-    index = torch.tensor(rows, device=logits.device)
-    logits[index] = logits[index].masked_fill(allowed == 0, float("-inf"))
+    if logits.is_cuda:
+        words = torch.from_numpy(host).to(logits.device, non_blocking=True)
+        shifts = torch.arange(32, device=logits.device, dtype=torch.int32)
+        banned = ((words.unsqueeze(-1) >> shifts) & 1).view(len(rows), width * 32)[:, :vocab] == 0
+    else:
+        bits = np.unpackbits(host.view(np.uint8), axis=1, bitorder="little")[:, :vocab]
+        banned = torch.from_numpy(bits == 0)
+    if len(rows) == logits.shape[0]:
+        logits.masked_fill_(banned, float("-inf"))
+    else:
+        index = torch.tensor(rows, device=logits.device)
+        logits[index] = logits[index].masked_fill(banned, float("-inf"))
 
 
 def _constrained(req: Request) -> bool:

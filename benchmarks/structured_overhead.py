@@ -1,0 +1,206 @@
+"""What structured outputs cost: grammar compile time, and decode throughput with every row
+constrained against the same batch unconstrained, side by side in one process.
+
+    python benchmarks/structured_overhead.py --batch 1,64,256            # GPU: 1B shape
+    python benchmarks/structured_overhead.py --model demo --batch 1,16   # CPU: demo model
+
+The token mask's cost grows with the vocabulary, so the GPU run pairs the Llama-3.2-1B-shaped
+checkpoint of ``gpu_serving.py`` with a synthetic byte-level BPE tokenizer of the same size
+(128,256 ids: random merges of existing tokens, lengths like a real vocabulary's) instead of
+the demo tokenizer's 300 ids. Nothing is downloaded.
+
+Constrained rows follow ``{"text": string of 4000 characters}``: the string keeps the
+grammar open for every measured token (a mask per token, almost every token allowed but the
+quote-breaking ones). Rows sample at temperature 1 with ``ignore_eos``; the unconstrained
+baselines are the same requests at temperature 1 and greedy (whose argmax runs inside the
+CUDA graph). Reported per batch: output tokens/s of each and the loss of the constrained run
+against each baseline. Compile: a 20-property schema, cold (first compile, and separately
+the tokenizer's conversion) and cached (a copy of the compiled grammar).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+TWENTY_PROPERTIES = {
+    "type": "object",
+    "properties": {
+        **{f"s{i}": {"type": "string", "maxLength": 32} for i in range(6)},
+        **{f"i{i}": {"type": "integer", "minimum": 0, "maximum": 10000} for i in range(4)},
+        **{f"b{i}": {"type": "boolean"} for i in range(3)},
+        "when": {"type": "string", "format": "date-time"},
+        "email": {"type": "string", "format": "email"},
+        "kind": {"enum": ["a", "b", "c", "d"]},
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 10}, "maxItems": 5},
+        "point": {"type": "object", "properties": {"x": {"type": "number"},
+                                                   "y": {"type": "number"}},
+                  "required": ["x", "y"]},
+        "ratio": {"type": "number", "minimum": 0, "maximum": 1},
+        "note": {"anyOf": [{"type": "string"}, {"type": "null"}]},
+    },
+    "required": ["s0", "i0", "b0", "kind", "point"],
+}
+LONG_TEXT = {"type": "object", "properties": {"text": {"type": "string", "minLength": 4000,
+                                                      "maxLength": 4000}},
+             "required": ["text"]}
+
+
+def synthetic_tokenizer(directory: Path, vocab_size: int, seed: int = 0) -> None:
+    """A byte-level BPE ``tokenizer.json`` of ``vocab_size`` ids: 256 byte tokens, random
+    merges of existing tokens (up to 16 bytes long), and an EOS at the last id."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    from vserve.models.demo import _byte_alphabet
+
+    rng = random.Random(seed)
+    alphabet = _byte_alphabet()
+    common = [alphabet[b] for b in b"etaoinshrdlucmfwypvbgkqjxz ETAOINS.,"]
+    vocab = {ch: i for i, ch in enumerate(alphabet)}
+    tokens = list(alphabet)
+    merges: list[tuple[str, str]] = []
+    short = common[:]
+    while len(tokens) < vocab_size - 1:
+        a = rng.choice(short if rng.random() < 0.7 else tokens)
+        b = rng.choice(common if rng.random() < 0.8 else tokens)
+        merged = a + b
+        if merged in vocab or len(merged) > 16:
+            continue
+        vocab[merged] = len(tokens)
+        tokens.append(merged)
+        merges.append((a, b))
+        if len(merged) <= 4:
+            short.append(merged)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(["<|eos|>"])
+    tok.save(str(directory / "tokenizer.json"))
+
+
+def compile_times(model_dir: Path, vocab: int, eos: int) -> dict[str, float]:
+    from vserve.structured.grammar import json_schema
+    from vserve.structured.matcher import StructuredOutputs
+
+    so = StructuredOutputs(model_dir, vocab, [eos])
+    t0 = time.perf_counter()
+    so.tokenizer()
+    tokenizer_s = time.perf_counter() - t0
+    spec = json_schema(TWENTY_PROPERTIES)
+    t0 = time.perf_counter()
+    so.submit(spec).result()
+    cold = time.perf_counter() - t0
+    cached = []
+    for _ in range(20):
+        t0 = time.perf_counter()
+        so.submit(spec).result()
+        cached.append(time.perf_counter() - t0)
+    so.shutdown()
+    return {"tokenizer_conversion_ms": tokenizer_s * 1e3, "compile_cold_ms": cold * 1e3,
+            "compile_cached_ms_median": sorted(cached)[len(cached) // 2] * 1e3}
+
+
+def decode_rate(core: Any, batch: int, tokens: int, constrained: bool, greedy: bool,
+                eos: int) -> float:
+    from vserve.protocol.requests import EngineCoreRequest
+    from vserve.protocol.sampling import SamplingParams
+    from vserve.structured.grammar import json_schema
+
+    rng = random.Random(batch)
+    so = json_schema(LONG_TEXT) if constrained else None
+    for i in range(batch):
+        params = SamplingParams(temperature=0.0 if greedy else 1.0, seed=i, max_tokens=tokens,
+                                ignore_eos=True, structured=so)
+        prompt = [rng.randrange(300) for _ in range(32)]
+        core.add_request(EngineCoreRequest(f"b{batch}-{constrained}-{greedy}-{i}-{time.time()}",
+                                           prompt, params, [eos], time.time()))
+    # Wait out compiles and prefill, then time the decode steps.
+    produced, t0 = 0, None
+    while core.has_unfinished_requests():
+        outs = core.step()
+        n = sum(len(o.token_ids) for o in outs.values())
+        if t0 is None and n >= batch:  # the first token of every row is out
+            t0, produced = time.perf_counter(), 0
+            continue
+        produced += n
+    _sync()
+    assert t0 is not None
+    return produced / (time.perf_counter() - t0)
+
+
+def _sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="llama1b", help="llama1b (GPU) or demo")
+    p.add_argument("--batch", default="1,64,256")
+    p.add_argument("--tokens", type=int, default=128, help="output tokens per request")
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    import torch
+
+    from vserve.config import (
+        CacheConfig,
+        DeviceConfig,
+        EngineConfig,
+        ModelConfig,
+        SchedulerConfig,
+    )
+    from vserve.engine.core import EngineCore
+    from vserve.models.source import resolve_model_dir
+
+    if args.model == "demo":
+        model_dir = resolve_model_dir("demo")
+        vocab, eos = 320, 296
+        tmp = Path(tempfile.mkdtemp(prefix="vserve-so-"))
+    else:
+        from gpu_serving import make_model
+
+        tmp = Path(tempfile.mkdtemp(prefix="vserve-so-"))
+        model_dir, _ = make_model(tmp / "llama1b")
+        vocab = 128256
+        synthetic_tokenizer(model_dir, vocab)
+        eos = vocab - 1
+    result: dict[str, Any] = {"device": torch.cuda.get_device_name() if torch.cuda.is_available()
+                              else "cpu", "model": args.model}
+    result["compile"] = compile_times(model_dir, vocab, eos)
+    print(json.dumps(result["compile"]), flush=True)
+    batches = [int(b) for b in args.batch.split(",") if b]
+    core = EngineCore(EngineConfig(
+        model=ModelConfig(model=str(model_dir), max_model_len=1024),
+        cache=CacheConfig(gpu_memory_utilization=0.85),
+        scheduler=SchedulerConfig(max_num_seqs=max(batches)),
+        device=DeviceConfig()), model_dir)
+    decode_rate(core, min(batches), 8, True, False, eos)  # warm-up: compiles, kernels
+    rows = []
+    for b in batches:
+        free = decode_rate(core, b, args.tokens, False, False, eos)
+        greedy = decode_rate(core, b, args.tokens, False, True, eos)
+        constrained = decode_rate(core, b, args.tokens, True, False, eos)
+        row = {"batch": b, "unconstrained_sampled_tok_s": free,
+               "unconstrained_greedy_tok_s": greedy, "constrained_tok_s": constrained,
+               "loss_vs_sampled_pct": 100 * (1 - constrained / free),
+               "loss_vs_greedy_pct": 100 * (1 - constrained / greedy)}
+        rows.append(row)
+        print(json.dumps({k: round(v, 1) if isinstance(v, float) else v
+                          for k, v in row.items()}), flush=True)
+    result["decode"] = rows
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
