@@ -66,8 +66,10 @@ class StructuredOutputs:
             # cannot be named to llguidance.
             known = Tokenizer.from_str(text).get_vocab_size(with_added_tokens=True)
             eos = [t for t in self._eos if t < known]
+            # One EOS id (older llguidance takes no list); the others stop the request
+            # through the scheduler's own EOS check as usual.
             self._tokenizer = LLTokenizer(text, n_vocab=self.vocab_size,
-                                          eos_token=eos or None)
+                                          eos_token=eos[0] if eos else None)
         return self._tokenizer
 
     def submit(self, so: StructuredOutput) -> Future[LLMatcher]:
