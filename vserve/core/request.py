@@ -67,7 +67,6 @@ class Request:
         # Structured outputs: the llguidance matcher that has consumed every output token so
         # far (``vserve.structured.matcher``); None for an unconstrained request.
         self.grammar: Any = None
-        self.grammar_mask: Any = None  # its next bitmask, being computed (PendingMask)
         self.num_computed_tokens = 0
         self.num_cached_tokens = -1  # prefix-cache hit length at first schedule; -1 before
         self.num_preemptions = 0

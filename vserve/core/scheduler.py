@@ -30,7 +30,7 @@ from vserve.protocol.outputs import (
     RequestTiming,
     SchedulerStats,
 )
-from vserve.structured.matcher import accept_token, settle_mask
+from vserve.structured.matcher import accept_token
 
 _STOPPED = RequestStatus.FINISHED_STOPPED
 _LENGTH = RequestStatus.FINISHED_LENGTH
@@ -405,8 +405,6 @@ class Scheduler:
                 client.request_ids.append(rid)
                 client.token_ids.append(token)
                 status = self._check_stop(request, token, len(request.output_token_ids))
-                if request.grammar is not None:
-                    settle_mask(request)
                 if request.grammar is not None and accept_token(request.grammar, token) \
                         and status is None:
                     # The grammar is complete: nothing but EOS could follow.

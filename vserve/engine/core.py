@@ -193,12 +193,7 @@ class EngineCore:
             chained = self.scheduler.schedule_chained(sched)
             if chained is not None:
                 self._in_flight = (chained, self.runner.execute_model_async(chained, pending))
-        outputs = self.scheduler.update_from_output(sched, pending.result())
-        if self.structured is not None and self._in_flight is None and self.runner.is_cuda:
-            # The next masks overlap the next step's scheduling and forward pass (on CPU
-            # the forward needs the cores the mask thread would take).
-            self.structured.prefetch_masks(self.scheduler.running)
-        return outputs
+        return self.scheduler.update_from_output(sched, pending.result())
 
     def stats(self) -> SchedulerStats:
         return self.scheduler.get_stats()

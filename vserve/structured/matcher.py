@@ -21,7 +21,6 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, NamedTuple
 
 import numpy as np
 from llguidance import LLExecutor, LLMatcher, LLTokenizer
@@ -52,7 +51,6 @@ class StructuredOutputs:
         self._cache: dict[str, LLMatcher] = {}
         self._cache_size = cache_size
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="grammar-compile")
-        self._mask_pool = ThreadPoolExecutor(1, thread_name_prefix="grammar-mask")
         self.compile_seconds_total = 0.0
         self.compiles = 0
         self.cache_hits = 0
@@ -98,54 +96,8 @@ class StructuredOutputs:
             self._cache[text] = matcher
         return matcher.deep_copy()
 
-    def prefetch_masks(self, requests: list[Any]) -> None:
-        """Start computing, off the GIL on a worker thread, the next bitmask of every
-        constrained request in ``requests`` (the running ones, right after their tokens
-        were consumed), so that it overlaps the next step's scheduling, input preparation
-        and forward pass; the sampler picks it up (``take_masks``)."""
-        rows = [r for r in requests if r.grammar is not None]
-        if not rows:
-            return
-        buf = np.empty((len(rows), bitmask_width(self.vocab_size)), dtype=np.int32)
-        future = self._mask_pool.submit(fill_bitmask, [r.grammar for r in rows], buf)
-        for i, r in enumerate(rows):
-            r.grammar_mask = PendingMask(r.num_output_tokens, future, buf, i)
-
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
-        self._mask_pool.shutdown(wait=False, cancel_futures=True)
-
-
-class PendingMask(NamedTuple):
-    """A request's next bitmask being computed: row ``row`` of ``buf`` once ``future`` is
-    done, valid while the request has ``num_output`` output tokens."""
-
-    num_output: int
-    future: Future[None]
-    buf: np.ndarray
-    row: int
-
-
-def take_masks(requests: list[Any], out: np.ndarray) -> bool:
-    """Fill ``out`` with the prefetched masks of ``requests`` when every one has a valid
-    one (waiting for them); False (``out`` untouched) otherwise."""
-    pending = [r.grammar_mask for r in requests]
-    if any(p is None or p.num_output != r.num_output_tokens
-           for p, r in zip(pending, requests, strict=True)):
-        return False
-    for p in pending:
-        p.future.result()
-    for i, p in enumerate(pending):
-        out[i] = p.buf[p.row]
-    return True
-
-
-def settle_mask(request: Any) -> None:
-    """Before ``request``'s matcher moves on: wait for a mask still being computed from it."""
-    pending = request.grammar_mask
-    if pending is not None:
-        pending.future.result()
-        request.grammar_mask = None
 
 
 def accept_token(matcher: LLMatcher, token: int) -> bool:

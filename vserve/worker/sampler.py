@@ -22,7 +22,7 @@ import torch
 
 from vserve.core.request import Request
 from vserve.protocol.outputs import Logprobs
-from vserve.structured.matcher import bitmask_width, fill_bitmask, take_masks
+from vserve.structured.matcher import bitmask_width, fill_bitmask
 
 
 @dataclass
@@ -89,7 +89,7 @@ class Sampler:
         vocab = logits.shape[1]
         rows = [i for i, r in enumerate(requests) if r.grammar is not None]
         if rows:
-            apply_grammar_bitmask(logits, rows, [requests[i] for i in rows])
+            apply_grammar_bitmask(logits, rows, [requests[i].grammar for i in rows])
         for i, req in enumerate(requests):
             p = req.sampling_params
             if p.logit_bias:
@@ -162,20 +162,15 @@ def _argmax(logits: torch.Tensor) -> torch.Tensor:
     return logits.argmax(dim=-1)
 
 
-def apply_grammar_bitmask(logits: torch.Tensor, rows: list[int],
-                          requests: list[Request]) -> None:
-    """Set to -inf, in ``logits[rows]``, every token the grammars of ``requests`` (one per
-    row) do not allow next.
+def apply_grammar_bitmask(logits: torch.Tensor, rows: list[int], matchers: list) -> None:
+    """Set to -inf, in ``logits[rows]``, every token the rows' grammars do not allow next.
 
-    The bitmask is computed on the host (llguidance): usually already, while this step was
-    scheduled and run (``StructuredOutputs.prefetch_masks``), else now. On CUDA it goes up
-    as bits (4 bytes per 32 tokens) and is expanded on the device; on CPU it is unpacked
-    with numpy."""
+    The bitmask is computed on the host (llguidance). On CUDA it goes up as bits (4 bytes
+    per 32 tokens) and is expanded on the device; on CPU it is unpacked with numpy."""
     vocab = logits.shape[1]
     width = bitmask_width(vocab)
     host = np.empty((len(rows), width), dtype=np.int32)
-    if not take_masks(requests, host):
-        fill_bitmask([r.grammar for r in requests], host)
+    fill_bitmask(matchers, host)
     if logits.is_cuda:
         words = torch.from_numpy(host).to(logits.device, non_blocking=True)
         shifts = torch.arange(32, device=logits.device, dtype=torch.int32)
