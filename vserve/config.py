@@ -154,6 +154,10 @@ class SchedulerConfig:
 class DeviceConfig:
     device: Device = option("auto", help="auto: cuda when available, else cpu")
     enforce_eager: bool = option(False, help="CUDA: no CUDA graphs")
+    cpu_threads: int | None = option(
+        None, help="torch CPU threads of each engine (default: $OMP_NUM_THREADS when set, "
+                   "else the CPUs this node lets the server use — affinity and cgroup quota "
+                   "— less one for the front end, divided among its engines)")
     mixed_step_graphs: bool = option(
         True, help="CUDA: also replay CUDA graphs for steps holding prompt chunks (up to "
                    "2048 tokens), not only for pure decode steps")
@@ -163,6 +167,8 @@ class DeviceConfig:
 
     def __post_init__(self) -> None:
         _check_choice(self, "device")
+        if self.cpu_threads is not None and self.cpu_threads < 1:
+            raise ValueError("cpu_threads must be at least 1")
 
 
 @dataclass(frozen=True)

@@ -70,3 +70,10 @@ def pdl_enabled() -> bool:
 
 def prometheus_multiproc_dir() -> str | None:
     return os.environ.get(PROMETHEUS_MULTIPROC_DIR) or None
+
+
+def omp_num_threads() -> int | None:
+    """``$OMP_NUM_THREADS`` when set to a positive integer: the user sized torch's CPU
+    threads themselves, and engines keep that instead of sizing them."""
+    value = os.environ.get("OMP_NUM_THREADS", "").strip()
+    return int(value) if value.isdigit() and int(value) > 0 else None

@@ -17,6 +17,7 @@ DEMO_BUILDER_MODULE = "vserve.models.demo"
 
 API_SERVER_INDEX_FLAG = "--index"
 ENGINE_INDEX_FLAG = "--engine-index"
+LOCAL_ENGINES_FLAG = "--local-engines"  # an engine's: how many engines share its node
 CLUSTER_KEY_FLAG = "--cluster-key-file"  # an engine's: multi-node links are authenticated
 
 _ROLES = ((API_SERVER_MODULE, "api_server", API_SERVER_INDEX_FLAG),

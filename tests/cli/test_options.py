@@ -27,7 +27,7 @@ def parse(*argv: str) -> ServeConfig:
 
 
 def test_defaults_match_the_declarations() -> None:
-    assert parse() == ServeConfig()
+    assert parse("demo") == ServeConfig()
 
 
 def test_every_option_has_help_and_a_flag() -> None:
@@ -65,7 +65,12 @@ def test_flags_reach_the_typed_config() -> None:
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--dtype", "float64"], "invalid choice"),
+    (["demo", "--dtype", "float64"], "invalid choice"),
+    # The model is required: an option taking several values cannot swallow it silently
+    # (this used to serve the demo model with "/some/model" as a second API key).
+    (["--api-key", "k1", "/some/model"], "the following arguments are required: MODEL"),
+    (["--served-model-name", "a", "b"], "the following arguments are required: MODEL"),
+    ([], "the following arguments are required: MODEL"),
     (["--kv-cache-memory", "lots"], "not a size: 'lots'"),
     (["--tensor-parallel-size", "2"], "unrecognized arguments: --tensor-parallel-size"),
     (["--max-num-seqs", "x"], "invalid int value"),
@@ -79,7 +84,7 @@ def test_bad_flags_are_refused_by_name(argv: list[str], message: str) -> None:
 
 def test_validation_runs_on_cli_values_too() -> None:
     with pytest.raises(ValueError, match="block_size must be a power of two"):
-        parse("--block-size", "3")
+        parse("demo", "--block-size", "3")
     with pytest.raises(ValueError, match="scheduling_policy"):
         EngineConfig.from_options(scheduling_policy="lifo")
 
@@ -111,3 +116,23 @@ def test_sizes() -> None:
     with pytest.raises(ValueError):
         parse_size("4 parsecs")
     assert format_size(1 << 30) == "1GiB" and format_size(1000) == "1000"
+
+
+def test_every_bench_option_has_help_and_its_default_shows() -> None:
+    from vserve.bench.cli import add_bench_args
+
+    root = argparse.ArgumentParser()
+    add_bench_args(root)
+    sub = next(a for a in root._actions if isinstance(a, argparse._SubParsersAction))
+    bench = sub.choices["serve"]
+    text = " ".join(bench.format_help().split())
+    for action in bench._actions:
+        if action.dest == "help":
+            continue
+        assert action.help, f"--{action.dest} has no help"
+        if action.default not in (None, False, [], argparse.SUPPRESS):
+            assert f"(default: {action.default})" in text or "default" in action.help, \
+                action.dest
+    proc = subprocess.run([sys.executable, "-m", "vserve.cli.main", "serve", "--help"],
+                          capture_output=True, text=True, timeout=60)
+    assert "(default: 8000)" in proc.stdout and "MODEL" in proc.stdout

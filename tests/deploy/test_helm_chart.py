@@ -362,6 +362,15 @@ def test_args_from_values(rendered: tuple[str, list[dict[str, Any]]]) -> None:
     assert srv["tensorParallelSize"] == 1 and "--tensor-parallel-size" not in c["args"]
     assert arg(c, "--host") == "0.0.0.0"
     assert all(isinstance(a, str) for a in c["args"])
+    # torch threads per engine: the CPU request's whole CPUs less one, shared by the engines.
+    request = str((values.get("resources") or {}).get("requests", {}).get("cpu", ""))
+    if srv.get("cpuThreads"):
+        assert arg(c, "--cpu-threads") == str(srv["cpuThreads"])
+    elif request:
+        cpus = int(request[:-1]) // 1000 if request.endswith("m") else int(float(request))
+        assert arg(c, "--cpu-threads") == str(max(1, (cpus - 1) // srv["dataParallelSize"]))
+    else:
+        assert "--cpu-threads" not in c["args"]
     for extra in srv["extraArgs"]:
         assert str(extra) in c["args"]
     storage = values["model"]["storage"]
@@ -578,3 +587,16 @@ def test_grace_period_is_computed_from_the_shutdown_timeout(helm: str, tmp_path:
     no_prestop = render(helm, "-f", write_values(tmp_path, {"preStopSleepSeconds": 0}))
     assert "lifecycle" not in vserve_container(no_prestop)
     assert server_pod(no_prestop)["spec"]["terminationGracePeriodSeconds"] == 30 + 15
+
+
+@pytest.mark.parametrize("sets,expected", [
+    (["resources.requests.cpu=2500m"], "1"),
+    (["resources.requests.cpu=16", "server.dataParallelSize=3"], "5"),
+    (["resources.requests.cpu=1"], "1"),
+    (["resources.requests.cpu=8", "server.cpuThreads=6"], "6"),
+    (["resources=null"], None),
+])
+def test_cpu_threads_follow_the_cpu_request(helm: str, sets: list[str],
+                                            expected: str | None) -> None:
+    args = [a for s in sets for a in ("--set", s)]
+    assert arg(vserve_container(render(helm, *args)), "--cpu-threads") == expected

@@ -15,10 +15,21 @@ def _rate(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a rate: {text!r} (a number or 'inf')") from None
 
 
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's default in its help, except where the help says it already."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        return super()._get_help_string(action)
+
+
 def add_bench_args(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="bench_command", required=True)
     s = sub.add_parser(
         "serve", help="load-test an OpenAI-compatible server",
+        formatter_class=_DefaultsFormatter,
         description="Load-test an OpenAI-compatible server (vserve or another) and report "
                     "throughput and TTFT/TPOT/ITL/end-to-end latency percentiles.")
     add_bench_serve_args(s)
@@ -28,11 +39,13 @@ def add_bench_serve_args(s: argparse.ArgumentParser) -> None:
     t = s.add_argument_group("target")
     t.add_argument("--base-url", default="http://127.0.0.1:8000",
                    help="the server: http(s)://host:port or unix:/path/to.sock")
-    t.add_argument("--endpoint-type", choices=["completions", "chat"], default="completions")
+    t.add_argument("--endpoint-type", choices=["completions", "chat"], default="completions",
+                   help="which OpenAI API to call")
     t.add_argument("--endpoint", default=None,
                    help="path (default /v1/completions or /v1/chat/completions)")
     t.add_argument("--model", default=None, help="default: the first of /v1/models")
-    t.add_argument("--stream", action=argparse.BooleanOptionalAction, default=False)
+    t.add_argument("--stream", action=argparse.BooleanOptionalAction, default=False,
+                   help="stream the responses (TTFT, TPOT and ITL need it)")
     t.add_argument("--include-usage", action=argparse.BooleanOptionalAction, default=True,
                    help="streaming: ask for stream_options.include_usage (token counts)")
     t.add_argument("--extra-body", default="{}",
@@ -43,10 +56,11 @@ def add_bench_serve_args(s: argparse.ArgumentParser) -> None:
     t.add_argument("--api-key", default=None,
                    help="sent as 'Authorization: Bearer KEY' (default: $VSERVE_API_KEY, else "
                         "$OPENAI_API_KEY)")
-    t.add_argument("--header", action="append", default=[], metavar="NAME:VALUE")
+    t.add_argument("--header", action="append", default=[], metavar="NAME:VALUE",
+                   help="an extra HTTP header (repeat for more)")
     t.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
     d = s.add_argument_group("prompts")
-    d.add_argument("--num-prompts", type=int, default=1000)
+    d.add_argument("--num-prompts", type=int, default=1000, help="requests in the timed run")
     d.add_argument("--input-len", type=int, default=128,
                    help="random prompts: prompt tokens (as counted in usage.prompt_tokens)")
     d.add_argument("--output-len", type=int, default=128,
@@ -72,7 +86,8 @@ def add_bench_serve_args(s: argparse.ArgumentParser) -> None:
                     help="requests/s (Poisson arrivals), or inf: all at once")
     ld.add_argument("--burstiness", type=float, default=1.0,
                     help="gamma shape of the arrival gaps (1: Poisson; <1 burstier)")
-    ld.add_argument("--max-concurrency", type=int, default=None)
+    ld.add_argument("--max-concurrency", type=int, default=None,
+                    help="requests in flight at most (default: no limit)")
     ld.add_argument("--num-warmups", type=int, default=0,
                     help="requests sent (and checked) before the timed run")
     ld.add_argument("--num-clients", type=int, default=1,
@@ -83,9 +98,10 @@ def add_bench_serve_args(s: argparse.ArgumentParser) -> None:
                    help="include every request's timings in the JSON")
     o.add_argument("--plot", default=None, metavar="PNG",
                    help="draw latency distributions and throughput over time (matplotlib)")
-    o.add_argument("--metric-percentiles", default="50,90,99")
-    o.add_argument("--label", default=None)
-    o.add_argument("--disable-tqdm", action="store_true")
+    o.add_argument("--metric-percentiles", default="50,90,99",
+                   help="percentiles reported for every latency")
+    o.add_argument("--label", default=None, help="a name for this run in the JSON and plot")
+    o.add_argument("--disable-tqdm", action="store_true", help="no progress bar")
     o.add_argument("--quiet", action="store_true", help="no summary table on stdout")
 
 

@@ -85,11 +85,16 @@ def add_config_args(parser: argparse.ArgumentParser, config_cls: type = ServeCon
         default = (f.default_factory() if f.default_factory is not dataclasses.MISSING
                    else f.default)
         help_text = meta.get("help", "")
+        if meta.get("positional"):
+            # Required, never defaulted: an option taking several values (--api-key,
+            # --served-model-name, --allowed-*) placed before it would otherwise swallow
+            # it and the server would start on the default instead.
+            group.add_argument(f.name, metavar=f.name.upper(),
+                               help=help_text + " (required; put it first: options that take "
+                                                "several values would swallow it)")
+            continue
         if "default:" not in help_text:  # some say what an unset default means themselves
             help_text += f" (default: {_default_text(f)})"
-        if meta.get("positional"):
-            group.add_argument(f.name, nargs="?", default=default, help=help_text)
-            continue
         flags = list(meta.get("flags") or ()) or ["--" + f.name.replace("_", "-")]
         kwargs: dict[str, Any] = {"dest": f.name, "default": default, "help": help_text}
         scalar = _scalar_type(tp)

@@ -31,6 +31,7 @@ import zmq
 from vserve import envs
 from vserve.cluster_key import ClusterKey, ClusterKeyError, secure_context
 from vserve.config import EngineConfig
+from vserve.launch.cpus import engine_cpu_threads, usable_cpus
 from vserve.launch.lifetime import (
     exit_when_parent_dies,
     flush_and_exit,
@@ -60,7 +61,7 @@ from vserve.protocol.requests import (
     GetStats,
     engine_identity,
 )
-from vserve.roles import CLUSTER_KEY_FLAG, ENGINE_INDEX_FLAG, engine_name
+from vserve.roles import CLUSTER_KEY_FLAG, ENGINE_INDEX_FLAG, LOCAL_ENGINES_FLAG, engine_name
 
 logger = get_logger(__name__)
 # What peers send may be garbage, at any rate: warned about at most every 10 s.
@@ -287,8 +288,32 @@ class EngineCoreProc:
             self._output_thread.join(timeout=5)
 
 
+def size_cpu_threads(config: EngineConfig, local_engines: int) -> None:
+    """Give torch this engine's share of the node's CPUs (``launch.cpus``), unless
+    ``--cpu-threads`` or ``$OMP_NUM_THREADS`` says otherwise. Before any torch work: the
+    inter-op pool can only be sized first."""
+    import torch
+
+    threads = config.device.cpu_threads
+    source = "--cpu-threads"
+    if threads is None and envs.omp_num_threads() is not None:
+        threads, source = envs.omp_num_threads(), "$OMP_NUM_THREADS"
+    if threads is None:
+        cpus = usable_cpus()
+        threads = engine_cpu_threads(local_engines, cpus)
+        source = (f"{cpus} usable CPU{'s' if cpus != 1 else ''} less one for the front end, "
+                  f"{local_engines} engine{'s' if local_engines != 1 else ''} on this node")
+    torch.set_num_threads(threads)
+    try:
+        torch.set_num_interop_threads(min(threads, 2))
+    except RuntimeError:  # already sized (an earlier engine in this process, tests)
+        pass
+    logger.info("CPU threads: %d (%s)", threads, source)
+
+
 def run_engine(handshake_addr: str, engine_index: int, model_dir: str | None = None,
-               supervised: bool = False, cluster_key_file: str | None = None) -> int:
+               supervised: bool = False, cluster_key_file: str | None = None,
+               local_engines: int = 1) -> int:
     """``model_dir`` overrides the head's path (a headless node resolves its own copy).
 
     ``supervised``: started by ``vserve serve``, whose supervisor orders the shutdown
@@ -325,6 +350,7 @@ def run_engine(handshake_addr: str, engine_index: int, model_dir: str | None = N
         from vserve.engine.core import EngineCore
 
         config = EngineConfig.from_msgpack(info.config)
+        size_cpu_threads(config, local_engines)
         core = EngineCore(config, Path(model_dir or info.model_dir), engine_index)
         proc = EngineCoreProc(core, info, ctx, hs)
     except BaseException as e:  # noqa: BLE001 - reported to the supervisor, then exit
@@ -353,11 +379,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(ENGINE_INDEX_FLAG, dest="engine_index", type=int, default=0)
     parser.add_argument("--model-dir", default=None)
     parser.add_argument(CLUSTER_KEY_FLAG, dest="cluster_key_file", default=None)
+    parser.add_argument(LOCAL_ENGINES_FLAG, dest="local_engines", type=int, default=1)
     parser.add_argument("--supervised", action="store_true",
                         help="started by vserve serve: ignore SIGTERM (see run_engine)")
     args = parser.parse_args(argv)
     sys.exit(run_engine(args.handshake, args.engine_index, args.model_dir, args.supervised,
-                        args.cluster_key_file))
+                        args.cluster_key_file, args.local_engines))
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ from vserve.roles import (
     CLUSTER_KEY_FLAG,
     ENGINE_INDEX_FLAG,
     ENGINE_MODULE,
+    LOCAL_ENGINES_FLAG,
     child_command,
     engine_name,
 )
@@ -109,7 +110,8 @@ class EngineLauncher:
             self._start(rank)
 
     def _start(self, rank: int) -> None:
-        args = ["--handshake", self.handshake_addr, ENGINE_INDEX_FLAG, str(rank)]
+        args = ["--handshake", self.handshake_addr, ENGINE_INDEX_FLAG, str(rank),
+                LOCAL_ENGINES_FLAG, str(len(self.engine_ranks))]
         if self.cluster_key_file:
             args += [CLUSTER_KEY_FLAG, self.cluster_key_file]
         cmd = child_command(ENGINE_MODULE, [*args, "--supervised"] if self.supervised

@@ -24,7 +24,13 @@ from vserve.launch.lifetime import spawn_child
 from vserve.logging_utils import get_logger
 from vserve.protocol import encode
 from vserve.protocol.control import ENGINE_EXIT_REPLACE, RemoteEngineExited
-from vserve.roles import CLUSTER_KEY_FLAG, ENGINE_INDEX_FLAG, ENGINE_MODULE, engine_name
+from vserve.roles import (
+    CLUSTER_KEY_FLAG,
+    ENGINE_INDEX_FLAG,
+    ENGINE_MODULE,
+    LOCAL_ENGINES_FLAG,
+    engine_name,
+)
 
 logger = get_logger(__name__)
 
@@ -44,7 +50,7 @@ class HeadlessNode:
 
     def _start(self, rank: int) -> None:
         args = ["--handshake", self.handshake_addr, ENGINE_INDEX_FLAG, str(rank),
-                "--model-dir", str(self.model_dir)]
+                LOCAL_ENGINES_FLAG, str(len(self.ranks)), "--model-dir", str(self.model_dir)]
         if self.cluster_key_file:
             args += [CLUSTER_KEY_FLAG, self.cluster_key_file]
         self.procs[rank] = spawn_child(ENGINE_MODULE, args, engine_name(rank))

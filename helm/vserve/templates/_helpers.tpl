@@ -87,7 +87,7 @@ app.kubernetes.io/part-of: vserve
 {{- if ne (int $v.server.tensorParallelSize) 1 -}}
 {{- fail (printf "server.tensorParallelSize=%v: vserve has no tensor parallelism yet (tensor parallel size 1 only); scale with server.dataParallelSize instead" $v.server.tensorParallelSize) -}}
 {{- end -}}
-{{- $managed := list "--host" "--port" "--uds" "--api-server-count" "-asc" "--data-parallel-size" "-dp" "--shutdown-timeout" "--served-model-name" "--headless" -}}
+{{- $managed := list "--host" "--port" "--uds" "--api-server-count" "-asc" "--data-parallel-size" "-dp" "--shutdown-timeout" "--served-model-name" "--headless" "--cpu-threads" -}}
 {{- range $v.server.extraArgs -}}
 {{- $flag := regexReplaceAll "=.*$" (toString .) "" -}}
 {{- if has $flag $managed -}}
@@ -133,3 +133,25 @@ app.kubernetes.io/part-of: vserve
 {{- $m := .Values.podDisruptionBudget.minAvailable -}}
 {{- if and (not (kindIs "invalid" $m)) (ne (toString $m) "") -}}{{ $m }}{{- end -}}
 {{- end }}
+
+{{/*
+torch CPU threads per engine: server.cpuThreads, else the whole CPUs of
+resources.requests.cpu ("2", 2, "2500m") less one, divided among the engines (at least 1);
+empty when neither is set (the engine then sizes itself from its cgroup and affinity).
+*/}}
+{{- define "vserve.cpuThreads" -}}
+{{- if .Values.server.cpuThreads -}}
+{{- .Values.server.cpuThreads -}}
+{{- else -}}
+{{- $req := dig "requests" "cpu" "" (.Values.resources | default dict) | toString -}}
+{{- if $req -}}
+{{- $milli := 0 -}}
+{{- if hasSuffix "m" $req -}}
+{{- $milli = trimSuffix "m" $req | int -}}
+{{- else -}}
+{{- $milli = mulf (float64 $req) 1000.0 | int -}}
+{{- end -}}
+{{- max 1 (div (sub (div $milli 1000) 1) (max 1 (int .Values.server.dataParallelSize))) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
