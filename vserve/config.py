@@ -88,6 +88,11 @@ class ModelConfig:
     max_model_len: int | None = option(None, help="context window (prompt + output tokens); "
                                                   "default: the model's maximum")
     seed: int = option(0, help="seed of the sampler for requests without a seed of their own")
+    generation_config: str = option(
+        "auto", help="sampling defaults for fields a request leaves unset (temperature, "
+                     "top_p, top_k, min_p, repetition_penalty, max_new_tokens as max_tokens): "
+                     "'auto' from the model's generation_config.json, 'vserve' vserve's own, "
+                     "or a directory holding a generation_config.json")
     served_model_name: tuple[str, ...] = option(
         (), nargs="+", help="names clients use in the 'model' field; the first is reported "
                             "in responses (default: the model argument)")

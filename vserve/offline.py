@@ -22,6 +22,7 @@ import zmq
 
 from vserve.config import EngineConfig
 from vserve.frontend.engine_client import EngineDeadError
+from vserve.frontend.generation_defaults import load_sampling_defaults
 from vserve.frontend.input_processor import (
     PromptInput,
     check_prompt,
@@ -65,6 +66,7 @@ class LLM:
         tok_dir = resolve_model_dir(m.tokenizer, m.revision) if m.tokenizer else self.model_dir
         self.tokenizer = Tokenizer.from_pretrained(tok_dir, chat_template=m.chat_template)
         self.eos_token_ids = load_eos_token_ids(self.model_dir, self.tokenizer)
+        self.sampling_defaults = load_sampling_defaults(self.model_dir, m.generation_config)
         self.vocab_size = int(json.loads((self.model_dir / "config.json").read_text())[
             "vocab_size"])
         self._counter = itertools.count()
@@ -105,6 +107,11 @@ class LLM:
     def get_tokenizer(self) -> Tokenizer:
         return self.tokenizer
 
+    def get_default_sampling_params(self) -> SamplingParams:
+        """What ``generate`` uses without sampling params: the model's generation config
+        (``generation_config`` option) over SamplingParams' own defaults."""
+        return SamplingParams(**self.sampling_defaults)
+
     def generate(
         self,
         prompts: PromptInput | Sequence[PromptInput],
@@ -119,7 +126,7 @@ class LLM:
         else:
             prompt_list = list(prompts)  # type: ignore[arg-type]
         if sampling_params is None:
-            sampling_params = SamplingParams()
+            sampling_params = self.get_default_sampling_params()
         if isinstance(sampling_params, SamplingParams):
             params_list = [sampling_params] * len(prompt_list)
         else:

@@ -198,7 +198,8 @@ def add_routes(app: FastAPI, state: ServerState) -> None:
         try:
             body.check_streaming()
             logprobs = body.output_logprobs()
-            params = body.sampling_params(logprobs, max_tokens, structured)
+            params = body.sampling_params(logprobs, max_tokens, structured,
+                                          state.sampling_defaults)
         except ValueError as e:
             raise bad_value(e, {"max_tokens": max_param, "logprobs": "top_logprobs"}) from None
         check_vocab_ids(state, params)

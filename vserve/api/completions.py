@@ -157,7 +157,8 @@ def add_routes(app: FastAPI, state: ServerState) -> None:
         structured = structured_constraint(body)
         try:
             body.check_streaming()
-            params = body.sampling_params(body.logprobs, body.max_tokens, structured)
+            params = body.sampling_params(body.logprobs, body.max_tokens, structured,
+                                          state.sampling_defaults)
             if body.echo and body.logprobs is not None:
                 params = params.clone(
                     prompt_logprobs=max(body.logprobs, params.prompt_logprobs or 0))

@@ -99,6 +99,10 @@ def prepare_prompt(state: ServerState, text: str | None, token_ids: list[int],
     window). Raises APIError(400) naming the field.
     """
     window = state.max_model_len
+    default_max = state.sampling_defaults.get("max_tokens")
+    if params.max_tokens is None and default_max is not None:
+        # The model's max_new_tokens, within the room the prompt leaves (as vLLM does).
+        params = params.clone(max_tokens=max(1, min(default_max, window - len(token_ids))))
     try:
         check_prompt(token_ids, params, window, state.vocab_size)
     except PromptTooLongError as e:

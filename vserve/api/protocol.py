@@ -205,11 +205,17 @@ class _Generation(_Body):
     _check_stop = field_validator("stop", mode="before")(_check_stop)
 
     def sampling_params(self, logprobs: int | None, max_tokens: int | None,
-                        structured: StructuredOutput | None = None) -> SamplingParams:
-        """The request's SamplingParams (raises ValueError naming a field)."""
+                        structured: StructuredOutput | None = None,
+                        defaults: dict[str, Any] | None = None) -> SamplingParams:
+        """The request's SamplingParams (raises ValueError naming a field). ``defaults``
+        (the model's generation config) fill temperature, top_p, top_k, min_p and
+        repetition_penalty when unset; its max_tokens is applied by ``prepare_prompt``."""
+        model = defaults or {}
 
-        def pick(value: Any, default: Any) -> Any:
-            return default if value is None else value
+        def pick(value: Any, default: Any, name: str = "") -> Any:
+            if value is not None:
+                return value
+            return model.get(name, default) if name else default
 
         stop = [self.stop] if isinstance(self.stop, str) else self.stop
         bias = None
@@ -222,14 +228,14 @@ class _Generation(_Body):
                     raise ValueError(f"logit_bias key {key!r} is not a token id") from None
         return SamplingParams(
             n=pick(self.n, 1),
-            temperature=pick(self.temperature, 1.0),
-            top_p=pick(self.top_p, 1.0),
-            top_k=pick(self.top_k, 0),
-            min_p=pick(self.min_p, 0.0),
+            temperature=pick(self.temperature, 1.0, "temperature"),
+            top_p=pick(self.top_p, 1.0, "top_p"),
+            top_k=pick(self.top_k, 0, "top_k"),
+            min_p=pick(self.min_p, 0.0, "min_p"),
             seed=self.seed,
             presence_penalty=pick(self.presence_penalty, 0.0),
             frequency_penalty=pick(self.frequency_penalty, 0.0),
-            repetition_penalty=pick(self.repetition_penalty, 1.0),
+            repetition_penalty=pick(self.repetition_penalty, 1.0, "repetition_penalty"),
             logit_bias=bias,
             max_tokens=max_tokens,
             min_tokens=pick(self.min_tokens, 0),

@@ -37,6 +37,7 @@ from vserve.cluster_key import ClusterKey
 from vserve.config import ServeConfig
 from vserve.frontend.async_client import AsyncEngineClient
 from vserve.frontend.engine_client import EngineUnavailableError
+from vserve.frontend.generation_defaults import load_sampling_defaults
 from vserve.frontend.input_processor import load_eos_token_ids
 from vserve.frontend.tokenizer import Tokenizer
 from vserve.launch.admission import AdmissionLedger
@@ -188,6 +189,8 @@ async def serve(index: int, args: ApiServerArgs) -> None:
         model_names=served_model_names(serve_config),
         max_model_len=go.max_model_len, vocab_size=vocab_size,
         eos_token_ids=load_eos_token_ids(model_dir, tokenizer),
+        sampling_defaults=load_sampling_defaults(model_dir,
+                                                 serve_config.engine.model.generation_config),
     )
     if serve_config.server.max_num_queued_reqs is not None:
         state.admission = AdmissionLedger(args.admission_path,

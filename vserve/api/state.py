@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from vserve.config import EngineConfig, ServerConfig
 from vserve.frontend.async_client import AsyncEngineClient
@@ -23,6 +24,8 @@ class ServerState:
     max_model_len: int
     vocab_size: int
     eos_token_ids: list[int]
+    # SamplingParams defaults for unset request fields (--generation-config).
+    sampling_defaults: dict[str, Any] = field(default_factory=dict)
     created: int = field(default_factory=lambda: int(time.time()))
     ready: bool = False  # every engine connected and the socket is being served
     draining: bool = False  # SIGTERM: finish what is in flight, take nothing new

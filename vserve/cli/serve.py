@@ -28,6 +28,7 @@ def build_config(args: argparse.Namespace) -> ServeConfig:
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    from vserve.frontend.generation_defaults import describe, load_sampling_defaults
     from vserve.frontend.tokenizer import Tokenizer
     from vserve.launch.supervisor import Supervisor
     from vserve.logging_utils import get_logger
@@ -47,6 +48,9 @@ def run_serve(args: argparse.Namespace) -> int:
                 Tokenizer.from_pretrained(tok_dir, chat_template=model.chat_template)
             except Exception as e:  # noqa: BLE001 - transformers raises many kinds
                 raise ValueError(f"cannot load the tokenizer from {tok_dir}: {e}") from e
+            defaults = load_sampling_defaults(model_dir, model.generation_config)
+            logger.info("sampling defaults for unset request fields (--generation-config "
+                        "%s): %s", model.generation_config, describe(defaults))
     except (ValueError, TypeError, FileNotFoundError, OSError) as e:
         logger.error("%s", e)
         return 2
