@@ -56,6 +56,11 @@ def test_engine_runs_the_threads_it_says() -> None:
     with serve("demo", "--cpu-threads", "4") as srv:
         four, line = _engine_threads(srv)
         assert line.startswith("CPU threads: 4 (--cpu-threads)"), line
+        # Where startup time went, said by the engine (issue 18: progress where people wait).
+        log = srv.log()
+        assert re.search(r"loaded [0-9.]+ GiB of weights from 1 file in [0-9.]+s", log), log
+        assert re.search(r"engine 0 ready in [0-9.]+s \(model load [0-9.]+s, memory "
+                         r"profiling [0-9.]+s, KV cache [0-9.]+s\)", log), log
     with serve("demo", env={"OMP_NUM_THREADS": "2"}) as srv:
         _, line = _engine_threads(srv)
         assert line.startswith("CPU threads: 2 ($OMP_NUM_THREADS)"), line

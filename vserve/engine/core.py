@@ -48,8 +48,14 @@ class EngineCore:
         self.engine_index = engine_index
         t0 = time.perf_counter()
         self.runner = ModelRunner(config, model_dir)
+        t_load = time.perf_counter()
         self.num_kv_blocks = self.runner.determine_num_blocks()
+        t_profile = time.perf_counter()
         self.runner.allocate_kv_cache(self.num_kv_blocks)
+        t_cache = time.perf_counter()
+        phases = (f"model load {t_load - t0:.1f}s, memory profiling {t_profile - t_load:.1f}s,"
+                  f" KV cache{' + CUDA graphs' if self.runner.graphs is not None else ''} "
+                  f"{t_cache - t_profile:.1f}s")
         self.max_model_len = self.runner.max_model_len
         self.vocab_size = self.runner.arch.vocab_size
         self.scheduler = Scheduler(
@@ -65,10 +71,10 @@ class EngineCore:
         usable = self.num_kv_blocks - 1  # block 0 is the reserved null block
         self.max_concurrency = usable * config.cache.block_size / self.max_model_len
         logger.info(
-            "engine %d ready in %.1fs: %s on %s (%s), %d KV blocks of %d tokens "
+            "engine %d ready in %.1fs (%s): %s on %s (%s), %d KV blocks of %d tokens "
             "(%.1f MiB), max_model_len %d, max concurrency %.2fx at that length, "
             "async scheduling %s",
-            engine_index, time.perf_counter() - t0, self.runner.arch.architecture,
+            engine_index, time.perf_counter() - t0, phases, self.runner.arch.architecture,
             self.runner.device, str(self.runner.dtype).removeprefix("torch."), usable,
             config.cache.block_size, usable * self.runner.bytes_per_block() / 2**20,
             self.max_model_len, self.max_concurrency,

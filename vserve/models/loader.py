@@ -4,6 +4,8 @@ by the torch-free :mod:`vserve.models.source`)."""
 from __future__ import annotations
 
 import json
+import logging
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,6 +25,8 @@ _DTYPES: dict[str, torch.dtype] = {
 # Checkpoint names transformers has written over the years for the same dtypes.
 _DTYPE_ALIASES = {"float": "float32", "half": "float16", "fp16": "float16", "bf16": "bfloat16"}
 _INDEX_FILE = "model.safetensors.index.json"
+
+logger = logging.getLogger(__name__)
 
 
 def resolve_dtype(arch: ModelArchConfig, requested: str, device: torch.device) -> torch.dtype:
@@ -78,10 +82,41 @@ def iterate_weights(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
     reported before any tensor is yielded.
     """
     files = _safetensors_files(Path(model_dir))
-    for file in files:
+    progress = _LoadProgress(files)
+    for i, file in enumerate(files):
         with safe_open(str(file), framework="pt") as f:
             for name in f.keys():
-                yield name, f.get_tensor(name)
+                tensor = f.get_tensor(name)
+                progress.add(tensor.numel() * tensor.element_size(), i)
+                yield name, tensor
+    progress.done()
+
+
+class _LoadProgress:
+    """Log lines while weights load (at most one per ``interval`` seconds) and a last one
+    with the rate: loading a large checkpoint from a network disk takes minutes."""
+
+    def __init__(self, files: list[Path], interval: float = 5.0) -> None:
+        self.files = files
+        self.total = sum(f.stat().st_size for f in files)
+        self.loaded = 0
+        self.t0 = self.last = time.monotonic()
+        self.interval = interval
+
+    def add(self, nbytes: int, file_index: int) -> None:
+        self.loaded += nbytes
+        now = time.monotonic()
+        if now - self.last >= self.interval:
+            self.last = now
+            logger.info("loading weights: %.0f%% (%.2f / %.2f GiB, file %d of %d)",
+                        100 * self.loaded / max(1, self.total), self.loaded / 2**30,
+                        self.total / 2**30, file_index + 1, len(self.files))
+
+    def done(self) -> None:
+        took = time.monotonic() - self.t0
+        logger.info("loaded %.2f GiB of weights from %d file%s in %.1fs (%.2f GiB/s)",
+                    self.loaded / 2**30, len(self.files), "s" if len(self.files) != 1 else "",
+                    took, self.loaded / 2**30 / max(took, 1e-9))
 
 
 def load_model(

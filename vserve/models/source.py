@@ -6,11 +6,15 @@ never load torch themselves (only engines do).
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from vserve.roles import DEMO_BUILDER_MODULE, child_command
+
+logger = logging.getLogger(__name__)
 
 # Only what serving needs: configs, safetensors, tokenizer files, chat templates — never
 # *.bin / *.pt pickles.
@@ -27,7 +31,12 @@ def resolve_model_dir(model: str, revision: str | None = None) -> Path:
     try:
         from huggingface_hub import snapshot_download
 
+        # huggingface_hub draws progress bars on a terminal; say what is happening anyway.
+        logger.info("fetching %s%s from the Hugging Face hub (cached files are reused)",
+                    model, f" at {revision}" if revision else "")
+        t0 = time.monotonic()
         local = snapshot_download(repo_id=model, revision=revision, allow_patterns=_HUB_PATTERNS)
+        logger.info("%s is in %s (%.1fs)", model, local, time.monotonic() - t0)
     except Exception as exc:
         raise ValueError(
             f"Model {model!r} is neither a local directory nor downloadable from the Hugging "
