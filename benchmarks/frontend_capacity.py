@@ -32,6 +32,7 @@ that. See benchmarks/README.md for recorded figures.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import re
@@ -126,6 +127,7 @@ class Launched:
             except psutil.Error:
                 pass
         self._f.close()
+        self.log.unlink(missing_ok=True)  # its text was shown if it mattered (start errors)
 
 
 def cpu_seconds(pids: dict[int, str]) -> dict[int, float]:
@@ -149,6 +151,7 @@ def demo_tokenizer() -> list[str]:
         from vserve.models.demo import write_demo_tokenizer
 
         d = tempfile.mkdtemp(prefix="vserve-capacity-tok-")
+        atexit.register(shutil.rmtree, d, True)
         write_demo_tokenizer(Path(d))
         _TOKENIZER_DIR.append(d)
     return ["--tokenizer", _TOKENIZER_DIR[0], "--tokenize", "off"]

@@ -33,8 +33,8 @@ skip() {
   if [ "${DOCKER_TEST_REQUIRED:-0}" = 1 ]; then exit 1; fi
   exit 0
 }
-command -v docker >/dev/null 2>&1 || skip "no docker CLI on PATH; install Docker (on the project's dev machines: bash ../shared/tools/docker-up.sh) and re-run"
-docker info >/dev/null 2>&1 || skip "no Docker engine is running (docker info failed); start one (on the project's dev machines: bash ../shared/tools/docker-up.sh) and re-run"
+command -v docker >/dev/null 2>&1 || skip "no docker CLI on PATH; install Docker and re-run"
+docker info >/dev/null 2>&1 || skip "no Docker engine is running (docker info failed); start one and re-run"
 
 tmp=$(mktemp -d)
 server_pid=
