@@ -233,8 +233,8 @@ def test_raise_exception_and_jinja_file(tokenizer_dirs: dict[str, Path]) -> None
     with pytest.raises(Exception, match="roles must alternate"):
         hf.apply_chat_template(bad, tokenize=False)
     demo = Tokenizer.from_pretrained(tokenizer_dirs["demo"])
-    with pytest.raises(ValueError, match="Unsupported role tool"):
-        demo.apply_chat_template([{"role": "tool", "content": "x"}])
+    with pytest.raises(ValueError, match="Unsupported role robot"):
+        demo.apply_chat_template([{"role": "robot", "content": "x"}])
 
 
 def test_named_templates_and_tools(tokenizer_dirs: dict[str, Path]) -> None:

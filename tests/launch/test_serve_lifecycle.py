@@ -15,6 +15,8 @@ import httpx
 import psutil
 from helpers.serve import VSERVE, ServeProcess, serve
 
+from vserve.launch.connections import ConnectionTable
+
 
 def _stream_completion(base: str, max_tokens: int, results: list, timeout: float = 60) -> None:
     """Stream one completion; append (api_server, tokens, error) to results."""
@@ -106,6 +108,13 @@ def test_engine_killed_under_load_fails_requests_and_stops_everything():
 
 def test_api_server_killed_is_replaced_on_the_same_socket():
     with serve("demo", "--api-server-count", "2") as srv:
+        # Both servers accept before the streams start, so that some land on the survivor
+        # (a loaded machine may start the second one late).
+        table = ConnectionTable(os.path.join(srv.run_dir(), "connections"), 2)
+        deadline = time.monotonic() + 30
+        while None in table.live_counts() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        table.close()
         api = {pid for pid, role in srv.process_names().items() if role == "api_server"}
         victim = min(api)
         results: list = []
