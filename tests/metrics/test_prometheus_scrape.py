@@ -22,6 +22,9 @@ from helpers.serve import free_port, serve, stream_completion
 
 SCRAPE_S = 0.5
 STREAMS = 4
+# Long enough that the engines are still busy when Prometheus has scraped them (since engines
+# size their CPU threads a 300-token stream of the demo model ends within 2 s).
+STREAM_TOKENS = 1500
 SCRAPE_MS = int(SCRAPE_S * 1000)
 COUNTERS = ("vserve_request_success_total", "vserve_generation_tokens_total",
             "vserve_prompt_tokens_total", "vserve_http_requests_total",
@@ -133,7 +136,7 @@ def test_counters_survive_process_replacement_without_reset_or_double_count(
             engines = list(srv.pids("engine").values())
             assert len(engines) == 2
             with ThreadPoolExecutor(STREAMS) as pool:
-                streams = [pool.submit(stream_completion, base, 300, 90, f"stream {i}")
+                streams = [pool.submit(stream_completion, base, STREAM_TOKENS, 90, f"stream {i}")
                            for i in range(STREAMS)]
                 _wait_for(lambda: prom.value(
                     'min(vserve_num_requests_running)') > 0, 30, "both engines busy")
@@ -158,8 +161,8 @@ def test_counters_survive_process_replacement_without_reset_or_double_count(
             prompt_seen = prom.value('sum(vserve_prompt_tokens_total)') - prompt_tokens
             assert 0 < prompt_seen < STREAMS * 20, prompt_seen
             generated = prom.value('sum(vserve_generation_tokens_total)') - completion_tokens
-            # A chunk carries one or more tokens; each stream asked for at most 300.
-            assert streamed <= generated <= STREAMS * 300, (streamed, generated)
+            # A chunk carries one or more tokens; each stream asked for at most STREAM_TOKENS.
+            assert streamed <= generated <= STREAMS * STREAM_TOKENS, (streamed, generated)
             # No counter series ever went down, so rate() and increase() see no false reset.
             for name in COUNTERS:
                 series = prom.query(f"resets({name}[10m])")
