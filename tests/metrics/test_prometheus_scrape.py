@@ -138,8 +138,10 @@ def test_counters_survive_process_replacement_without_reset_or_double_count(
             with ThreadPoolExecutor(STREAMS) as pool:
                 streams = [pool.submit(stream_completion, base, STREAM_TOKENS, 90, f"stream {i}")
                            for i in range(STREAMS)]
+                # Per engine label (a replaced API server may leave a series of its own).
                 _wait_for(lambda: prom.value(
-                    'min(vserve_num_requests_running)') > 0, 30, "both engines busy")
+                    'count(max by (engine) (max_over_time(vserve_num_requests_running[5s]))'
+                    ' > 0) or vector(0)') >= 2, 30, "both engines busy")
                 os.kill(engines[1], signal.SIGKILL)
                 results = [f.result() for f in streams]
             assert all(r.done for r in results), results
