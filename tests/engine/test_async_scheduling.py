@@ -143,8 +143,8 @@ def test_same_outputs_as_sync_and_steps_are_chained(model_dir, device):
 
 def test_stop_tokens_and_penalties(model_dir, device):
     """A stop token seen while the next step is in flight: that step's row is dropped and
-    nothing follows the stop. Penalties read the output history, so their steps are never
-    chained, yet they batch with chained-capable requests."""
+    nothing follows the stop. Penalties read the output history: their steps chain with
+    sampling deferred until the step before is applied, and give the same tokens."""
     p = _prompts(2, [6, 11, 4])
     free = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
     probe = _run(_core(model_dir, False, device=device), [("a", p[0], free), ("b", p[1], free)])
@@ -169,7 +169,7 @@ def test_stop_tokens_and_penalties(model_dir, device):
     core = _core(model_dir, True, device=device)
     chained = _count_chained(core)
     assert _run(core, penalized) == _run(_core(model_dir, False, device=device), penalized)
-    assert chained[0] == 0
+    assert chained[0] >= 10, chained
 
 
 def test_arrivals_and_aborts_between_steps(model_dir, device):

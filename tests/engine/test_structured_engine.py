@@ -1,8 +1,8 @@
 """Structured outputs inside the engine core (in process, CPU, the demo model): grammars
 compile off the busy loop and are cached, constrained and unconstrained requests share
-steps (with async scheduling too, which stops chaining only while a constrained row is in
-the batch), a grammar that fails to compile ends its request with an error, and an abort
-while compiling loses nothing."""
+steps (with async scheduling too: constrained steps chain, their sampling deferred until the
+step before is applied, with the same tokens as without), a grammar that fails to compile
+ends its request with an error, and an abort while compiling loses nothing."""
 
 from __future__ import annotations
 
@@ -86,6 +86,44 @@ def test_constrained_and_free_rows_share_steps(demo: tuple[EngineCore, Tokenizer
     for seed in range(6):
         toks, finish = out[f"free-{seed}"]
         assert finish == FinishReason.LENGTH and len(toks) == 40 or toks[-1] in EOS
+
+
+def test_constrained_steps_chain_with_the_same_tokens_as_sync(
+        demo: tuple[EngineCore, Tokenizer]) -> None:
+    """Grammars, penalties and ``min_tokens`` read the output history, so their sampling
+    waits until the step before is applied; their forward passes still chain. Seeded rows
+    draw the same tokens as a synchronous engine, and grammars that complete while the next
+    row is in flight end where they end without async scheduling."""
+    core, _ = demo
+    sync = EngineCore(EngineConfig(model=core.config.model, device=core.config.device,
+                                   scheduler=SchedulerConfig(async_scheduling=False)),
+                      core.runner.model_dir)
+    specs: dict[str, StructuredOutput | None] = {
+        "json": json_schema(SCHEMA), "choice": StructuredOutput("choice", '["yes", "no"]'),
+        "free": None}
+    reqs = {f"{kind}-{seed}": SamplingParams(temperature=0.8, seed=seed, max_tokens=30,
+                                             structured=so, logprobs=1 if seed == 1 else None)
+            for seed in range(4) for kind, so in specs.items()}
+    reqs["penalized"] = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True,
+                                       repetition_penalty=1.3, frequency_penalty=0.4)
+    reqs["min-tokens"] = SamplingParams(temperature=0.7, seed=9, max_tokens=20, min_tokens=12)
+    chained = [0]
+    inner = core.scheduler.schedule_chained
+
+    def count(sched):  # type: ignore[no-untyped-def]
+        out = inner(sched)
+        chained[0] += out is not None
+        return out
+
+    core.scheduler.schedule_chained = count  # type: ignore[method-assign]
+    try:
+        got = _run(core, reqs)
+    finally:
+        del core.scheduler.schedule_chained
+    assert got == _run(sync, reqs)
+    # Every step but the first could chain (no KV pressure); without deferred sampling none
+    # of these would.
+    assert chained[0] >= 20, chained
 
 
 def test_compile_failure_is_an_error_ending(demo: tuple[EngineCore, Tokenizer]) -> None:

@@ -7,10 +7,13 @@ With async scheduling, ``step()`` also launches the next step before it waits fo
 one's tokens (``Scheduler.schedule_chained``), so the GPU never idles while the host reads
 results, updates requests and schedules. Churn does not break the chain: requests that
 arrived join the next step as prefill rows, and a request that stops or is aborted while its
-next row is in flight only wastes that row. The chain stops (the step in flight is finished
-and the next one scheduled from the updated state) only when sampling reads the output
-history (penalties, a pending ``min_tokens``) or blocks run out; ``schedule()`` only ever
-runs with nothing in flight, so preemption never meets a step in flight. The process shell
+next row is in flight only wastes that row. Steps whose sampling reads the output history
+(grammars, penalties, a pending ``min_tokens``) chain too: their forward pass is launched
+ahead and their sampling deferred until the step before is applied (``PendingOutput.sample``),
+so the host's bitmask and update work overlaps the GPU's forward pass. The chain stops (the
+step in flight is finished and the next one scheduled from the updated state) only when
+blocks run out; ``schedule()`` only ever runs with nothing in flight, so preemption never
+meets a step in flight. The process shell
 around it (sockets, threads) lives in ``core_proc.py``; tests and benchmarks can drive this
 class directly.
 """
@@ -195,6 +198,9 @@ class EngineCore:
         else:
             sched, pending = self._in_flight
             self._in_flight = None
+        # A deferred step samples now that the step before it is applied (its grammars and
+        # penalties see that step's tokens); its forward ran meanwhile.
+        pending.sample()
         if self.async_scheduling and pending.chainable:
             chained = self.scheduler.schedule_chained(sched)
             if chained is not None:

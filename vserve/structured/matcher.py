@@ -10,7 +10,8 @@ Invariants the engine keeps: a constrained request enters the scheduler only onc
 matcher exists (``EngineCore`` holds it until then); every token appended to its output has
 been consumed by its matcher, in order (``Scheduler.update_from_output``), so the next
 bitmask is always computed from the state after the last known token — which is why a step
-with a constrained row never chains behind one in flight (``Sampler.history_free``).
+with a constrained row samples only once the step before it is applied (its forward pass is
+launched ahead: ``PendingOutput.deferred``).
 """
 
 from __future__ import annotations

@@ -235,7 +235,8 @@ class ModelRunner:
         scheduled = sched.scheduled
         overrides: dict[str, int] | None = None
         if sched.chained:
-            assert in_flight is not None
+            assert in_flight is not None and not in_flight.is_deferred, \
+                "sample() the step in flight before chaining onto it"
             if in_flight.ready or not self.is_cuda:
                 overrides = in_flight.result().sampled_token_ids
         if self.is_cuda:
@@ -248,11 +249,7 @@ class ModelRunner:
         if sampling:
             rows = torch.tensor([row0[i + 1] - 1 for i in sampling], device=hidden.device)
             logits = self.model.compute_logits(hidden[rows])
-        # On CPU a step is complete on return, so the next one can be chained to it as long
-        # as sampling does not read the output history (penalties, min_tokens): a chained
-        # step samples before the previous token is appended.
-        return PendingOutput(self._sample(scheduled, hidden, logits, row0),
-                             chainable=Sampler.history_free([s.request for s in scheduled]))
+        return self._finish(scheduled, hidden, logits, row0)
 
     # ---- persistent rows (CUDA) ------------------------------------------------------
     def _batch_rows(self, scheduled: list[ScheduledRequest]) -> list[int]:
@@ -276,24 +273,38 @@ class ModelRunner:
             if row is not None:
                 self._free_rows.append(row)
 
-    def _sample(self, scheduled: list[ScheduledRequest], hidden: torch.Tensor | None,
-                logits: torch.Tensor | None, row0: list[int]) -> ModelRunnerOutput:
-        """Sampled tokens (of the rows that ``sample``, in order: ``logits``' rows) and
-        prompt logprobs into one output."""
+    def _finish(self, scheduled: list[ScheduledRequest], hidden: torch.Tensor | None,
+                logits: torch.Tensor | None, row0: list[int],
+                upload: int | None = None) -> PendingOutput:
+        """The step's output: prompt logprobs now, tokens sampled from ``logits`` (the
+        sampling rows', in order) now — or, when sampling reads the output history
+        (grammars, penalties, ``min_tokens``), deferred until the engine has applied the
+        step before this one (``PendingOutput.deferred``). ``upload``: the step's input
+        upload, known complete once its tokens are on the host."""
         out = ModelRunnerOutput()
-        if logits is not None:
-            reqs = [s.request for s in scheduled if s.sample]
-            result = self.sampler(logits, reqs)
-            for req, tok, lp in zip(reqs, result.sampled, result.logprobs):
-                out.sampled_token_ids[req.request_id] = tok
-                if lp is not None:
-                    out.logprobs[req.request_id] = lp
         for i, s in enumerate(scheduled):
             if s.request.sampling_params.prompt_logprobs is not None:
                 lp = self._prompt_logprobs(s, hidden, row0[i])
                 if lp is not None:
                     out.prompt_logprobs[s.request.request_id] = lp
-        return out
+        reqs = [s.request for s in scheduled if s.sample]
+        inputs = self.inputs
+
+        def sample() -> ModelRunnerOutput:
+            if logits is not None:
+                result = self.sampler(logits, reqs)
+                for req, tok, lp in zip(reqs, result.sampled, result.logprobs):
+                    out.sampled_token_ids[req.request_id] = tok
+                    if lp is not None:
+                        out.logprobs[req.request_id] = lp
+                if upload is not None and inputs is not None:
+                    # The sampled ids came back to the host: the stream has passed the upload.
+                    inputs.completed(upload)
+            return out
+
+        if logits is None or Sampler.history_free(reqs):
+            return PendingOutput(sample(), chainable=True)
+        return PendingOutput.deferred(sample)
 
     def _graph_size(self, scheduled: list[ScheduledRequest]) -> int | None:
         """The captured graph size a pure decode step of these rows replays, or None."""
@@ -322,7 +333,6 @@ class ModelRunner:
         hidden: torch.Tensor | None = None
         logits: torch.Tensor | None = None
         samples = [s.sample for s in scheduled]
-        chainable = Sampler.history_free(requests)
         padded = self._graph_size(scheduled)
         if graphs is not None and padded is not None:
             greedy = all(samples) and Sampler.plain_greedy(requests)
@@ -333,8 +343,7 @@ class ModelRunner:
                 # The graph's argmax is the output: one device→host copy, not waited for.
                 host, event = inputs.read_back(graphs.sampled_ids(n))
                 return PendingOutput.on_device([r.request_id for r in requests], host, event,
-                                               lambda: inputs.completed(upload),
-                                               chainable=chainable)
+                                               lambda: inputs.completed(upload))
             if all(samples):
                 logits = all_logits[:n]
             elif any(samples):
@@ -357,7 +366,7 @@ class ModelRunner:
                     host, event = inputs.read_back(mg.sampled_ids(n_sample))
                     return PendingOutput.on_device(
                         [r.request_id for r in sampling], host, event,
-                        lambda: inputs.completed(upload), chainable=chainable)
+                        lambda: inputs.completed(upload))
                 logits = sampled_logits
             row0 = []  # no prompt logprobs in a graphed step
         else:
@@ -377,14 +386,11 @@ class ModelRunner:
                     host, event = inputs.read_back(tokens)
                     return PendingOutput.on_device(
                         [r.request_id for r in sampling], host, event,
-                        lambda: inputs.completed(upload), chainable=chainable)
+                        lambda: inputs.completed(upload))
             row0 = eager.metadata.query_start_loc_cpu
-        out = self._sample(scheduled, hidden, logits, row0)
-        if logits is not None:
-            # The sampled ids came back to the host: the stream has passed the upload.
-            inputs.completed(upload)
-        # The host holds this step's tokens, so a chained step takes them from here.
-        return PendingOutput(out, chainable=chainable)
+        # Once sampled, the host holds this step's tokens: a chained step takes them from
+        # here.
+        return self._finish(scheduled, hidden, logits, row0, upload)
 
     def _fake_step(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         """Benchmark mode: a deterministic token per sampling request, never an EOS or

@@ -16,10 +16,18 @@ class PendingOutput:
     ``chainable``: the engine may build and launch the next step before calling
     ``result()`` (async scheduling): that step can take its input tokens without waiting
     (on CUDA they stay in ``last_tokens`` on the device; a step already complete gives them
-    from its result) and sampling does not read the output history.
+    from its result).
+
+    A step whose sampling reads the output history (grammars, penalties, a pending
+    ``min_tokens``) is *deferred*: its forward pass is launched, its sampling waits in
+    ``sample()`` until the engine has applied the step before it — so that the bitmasks and
+    penalties see every earlier token — and the engine calls ``sample()`` before it chains
+    the next step onto this one. The host's work for the step before (reading its tokens,
+    advancing grammars, computing the next masks) then overlaps this step's forward pass.
     """
 
-    __slots__ = ("_output", "_host", "_event", "_on_done", "device_request_ids", "chainable")
+    __slots__ = ("_output", "_host", "_event", "_on_done", "_deferred", "device_request_ids",
+                 "chainable")
 
     def __init__(self, output: ModelRunnerOutput | None = None, *, chainable: bool = False,
                  device_request_ids: list[str] | None = None, host: torch.Tensor | None = None,
@@ -29,6 +37,7 @@ class PendingOutput:
         self._host = host
         self._event = event
         self._on_done = on_done
+        self._deferred: Callable[[], ModelRunnerOutput] | None = None
         self.device_request_ids = device_request_ids
         self.chainable = chainable
 
@@ -40,12 +49,34 @@ class PendingOutput:
         return cls(None, chainable=chainable, device_request_ids=request_ids, host=host,
                    event=event, on_done=on_done)
 
+    @classmethod
+    def deferred(cls, sample: Callable[[], ModelRunnerOutput]) -> PendingOutput:
+        """A launched forward pass whose tokens ``sample`` draws once called (``sample()``):
+        it reads the requests' state as of then. Chainable once sampled: the output is
+        then on the host."""
+        out = cls(None, chainable=True)
+        out._deferred = sample
+        return out
+
+    @property
+    def is_deferred(self) -> bool:
+        """Sampling has not run yet (see ``sample()``)."""
+        return self._deferred is not None
+
+    def sample(self) -> None:
+        """Run a deferred step's sampling now; nothing for any other step. Call it once every
+        earlier step's output has been applied to the requests."""
+        if self._deferred is not None:
+            sample, self._deferred = self._deferred, None
+            self._output = sample()
+
     @property
     def ready(self) -> bool:
         """The output is on the host already (``result()`` will not wait)."""
         return self._output is not None
 
     def result(self) -> ModelRunnerOutput:
+        self.sample()
         if self._output is None:
             assert self._event is not None and self._host is not None
             assert self.device_request_ids is not None

@@ -62,9 +62,10 @@ class Sampler:
 
     @staticmethod
     def history_free(requests: list[Request]) -> bool:
-        """Whether no request's sampling reads its output so far (penalties, a pending
-        ``min_tokens`` ban): then a step may sample before the previous token is known to
-        the host. Stays true for later steps of the same requests."""
+        """Whether no request's sampling reads its output so far (grammars, penalties, a
+        pending ``min_tokens`` ban): then a step may sample before the previous token is
+        known to the host; otherwise its sampling is deferred (``PendingOutput.deferred``).
+        Stays true for later steps of the same requests."""
         return not any(_constrained(r) for r in requests)
 
     @torch.inference_mode()
@@ -87,7 +88,10 @@ class Sampler:
 
     def _apply_constraints(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
         vocab = logits.shape[1]
-        rows = [i for i, r in enumerate(requests) if r.grammar is not None]
+        # A stopped grammar belongs to a request that finished while this (chained) row was
+        # in flight: its token is dropped, and a stopped matcher has no mask to give.
+        rows = [i for i, r in enumerate(requests)
+                if r.grammar is not None and not r.grammar.is_stopped()]
         if rows:
             apply_grammar_bitmask(logits, rows, [requests[i].grammar for i in rows])
         for i, req in enumerate(requests):
