@@ -15,6 +15,7 @@ from vserve.core.request import Request
 from vserve.core.sched_output import ScheduledRequest
 from vserve.ops.tiles import TILE_SHIFT, max_tiles, prefill_block_m, prefill_tiles
 from vserve.protocol.sampling import SamplingParams
+from vserve.worker.block_table import BatchRows, BlockTable
 from vserve.worker.cuda_inputs import DEVICE_TOKEN, mixed_order, pack_mixed
 from vserve.worker.mixed_graphs import MixedLayout, mixed_sizes
 
@@ -46,6 +47,14 @@ def test_sizes_ladder() -> None:
     assert mixed_sizes(100) == [16, 32, 64, 100]
 
 
+def _table(scheduled: list[ScheduledRequest], max_blocks: int) -> tuple[list[int], BlockTable]:
+    """Persistent rows for ``scheduled`` (taken in order: 0, 1, …) and their block table."""
+    batch = BatchRows(16, max_blocks)
+    rows = batch.rows_for([s.request.request_id for s in scheduled],
+                          [s.block_ids for s in scheduled])
+    return rows, batch.block_table
+
+
 def _req(rid: str, prompt: list[int], computed: int, out: tuple[int, ...] = ()) -> Request:
     r = Request(rid, prompt, SamplingParams(max_tokens=8), [])
     r.all_token_ids.extend(out)
@@ -71,7 +80,9 @@ def test_pack_mixed_places_every_input(chained: bool) -> None:
     scheduled = [dec_sched, full, chunk]
     h = np.full(layout.size, 12345, dtype=np.int32)
     dummy = 99
-    n_sample, end = pack_mixed(h, scheduled, [0, 1, 2], layout, 32, bs, dummy, None)
+    rows, table = _table(scheduled, 10)
+    assert rows == [0, 1, 2]
+    n_sample, end = pack_mixed(h, scheduled, rows, table, layout, 32, bs, dummy, None)
     assert n_sample == 2
     t = 1 + 7 + 20
     ids = h[layout.ids : layout.ids + 32].tolist()
@@ -113,8 +124,9 @@ def test_pack_mixed_rejects_what_the_graph_cannot_hold() -> None:
     scheduled = [ScheduledRequest(_req(f"r{i}", [1, 2], 0), 2, [1], sample=True)
                  for i in range(3)]
     h = np.zeros(layout.size, dtype=np.int32)
+    rows, table = _table(scheduled, 4)
     with pytest.raises(AssertionError):
-        pack_mixed(h, scheduled, [0, 1, 2], layout, 16, 4, 9, None)
+        pack_mixed(h, scheduled, rows, table, layout, 16, 4, 9, None)
 
 
 def test_one_token_rows_go_first_in_order() -> None:
@@ -124,7 +136,9 @@ def test_one_token_rows_go_first_in_order() -> None:
     assert order == [1, 3, 4, 0, 2, 5]
     layout = MixedLayout(max_tokens=64, max_seqs=8, block_m=16, max_blocks_per_seq=4)
     h = np.zeros(layout.size, dtype=np.int32)
-    pack_mixed(h, [reqs[i] for i in order], list(range(6)), layout, 32, 4, 9, None)
+    ordered = [reqs[i] for i in order]
+    rows, table = _table(ordered, 4)
+    pack_mixed(h, ordered, rows, table, layout, 32, 4, 9, None)
     assert h[layout.num_decode] == 3
     tiles = h[layout.tiles : layout.tiles + 3].tolist()
     assert [t >> TILE_SHIFT for t in tiles] == [3, 4, 5]

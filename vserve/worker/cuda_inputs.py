@@ -29,21 +29,9 @@ import torch
 from vserve.attention.backend import AttentionMetadata
 from vserve.core.sched_output import ScheduledRequest
 from vserve.ops.tiles import prefill_tiles
+from vserve.worker.block_table import BlockTable
 from vserve.worker.cuda_graphs import table_offset
 from vserve.worker.mixed_graphs import MixedLayout
-
-_ALIGN_PAD = [0] * 16
-
-
-def block_table_rows(scheduled: list[ScheduledRequest], width: int, out: list[int]) -> None:
-    """Append each request's block ids, cut or zero-padded to ``width``, to ``out``."""
-    for s in scheduled:
-        b = s.block_ids
-        if len(b) >= width:
-            out.extend(b[:width])
-        else:
-            out.extend(b)
-            out.extend([0] * (width - len(b)))
 
 
 def input_token(s: ScheduledRequest, p: int, overrides: dict[str, int] | None) -> int:
@@ -128,8 +116,10 @@ class CudaInputs:
 
     # ---- eager steps --------------------------------------------------------------------
     def prepare_eager(self, scheduled: list[ScheduledRequest], rows: list[int],
-                      block_size: int, overrides: dict[str, int] | None = None) -> EagerInputs:
-        """Inputs of any step in one copy. ``rows[i]`` is scheduled row i's persistent row.
+                      table: BlockTable, block_size: int,
+                      overrides: dict[str, int] | None = None) -> EagerInputs:
+        """Inputs of any step in one copy. ``rows[i]`` is scheduled row i's persistent row,
+        whose block ids ``table`` holds.
 
         A position whose token the host does not know (the step in flight samples it, and
         ``overrides`` is None) is gathered from ``last_tokens`` on the device.
@@ -137,52 +127,50 @@ class CudaInputs:
         bs = block_size
         ids: list[int] = []
         positions: list[int] = []
-        slots: list[int] = []
         qsl = [0]
         seq_lens: list[int] = []
         sample_rows: list[int] = []
         sample_row_ids: list[int] = []
         token_rows: list[int] = []
         dummy = self.dummy_row
-        width = 0
         any_device = False
         for s, row in zip(scheduled, rows, strict=True):
             req, n = s.request, s.num_new_tokens
             start = req.num_computed_tokens + s.num_ahead
             end = start + n
-            blocks = s.block_ids
             if n == 1:
                 tok = input_token(s, start, overrides)
                 any_device |= tok == DEVICE_TOKEN
                 ids.append(tok)
                 positions.append(start)
-                slots.append(blocks[start // bs] * bs + start % bs)
                 token_rows.append(row)
             else:
                 ids.extend(req.all_token_ids[start:end])
                 positions.extend(range(start, end))
-                slots.extend(blocks[p // bs] * bs + p % bs for p in range(start, end))
                 token_rows.extend([dummy] * n)
             qsl.append(qsl[-1] + n)
             seq_lens.append(end)
             if s.sample:
                 sample_rows.append(qsl[-1] - 1)
                 sample_row_ids.append(row)
-            width = max(width, -(-end // bs))
         t, ns, nr = len(ids), len(seq_lens), len(sample_rows)
+        width = -(-max(seq_lens) // bs)
+        rows_np = np.asarray(rows, dtype=np.int64)
+        pos_np = np.asarray(positions, dtype=np.int64)
+        slots = table.slots(np.repeat(rows_np, np.diff(qsl)), pos_np, bs)
+        h = self._writable()
         # Segments start at multiples of 16 entries (64 bytes), so the kernels always see
         # 16-byte-aligned pointers (Triton specializes on alignment: no extra compilations).
-        data: list[int] = []
         offsets = []
-        for seg in (ids, positions, slots, qsl, seq_lens, sample_rows, sample_row_ids,
-                    token_rows if any_device else []):
-            offsets.append(len(data))
-            data.extend(seg)
-            data.extend(_ALIGN_PAD[: -len(data) % 16])
-        offsets.append(len(data))
-        block_table_rows(scheduled, width, data)
-        n_all = len(data)
-        self._writable()[:n_all] = data
+        o = 0
+        for seg in (ids, pos_np, slots, qsl, seq_lens, sample_rows, sample_row_ids,
+                    token_rows if any_device else ()):
+            offsets.append(o)
+            h[o : o + len(seg)] = seg
+            o += -(-len(seg) // 16) * 16
+        offsets.append(o)
+        n_all = o + ns * width
+        h[o:n_all] = table.gather(rows_np, width).ravel()
         upload = self._upload(0, n_all, record=not sample_rows)
         stage = self.stage
         o_ids, o_pos, o_slot, o_qsl, o_len, o_rows, o_srow, o_trow, o_bt = offsets
@@ -210,8 +198,8 @@ class CudaInputs:
         self.last_tokens.index_copy_(0, row_ids.long(), tokens.to(torch.int32))
 
     # ---- decode graphs ------------------------------------------------------------------
-    def prepare_decode(self, scheduled: list[ScheduledRequest], rows: list[int], padded: int,
-                       block_size: int, samples: bool = True,
+    def prepare_decode(self, scheduled: list[ScheduledRequest], rows: list[int],
+                       table: BlockTable, padded: int, block_size: int, samples: bool = True,
                        overrides: dict[str, int] | None = None) -> int:
         """Write a pure decode step's inputs where the graphs read them with one copy;
         returns the upload number. Padded rows: token 0 at position 0, slot 0 of the null
@@ -220,34 +208,21 @@ class CudaInputs:
         A row whose token the host does not know yet is uploaded as ``DEVICE_TOKEN``: the
         graph gathers it from ``last_tokens`` (and scatters the tokens it samples there).
         """
-        bs = block_size
         mb = self.mb
-        ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        seq_lens: list[int] = []
-        width = 1
-        for s in scheduled:
-            req = s.request
-            p = req.num_computed_tokens + s.num_ahead
-            q, r = divmod(p, bs)
-            ids.append(input_token(s, p, overrides))
-            positions.append(p)
-            slots.append(s.block_ids[q] * bs + r)
-            seq_lens.append(p + 1)
-            if q >= width:
-                width = q + 1
+        positions = [s.request.num_computed_tokens + s.num_ahead for s in scheduled]
+        ids = [input_token(s, p, overrides) for s, p in zip(scheduled, positions)]
         n = len(scheduled)
-        table: list[int] = []
-        block_table_rows(scheduled, width, table)
+        rows_np = np.asarray(rows, dtype=np.int64)
+        pos_np = np.asarray(positions, dtype=np.int64)
+        width = int(pos_np.max()) // block_size + 1
         off = table_offset(mb)
         end = off + padded * width
         h = self._writable()
         h[0:n] = ids
-        h[mb : mb + n] = positions
-        h[2 * mb : 2 * mb + n] = slots
-        h[3 * mb : 3 * mb + n] = seq_lens
-        h[4 * mb : 4 * mb + n] = rows
+        h[mb : mb + n] = pos_np
+        h[2 * mb : 2 * mb + n] = table.slots(rows_np, pos_np, block_size)
+        h[3 * mb : 3 * mb + n] = pos_np + 1
+        h[4 * mb : 4 * mb + n] = rows_np
         if padded > n:
             h[n:padded] = 0
             h[mb + n : mb + padded] = 0
@@ -256,20 +231,19 @@ class CudaInputs:
             h[4 * mb + n : 4 * mb + padded] = self.dummy_row
             h[off + n * width : end] = 0
         h[5 * mb] = width
-        h[off : off + n * width] = table
+        h[off : off + n * width] = table.gather(rows_np, width).ravel()
         return self._upload(0, end, record=not samples)
-
 
     # ---- mixed-step graphs --------------------------------------------------------------
     def prepare_mixed(self, scheduled: list[ScheduledRequest], rows: list[int],
-                      layout: MixedLayout, padded: int, block_size: int,
+                      table: BlockTable, layout: MixedLayout, padded: int, block_size: int,
                       overrides: dict[str, int] | None = None) -> tuple[int, int]:
         """Write the inputs of a step of any shape where the mixed-step graph of ``padded``
         tokens reads them (``vserve.worker.mixed_graphs``), with one copy. Returns the
         upload number and how many rows sample (the graph's first sampled rows, in the
         order of ``scheduled``)."""
         h = self._writable()
-        n_sample, end = pack_mixed(h, scheduled, rows, layout, padded, block_size,
+        n_sample, end = pack_mixed(h, scheduled, rows, table, layout, padded, block_size,
                                    self.dummy_row, overrides)
         return self._upload(0, end, record=n_sample == 0), n_sample
 
@@ -280,49 +254,42 @@ def mixed_order(scheduled: list[ScheduledRequest]) -> list[int]:
 
 
 def pack_mixed(h: np.ndarray, scheduled: list[ScheduledRequest], rows: list[int],
-               layout: MixedLayout, padded: int, block_size: int, dummy_row: int,
-               overrides: dict[str, int] | None) -> tuple[int, int]:
+               table: BlockTable, layout: MixedLayout, padded: int, block_size: int,
+               dummy_row: int, overrides: dict[str, int] | None) -> tuple[int, int]:
     """Fill ``h`` (int32, ``layout.size`` entries) with a step's inputs at the offsets of
-    ``layout``, padded to ``padded`` tokens. Returns the number of rows that sample and the
-    end of what the graph reads (the table, last, is ``[seqs, width]``).
+    ``layout``, padded to ``padded`` tokens. ``rows[i]``: scheduled row i's persistent row,
+    whose block ids ``table`` holds. Returns the number of rows that sample and the end of
+    what the graph reads (the table, last, is ``[seqs, width]``).
 
     The leading one-token rows of ``scheduled`` are the decode kernel's (``num_decode``);
     put them first (``mixed_order``) so that every decode row is."""
-    bs = block_size
     lay = layout
     ids: list[int] = []
     positions: list[int] = []
-    slots: list[int] = []
     token_rows: list[int] = []
     qsl = [0]
     seq_lens: list[int] = []
     sample_idx: list[int] = []
     sample_rows: list[int] = []
-    width = 1
     for s, row in zip(scheduled, rows, strict=True):
         req, n = s.request, s.num_new_tokens
         start = req.num_computed_tokens + s.num_ahead
         end = start + n
-        blocks = s.block_ids
         if n == 1:
             ids.append(input_token(s, start, overrides))
             positions.append(start)
-            slots.append(blocks[start // bs] * bs + start % bs)
             token_rows.append(row)
         else:
             ids.extend(req.all_token_ids[start:end])
             positions.extend(range(start, end))
-            slots.extend(blocks[p // bs] * bs + p % bs for p in range(start, end))
             token_rows.extend([dummy_row] * n)
         qsl.append(qsl[-1] + n)
         seq_lens.append(end)
         if s.sample:
             sample_idx.append(qsl[-1] - 1)
             sample_rows.append(row)
-        w = -(-end // bs)
-        if w > width:
-            width = w
     t, ns, nr = len(ids), len(seq_lens), len(sample_idx)
+    width = -(-max(seq_lens) // block_size)
     seqs = lay.seqs_for(padded)
     assert t <= padded and ns <= seqs
     q_lens = [b - a for a, b in zip(qsl, qsl[1:])]
@@ -333,11 +300,13 @@ def pack_mixed(h: np.ndarray, scheduled: list[ScheduledRequest], rows: list[int]
     prefill_tiles(q_lens, lay.block_m, tiles, first=num_decode)
     nt = lay.tiles_for(padded)
     assert len(tiles) <= nt
+    rows_np = np.asarray(rows, dtype=np.int64)
+    pos_np = np.asarray(positions, dtype=np.int64)
     h[lay.ids : lay.ids + t] = ids
     h[lay.ids + t : lay.ids + padded] = 0
-    h[lay.positions : lay.positions + t] = positions
+    h[lay.positions : lay.positions + t] = pos_np
     h[lay.positions + t : lay.positions + padded] = 0
-    h[lay.slots : lay.slots + t] = slots
+    h[lay.slots : lay.slots + t] = table.slots(np.repeat(rows_np, q_lens), pos_np, block_size)
     h[lay.slots + t : lay.slots + padded] = -1
     h[lay.token_rows : lay.token_rows + t] = token_rows
     h[lay.token_rows + t : lay.token_rows + padded] = dummy_row
@@ -353,9 +322,7 @@ def pack_mixed(h: np.ndarray, scheduled: list[ScheduledRequest], rows: list[int]
     h[lay.tiles + len(tiles) : lay.tiles + nt] = -1
     h[lay.width] = width
     h[lay.num_decode] = num_decode
-    table: list[int] = []
-    block_table_rows(scheduled, width, table)
-    h[lay.table : lay.table + ns * width] = table
+    h[lay.table : lay.table + ns * width] = table.gather(rows_np, width).ravel()
     end = lay.table + seqs * width
     h[lay.table + ns * width : end] = 0
     return nr, end

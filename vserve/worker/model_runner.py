@@ -21,6 +21,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from vserve.attention.backend import AttentionBackend, AttentionMetadata
@@ -31,6 +32,7 @@ from vserve.models.loader import load_model, resolve_dtype
 from vserve.ops.tiles import prefill_block_m
 from vserve.protocol.outputs import Logprobs
 from vserve.worker import kv_sizing
+from vserve.worker.block_table import BatchRows
 from vserve.worker.cuda_graphs import DecodeGraphs, table_offset
 from vserve.worker.cuda_inputs import DEVICE_TOKEN, CudaInputs, input_token, mixed_order
 from vserve.worker.mixed_graphs import MAX_MIXED_GRAPH_TOKENS, MixedGraphs, MixedLayout
@@ -88,6 +90,12 @@ class ModelRunner:
         self.mixed_graphs: MixedGraphs | None = None
         self.max_blocks_per_seq = math.ceil(self.max_model_len / self.block_size)
         self.inputs: CudaInputs | None = None
+        # Every request in the batch holds a persistent row from its first step until the
+        # step that reports it finished or preempted: its block ids (both devices) and, on
+        # CUDA, its last sampled token on the device (see CudaInputs). Chaining can hold a
+        # finished request's row one step longer, hence twice the sequences.
+        max_rows = 2 * max(config.scheduler.max_num_seqs, self.graph_batch_size())
+        self.batch_rows = BatchRows(max_rows, self.max_blocks_per_seq)
         if self.is_cuda:
             sc = config.scheduler
             gbs = self.graph_batch_size()
@@ -104,12 +112,7 @@ class ModelRunner:
             size = max(4 * max_tokens + 4 * max_seqs + 1 + max_seqs * self.max_blocks_per_seq
                        + 8 * 16, table_offset(gbs) + gbs * self.max_blocks_per_seq,
                        self.mixed_layout.size)
-            # Every request in the batch holds a persistent row of ``last_tokens`` from its
-            # first step until the step that reports it finished (see CudaInputs).
-            self._max_rows = 2 * max_seqs
-            self._rows: dict[str, int] = {}
-            self._free_rows = list(range(self._max_rows - 1, -1, -1))
-            self.inputs = CudaInputs(size, gbs, self._max_rows, self.device)
+            self.inputs = CudaInputs(size, gbs, max_rows, self.device)
 
     def _max_model_len(self) -> int:
         limit = self.arch.max_position_embeddings
@@ -174,13 +177,13 @@ class ModelRunner:
                  overrides: dict[str, int] | None) -> tuple[
         torch.Tensor, torch.Tensor, AttentionMetadata
     ]:
-        bs = self.block_size
+        """CPU inputs: token ids and positions from the requests, slots and block table
+        gathered from the persistent rows (``BatchRows``)."""
+        rows = self._batch_rows(scheduled)
         input_ids: list[int] = []
         positions: list[int] = []
-        slots: list[int] = []
         qsl = [0]
         seq_lens: list[int] = []
-        max_blocks = 0
         for s in scheduled:
             req, n = s.request, s.num_new_tokens
             start = req.num_computed_tokens + s.num_ahead
@@ -189,30 +192,29 @@ class ModelRunner:
                 tok = input_token(s, start, overrides)
                 assert tok != DEVICE_TOKEN, "a chained CPU step needs the previous tokens"
                 input_ids.append(tok)
+                positions.append(start)
             else:
                 input_ids.extend(req.all_token_ids[start:end])
-            positions.extend(range(start, end))
-            blocks = s.block_ids
-            slots.extend(blocks[p // bs] * bs + p % bs for p in range(start, end))
-            qsl.append(qsl[-1] + n)
+                positions.extend(range(start, end))
+            qsl.append(end - start + qsl[-1])
             seq_lens.append(end)
-            max_blocks = max(max_blocks, math.ceil(end / bs))
-        table = [s.block_ids[:max_blocks] + [0] * (max_blocks - min(len(s.block_ids), max_blocks))
-                 for s in scheduled]
-        dev = self.device
+        bs = self.block_size
+        rows_np = np.asarray(rows, dtype=np.int64)
+        pos_np = np.asarray(positions, dtype=np.int64)
+        table = self.batch_rows.block_table
+        slots = table.slots(np.repeat(rows_np, np.diff(qsl)), pos_np, bs)
+        width = -(-max(seq_lens) // bs)
         meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.int64).to(dev, non_blocking=True),
-            query_start_loc=torch.tensor(qsl, dtype=torch.int32).to(dev, non_blocking=True),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32).to(dev, non_blocking=True),
-            block_tables=torch.tensor(table, dtype=torch.int32).to(dev, non_blocking=True),
+            slot_mapping=torch.from_numpy(slots),
+            query_start_loc=torch.tensor(qsl, dtype=torch.int32),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
+            block_tables=torch.from_numpy(table.gather(rows_np, width)),
             max_query_len=max(b - a for a, b in zip(qsl, qsl[1:])),
             max_seq_len=max(seq_lens),
             query_start_loc_cpu=qsl,
             seq_lens_cpu=seq_lens,
         )
-        ids = torch.tensor(input_ids, dtype=torch.int64).to(dev, non_blocking=True)
-        pos = torch.tensor(positions, dtype=torch.int64).to(dev, non_blocking=True)
-        return ids, pos, meta
+        return torch.tensor(input_ids, dtype=torch.int64), torch.from_numpy(pos_np), meta
 
     def execute_model_async(self, sched: SchedulerOutput,
                             in_flight: PendingOutput | None = None) -> PendingOutput:
@@ -251,27 +253,13 @@ class ModelRunner:
             logits = self.model.compute_logits(hidden[rows])
         return self._finish(scheduled, hidden, logits, row0)
 
-    # ---- persistent rows (CUDA) ------------------------------------------------------
+    # ---- persistent rows ----------------------------------------------------------------
     def _batch_rows(self, scheduled: list[ScheduledRequest]) -> list[int]:
-        rows = self._rows
-        out = []
-        for s in scheduled:
-            rid = s.request.request_id
-            row = rows.get(rid)
-            if row is None:
-                if not self._free_rows:
-                    raise RuntimeError(f"no free batch row for {rid!r} ({self._max_rows} rows)")
-                row = rows[rid] = self._free_rows.pop()
-            out.append(row)
-        return out
+        return self.batch_rows.rows_for([s.request.request_id for s in scheduled],
+                                        [s.block_ids for s in scheduled])
 
     def _release_rows(self, request_ids: set[str] | list[str]) -> None:
-        if not self.is_cuda:
-            return
-        for rid in request_ids:
-            row = self._rows.pop(rid, None)
-            if row is not None:
-                self._free_rows.append(row)
+        self.batch_rows.release(request_ids)
 
     def _finish(self, scheduled: list[ScheduledRequest], hidden: torch.Tensor | None,
                 logits: torch.Tensor | None, row0: list[int],
@@ -336,8 +324,8 @@ class ModelRunner:
         padded = self._graph_size(scheduled)
         if graphs is not None and padded is not None:
             greedy = all(samples) and Sampler.plain_greedy(requests)
-            upload = inputs.prepare_decode(scheduled, rows, padded, self.block_size,
-                                           any(samples), overrides)
+            upload = inputs.prepare_decode(scheduled, rows, self.batch_rows.block_table,
+                                           padded, self.block_size, any(samples), overrides)
             all_logits = graphs.replay(padded)
             if greedy:
                 # The graph's argmax is the output: one device→host copy, not waited for.
@@ -357,8 +345,8 @@ class ModelRunner:
             order = mixed_order(scheduled)
             scheduled = [scheduled[i] for i in order]
             upload, n_sample = inputs.prepare_mixed(scheduled, [rows[i] for i in order],
-                                                    mg.layout, mixed, self.block_size,
-                                                    overrides)
+                                                    self.batch_rows.block_table, mg.layout,
+                                                    mixed, self.block_size, overrides)
             sampled_logits = mg.replay(mixed, n_sample)
             if n_sample:
                 sampling = [s.request for s in scheduled if s.sample]
@@ -370,7 +358,8 @@ class ModelRunner:
                 logits = sampled_logits
             row0 = []  # no prompt logprobs in a graphed step
         else:
-            eager = inputs.prepare_eager(scheduled, rows, self.block_size, overrides)
+            eager = inputs.prepare_eager(scheduled, rows, self.batch_rows.block_table,
+                                         self.block_size, overrides)
             upload = eager.upload
             hidden = self.model(eager.input_ids, eager.positions, self.kv_caches,
                                 eager.metadata)
