@@ -26,6 +26,10 @@ STREAMS = 4
 # size their CPU threads a 300-token stream of the demo model ends within 2 s).
 STREAM_TOKENS = 1500
 SCRAPE_MS = int(SCRAPE_S * 1000)
+# Engines with a running request in the last 3 s, per engine label (a replaced API server
+# may leave a series of its own).
+BUSY_ENGINES = ('count(max by (engine) (max_over_time(vserve_num_requests_running[3s])) > 0)'
+                ' or vector(0)')
 COUNTERS = ("vserve_request_success_total", "vserve_generation_tokens_total",
             "vserve_prompt_tokens_total", "vserve_http_requests_total",
             "vserve_prefix_cache_queries_total", "vserve_iteration_tokens_count")
@@ -135,13 +139,13 @@ def test_counters_survive_process_replacement_without_reset_or_double_count(
             # An engine dies under load (its gauges say it is busy); it is replaced in place.
             engines = list(srv.pids("engine").values())
             assert len(engines) == 2
+            # The window must first forget the load above, or it would call the engines busy
+            # before the streams reach them (and the kill would find nothing to cut).
+            _wait_for(lambda: prom.value(BUSY_ENGINES) == 0, 30, "the window to show idle")
             with ThreadPoolExecutor(STREAMS) as pool:
                 streams = [pool.submit(stream_completion, base, STREAM_TOKENS, 90, f"stream {i}")
                            for i in range(STREAMS)]
-                # Per engine label (a replaced API server may leave a series of its own).
-                _wait_for(lambda: prom.value(
-                    'count(max by (engine) (max_over_time(vserve_num_requests_running[5s]))'
-                    ' > 0) or vector(0)') >= 2, 30, "both engines busy")
+                _wait_for(lambda: prom.value(BUSY_ENGINES) >= 2, 30, "both engines busy")
                 os.kill(engines[1], signal.SIGKILL)
                 results = [f.result() for f in streams]
             assert all(r.done for r in results), results
