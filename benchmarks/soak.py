@@ -68,7 +68,9 @@ async def _one(client: httpx.AsyncClient, i: int) -> int:
 
 
 async def _drive(base: str, count: int, concurrency: int, start: int) -> list[int]:
-    limits = httpx.Limits(max_connections=concurrency)
+    # Idle connections expire on the client before the server's 5 s keep-alive closes
+    # them, so that a request is never sent on a connection the server is closing.
+    limits = httpx.Limits(max_connections=concurrency, keepalive_expiry=2.0)
     async with httpx.AsyncClient(base_url=base, timeout=60, limits=limits) as client:
         sem = asyncio.Semaphore(concurrency)
 

@@ -33,11 +33,14 @@ def test_teardown_ends_every_stream_with_an_error_event_and_done():
     """An engine dies and the server stops: streams on the dead engine and on the healthy
     one alike end with an error event and [DONE] (those on the healthy one used to be cut
     when the API servers were killed)."""
+    # A short grace before the teardown: the healthy engine's streams (4,000 tokens, at
+    # most ~1,000 tokens/s each on the demo model) must still be running when it comes.
     with serve("demo", "--data-parallel-size", "2", "--api-server-count", "2",
-               "--max-engine-restarts", "0") as srv:
+               "--max-engine-restarts", "0",
+               env={"VSERVE_ENGINE_DEATH_GRACE": "0.5"}) as srv:
         engine = next(pid for pid, role in srv.process_names().items() if role == "engine")
         with ThreadPoolExecutor(6) as pool:
-            futures = [pool.submit(stream_completion, srv.base_url, 3000, 60)
+            futures = [pool.submit(stream_completion, srv.base_url, 4000, 60)
                        for _ in range(6)]
             time.sleep(1.5)
             os.kill(engine, signal.SIGKILL)
