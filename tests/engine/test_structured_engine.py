@@ -16,7 +16,13 @@ import pytest
 import torch
 from tokenizers import Tokenizer
 
-from vserve.config import DeviceConfig, EngineConfig, ModelConfig, SchedulerConfig
+from vserve.config import (
+    CacheConfig,
+    DeviceConfig,
+    EngineConfig,
+    ModelConfig,
+    SchedulerConfig,
+)
 from vserve.engine.core import EngineCore
 from vserve.models.source import resolve_model_dir
 from vserve.protocol.outputs import FinishReason
@@ -95,7 +101,9 @@ def test_constrained_steps_chain_with_the_same_tokens_as_sync(
     draw the same tokens as a synchronous engine, and grammars that complete while the next
     row is in flight end where they end without async scheduling."""
     core, _ = demo
+    # A fixed, small cache: on CUDA the first engine holds most of the card's memory.
     sync = EngineCore(EngineConfig(model=core.config.model, device=core.config.device,
+                                   cache=CacheConfig(num_kv_blocks=1024),
                                    scheduler=SchedulerConfig(async_scheduling=False)),
                       core.runner.model_dir)
     specs: dict[str, StructuredOutput | None] = {
