@@ -265,10 +265,12 @@ class ModelRunner:
                 logits: torch.Tensor | None, row0: list[int],
                 upload: int | None = None) -> PendingOutput:
         """The step's output: prompt logprobs now, tokens sampled from ``logits`` (the
-        sampling rows', in order) now — or, when sampling reads the output history
-        (grammars, penalties, ``min_tokens``), deferred until the engine has applied the
-        step before this one (``PendingOutput.deferred``). ``upload``: the step's input
-        upload, known complete once its tokens are on the host."""
+        sampling rows', in order) now — or deferred until the engine has applied the step
+        before this one (``PendingOutput.deferred``) when sampling reads the output history
+        (grammars, penalties, ``min_tokens``), and on CUDA always: sampling there waits for
+        the forward pass, and deferred, that wait comes after the host has applied the
+        step before (while this step runs) rather than before. ``upload``: the step's
+        input upload, known complete once its tokens are on the host."""
         out = ModelRunnerOutput()
         for i, s in enumerate(scheduled):
             if s.request.sampling_params.prompt_logprobs is not None:
@@ -290,7 +292,7 @@ class ModelRunner:
                     inputs.completed(upload)
             return out
 
-        if logits is None or Sampler.history_free(reqs):
+        if logits is None or (not self.is_cuda and Sampler.history_free(reqs)):
             return PendingOutput(sample(), chainable=True)
         return PendingOutput.deferred(sample)
 

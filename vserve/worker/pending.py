@@ -19,7 +19,9 @@ class PendingOutput:
     from its result).
 
     A step whose sampling reads the output history (grammars, penalties, a pending
-    ``min_tokens``) is *deferred*: its forward pass is launched, its sampling waits in
+    ``min_tokens``; on CUDA, any step sampled on the host, whose sampling would otherwise
+    wait for its forward pass before the engine applies the step before) is *deferred*:
+    its forward pass is launched, its sampling waits in
     ``sample()`` until the engine has applied the step before it — so that the bitmasks and
     penalties see every earlier token — and the engine calls ``sample()`` before it chains
     the next step onto this one. The host's work for the step before (reading its tokens,

@@ -64,7 +64,8 @@ class Sampler:
     def history_free(requests: list[Request]) -> bool:
         """Whether no request's sampling reads its output so far (grammars, penalties, a
         pending ``min_tokens`` ban): then a step may sample before the previous token is
-        known to the host; otherwise its sampling is deferred (``PendingOutput.deferred``).
+        known to the host; otherwise its sampling is deferred (``PendingOutput.deferred``;
+        on CUDA every step sampled on the host is).
         Stays true for later steps of the same requests."""
         return not any(_constrained(r) for r in requests)
 
