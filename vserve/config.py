@@ -163,6 +163,10 @@ class DeviceConfig:
         None, help="torch CPU threads of each engine (default: $OMP_NUM_THREADS when set, "
                    "else the CPUs this node lets the server use — affinity and cgroup quota "
                    "— less one for the front end, divided among its engines)")
+    tensor_parallel_size: int = option(
+        1, flags=("--tensor-parallel-size", "-tp"),
+        help="processes each engine's model is split over (heads, MLP and vocabulary "
+             "sharded, torch.distributed between them); CPU (gloo) only so far")
     mixed_step_graphs: bool = option(
         True, help="CUDA: also replay CUDA graphs for steps holding prompt chunks (up to "
                    "2048 tokens), not only for pure decode steps")
@@ -174,6 +178,8 @@ class DeviceConfig:
         _check_choice(self, "device")
         if self.cpu_threads is not None and self.cpu_threads < 1:
             raise ValueError("cpu_threads must be at least 1")
+        if self.tensor_parallel_size < 1:
+            raise ValueError("tensor_parallel_size must be at least 1")
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,8 @@ def test_every_option_has_help_and_a_flag() -> None:
             assert flag in help_text, flag
     assert "(default: 256)" in help_text  # max_num_seqs
     assert "(default: 1GiB)" in help_text  # kv_cache_memory_bytes, shown as a size
-    assert "--tensor-parallel-size" not in help_text  # not offered until it exists
+    assert "--tensor-parallel-size" in help_text and "-tp" in help_text
+    assert "--pipeline-parallel-size" not in help_text  # not offered until it exists
 
 
 def test_flags_reach_the_typed_config() -> None:
@@ -49,8 +50,9 @@ def test_flags_reach_the_typed_config() -> None:
                 "--no-enable-prefix-caching", "--scheduling-policy", "priority",
                 "--served-model-name", "a", "b", "--api-key", "k1", "-dp", "2",
                 "--async-scheduling", "--dtype", "bfloat16", "--max-request-body-bytes",
-                "1MiB")
+                "1MiB", "-tp", "2")
     assert cfg.engine.model.model == "some/model"
+    assert cfg.engine.device.tensor_parallel_size == 2
     assert cfg.engine.model.served_model_name == ("a", "b")
     assert cfg.engine.model.served_name == "a"
     assert cfg.engine.model.dtype == "bfloat16"
@@ -72,7 +74,9 @@ def test_flags_reach_the_typed_config() -> None:
     (["--served-model-name", "a", "b"], "the following arguments are required: MODEL"),
     ([], "the following arguments are required: MODEL"),
     (["--kv-cache-memory", "lots"], "not a size: 'lots'"),
-    (["--tensor-parallel-size", "2"], "unrecognized arguments: --tensor-parallel-size"),
+    (["demo", "--pipeline-parallel-size", "2"],
+     "unrecognized arguments: --pipeline-parallel-size"),
+    (["demo", "-tp", "0"], "tensor_parallel_size must be at least 1"),
     (["--max-num-seqs", "x"], "invalid int value"),
 ])
 def test_bad_flags_are_refused_by_name(argv: list[str], message: str) -> None:

@@ -8,6 +8,7 @@ around 1 and non-zero biases included — so that a mis-mapped weight changes th
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 from typing import Any
 
@@ -196,3 +197,25 @@ def positions_for(seqs: list[tuple[int, int]], device: torch.device | str = "cpu
     """The flat ``positions`` tensor matching ``make_attn_metadata(seqs, ...)``."""
     pos = [p for ctx, new in seqs for p in range(ctx, ctx + new)]
     return torch.tensor(pos, dtype=torch.int64, device=device)
+
+
+def hf_greedy(model_dir, prompt_ids: list[int], n: int) -> tuple[list[int], list[float]]:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        out = model.generate(
+            torch.tensor([prompt_ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+            output_scores=True, return_dict_in_generate=True, eos_token_id=None,
+            pad_token_id=0,
+        )
+    tokens = out.sequences[0, len(prompt_ids):].tolist()
+    logprobs = [
+        torch.log_softmax(score[0].float(), -1)[tok].item()
+        for score, tok in zip(out.scores, tokens)
+    ]
+    return tokens, logprobs
+
+
+def random_prompt(rng: random.Random, n: int, vocab: int = 300) -> list[int]:
+    return [rng.randrange(3, vocab) for _ in range(n)]

@@ -11,7 +11,7 @@ import random
 
 import pytest
 import torch
-from helpers.models import make_tiny_model
+from helpers.models import hf_greedy, make_tiny_model, random_prompt
 
 from vserve import LLM, SamplingParams
 
@@ -24,28 +24,6 @@ ARCHS = [
     ("llama", {"tie_word_embeddings": True}),
 ]
 NEW_TOKENS = 32
-
-
-def hf_greedy(model_dir, prompt_ids: list[int], n: int) -> tuple[list[int], list[float]]:
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    with torch.no_grad():
-        out = model.generate(
-            torch.tensor([prompt_ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
-            output_scores=True, return_dict_in_generate=True, eos_token_id=None,
-            pad_token_id=0,
-        )
-    tokens = out.sequences[0, len(prompt_ids):].tolist()
-    logprobs = [
-        torch.log_softmax(score[0].float(), -1)[tok].item()
-        for score, tok in zip(out.scores, tokens)
-    ]
-    return tokens, logprobs
-
-
-def random_prompt(rng: random.Random, n: int, vocab: int = 300) -> list[int]:
-    return [rng.randrange(3, vocab) for _ in range(n)]
 
 
 @pytest.mark.parametrize("arch,kw", ARCHS, ids=[a + ("-tied" if k else "") for a, k in ARCHS])

@@ -50,7 +50,12 @@ class EngineCore:
         self.config = config
         self.engine_index = engine_index
         t0 = time.perf_counter()
-        self.runner = ModelRunner(config, model_dir)
+        tp = None
+        if config.device.tensor_parallel_size > 1:
+            from vserve.engine.tp_worker import start_workers
+
+            tp = start_workers(config, model_dir, engine_index)
+        self.runner = ModelRunner(config, model_dir, tp)
         t_load = time.perf_counter()
         self.num_kv_blocks = self.runner.determine_num_blocks()
         t_profile = time.perf_counter()

@@ -12,7 +12,7 @@ attention kernels (see ``TritonAttentionBackend.forward_rope``). The CPU path is
 from __future__ import annotations
 
 import math
-from typing import Any, overload
+from typing import Any, Protocol, overload
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +21,16 @@ from torch import nn
 from vserve.models.arch import SUPPORTED_ROPE_TYPES
 from vserve.ops import use_kernels
 
+
+class Collectives(Protocol):
+    """What a tensor-parallel model needs of its group (``vserve.worker.tensor_parallel``)."""
+
+    rank: int
+    size: int
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor: ...
+
+    def all_gather_last(self, t: torch.Tensor) -> torch.Tensor: ...
 
 class RMSNorm(nn.Module):
     """``weight * x / sqrt(mean(x^2) + eps)`` over the last dimension.

@@ -16,7 +16,7 @@ order) and ``gate_proj``/``up_proj`` → ``gate_up_proj`` (gate rows first).
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +34,9 @@ from vserve.models.layers import (
 )
 from vserve.ops import use_kernels
 
+if TYPE_CHECKING:
+    from vserve.models.layers import Collectives
+
 # (merged parameter, checkpoint name, shard index): shards are stacked along dim 0.
 _STACKED_PARAMS: tuple[tuple[str, str, int], ...] = (
     ("qkv_proj", "q_proj", 0),
@@ -42,6 +45,56 @@ _STACKED_PARAMS: tuple[tuple[str, str, int], ...] = (
     ("gate_up_proj", "gate_proj", 0),
     ("gate_up_proj", "up_proj", 1),
 )
+
+
+class ShardLayout:
+    """What rank ``rank`` of ``size`` tensor-parallel ranks holds (all of it when ``size`` is
+    1): whole attention heads (KV heads split, or replicated when there are fewer KV heads
+    than ranks), a slice of the MLP's intermediate dimension and of the vocabulary. The
+    column-parallel projections (qkv, gate/up, embedding, LM head) keep their output slice;
+    the row-parallel ones (o, down) their input slice, their bias on rank 0 only, and an
+    all-reduce after them."""
+
+    def __init__(self, arch: ModelArchConfig, rank: int = 0, size: int = 1) -> None:
+        heads, kv, inter, vocab = (arch.num_attention_heads, arch.num_key_value_heads,
+                                   arch.intermediate_size, arch.vocab_size)
+        bad = [f"{what} ({n})" for what, n in (
+            ("num_attention_heads", heads), ("intermediate_size", inter),
+            ("vocab_size", vocab)) if n % size]
+        if kv % size and size % kv:
+            bad.append(f"num_key_value_heads ({kv}, nor a divisor of it)")
+        if bad:
+            raise ValueError(f"tensor_parallel_size={size} does not divide "
+                             + ", ".join(bad))
+        self.rank, self.size = rank, size
+        self.head_dim = arch.head_dim
+        self.num_heads = heads // size
+        self.num_kv_heads = kv // size if kv >= size else 1
+        self.first_kv_head = rank * self.num_kv_heads if kv >= size else rank * kv // size
+        self.intermediate_size = inter // size
+        self.vocab_size = vocab // size
+        self.first_token = rank * self.vocab_size
+
+    def shard(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """This rank's part of the checkpoint tensor ``name`` (HF naming)."""
+        if self.size == 1:
+            return tensor
+        hd, r = self.head_dim, self.rank
+        if ".q_proj." in name:
+            return tensor.narrow(0, r * self.num_heads * hd, self.num_heads * hd)
+        if ".k_proj." in name or ".v_proj." in name:
+            return tensor.narrow(0, self.first_kv_head * hd, self.num_kv_heads * hd)
+        if ".gate_proj." in name or ".up_proj." in name:
+            return tensor.narrow(0, r * self.intermediate_size, self.intermediate_size)
+        if name.endswith((".o_proj.bias", ".down_proj.bias")):
+            return tensor if r == 0 else torch.zeros_like(tensor)
+        if name.endswith(".o_proj.weight"):
+            return tensor.narrow(1, r * self.num_heads * hd, self.num_heads * hd)
+        if name.endswith(".down_proj.weight"):
+            return tensor.narrow(1, r * self.intermediate_size, self.intermediate_size)
+        if name in ("model.embed_tokens.weight", "lm_head.weight"):
+            return tensor.narrow(0, self.first_token, self.vocab_size)
+        return tensor  # norms: every rank holds them whole
 
 
 class RopeInputs(NamedTuple):
@@ -74,10 +127,12 @@ def _name_list(names: list[str], sep: str = ", ", limit: int = 20) -> str:
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, arch: ModelArchConfig, attn_backend: AttentionBackend) -> None:
+    def __init__(self, arch: ModelArchConfig, attn_backend: AttentionBackend,
+                 layout: ShardLayout, tp: Collectives | None = None) -> None:
         super().__init__()
-        self.num_heads = arch.num_attention_heads
-        self.num_kv_heads = arch.num_key_value_heads
+        self.tp = tp
+        self.num_heads = layout.num_heads
+        self.num_kv_heads = layout.num_kv_heads
         self.head_dim = arch.head_dim
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
@@ -124,16 +179,18 @@ class LlamaAttention(nn.Module):
             q = apply_rotary(q, rope.cos, rope.sin)
             k = apply_rotary(k, rope.cos, rope.sin)
             out = self.attn_backend.forward(q, k, v, k_cache, v_cache, attn_metadata, self.scale)
-        return linear(out.reshape(num_tokens, self.q_size), self.o_proj)
+        out = linear(out.reshape(num_tokens, self.q_size), self.o_proj)
+        return out if self.tp is None else self.tp.all_reduce(out)
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, arch: ModelArchConfig) -> None:
+    def __init__(self, arch: ModelArchConfig, layout: ShardLayout,
+                 tp: Collectives | None = None) -> None:
         super().__init__()
-        self.gate_up_proj = nn.Linear(
-            arch.hidden_size, 2 * arch.intermediate_size, bias=arch.mlp_bias
-        )
-        self.down_proj = nn.Linear(arch.intermediate_size, arch.hidden_size, bias=arch.mlp_bias)
+        self.tp = tp
+        inter = layout.intermediate_size
+        self.gate_up_proj = nn.Linear(arch.hidden_size, 2 * inter, bias=arch.mlp_bias)
+        self.down_proj = nn.Linear(inter, arch.hidden_size, bias=arch.mlp_bias)
         self.act_fn = SiluAndMul()
 
     def forward(self, gate_up: torch.Tensor) -> torch.Tensor:
@@ -141,15 +198,18 @@ class LlamaMLP(nn.Module):
         with the post-attention norm where that pays)."""
         if gate_up.is_cuda and use_kernels(gate_up):
             # SiLU-and-multiply fused into the down projection's input when it is a GEMV.
-            return linear(gate_up, self.down_proj, act=True)
-        return self.down_proj(self.act_fn(gate_up))
+            out = linear(gate_up, self.down_proj, act=True)
+        else:
+            out = self.down_proj(self.act_fn(gate_up))
+        return out if self.tp is None else self.tp.all_reduce(out)
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, arch: ModelArchConfig, attn_backend: AttentionBackend) -> None:
+    def __init__(self, arch: ModelArchConfig, attn_backend: AttentionBackend,
+                 layout: ShardLayout, tp: Collectives | None = None) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(arch, attn_backend)
-        self.mlp = LlamaMLP(arch)
+        self.self_attn = LlamaAttention(arch, attn_backend, layout, tp)
+        self.mlp = LlamaMLP(arch, layout, tp)
         self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
 
@@ -171,11 +231,15 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, arch: ModelArchConfig, attn_backend: AttentionBackend) -> None:
+    def __init__(self, arch: ModelArchConfig, attn_backend: AttentionBackend,
+                 layout: ShardLayout, tp: Collectives | None = None) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(arch.vocab_size, arch.hidden_size)
+        self.tp = tp
+        self.layout = layout
+        self.embed_tokens = nn.Embedding(layout.vocab_size, arch.hidden_size)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(arch, attn_backend) for _ in range(arch.num_hidden_layers)
+            LlamaDecoderLayer(arch, attn_backend, layout, tp)
+            for _ in range(arch.num_hidden_layers)
         )
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
         # One cache shared by all layers; cos/sin are gathered once per step.
@@ -195,7 +259,7 @@ class LlamaModel(nn.Module):
             raise ValueError(
                 f"got {len(kv_caches)} KV caches for a model of {len(self.layers)} layers"
             )
-        hidden = self.embed_tokens(input_ids)
+        hidden = self._embed(input_ids)
         if self._fused_rope and use_kernels(hidden):
             rope = RopeInputs(True, positions, None, None, self.rotary_emb.cos_cache,
                               self.rotary_emb.sin_cache)
@@ -210,6 +274,16 @@ class LlamaModel(nn.Module):
         hidden, _ = self.norm(hidden, residual)
         return hidden
 
+    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.tp is None:
+            return self.embed_tokens(input_ids)
+        # Vocabulary-parallel: each rank embeds the ids of its slice, zeros elsewhere.
+        local = input_ids - self.layout.first_token
+        mine = (local >= 0) & (local < self.layout.vocab_size)
+        hidden = self.embed_tokens(local.clamp(0, self.layout.vocab_size - 1))
+        hidden = hidden * mine.unsqueeze(-1).to(hidden.dtype)
+        return self.tp.all_reduce(hidden)
+
 
 class LlamaForCausalLM(nn.Module):
     """The causal LM the model runner drives (see the module docstring for the batch layout).
@@ -219,19 +293,27 @@ class LlamaForCausalLM(nn.Module):
     ignored.
     """
 
-    def __init__(self, arch: ModelArchConfig, attn_backend: AttentionBackend) -> None:
+    def __init__(self, arch: ModelArchConfig, attn_backend: AttentionBackend,
+                 tp: Collectives | None = None) -> None:
+        """``tp``: this rank's tensor-parallel group; the model then holds only its shard
+        (``ShardLayout``) and loads only that part of each checkpoint tensor."""
         super().__init__()
         self.arch = arch
-        self.model = LlamaModel(arch, attn_backend)
+        self.tp = tp
+        self.layout = ShardLayout(arch, tp.rank, tp.size) if tp is not None else \
+            ShardLayout(arch)
+        layout = self.layout
+        self.model = LlamaModel(arch, attn_backend, layout, tp)
         self.lm_head: nn.Linear | None = None
         if not arch.tie_word_embeddings:
-            self.lm_head = nn.Linear(arch.hidden_size, arch.vocab_size, bias=False)
-        q_size = arch.num_attention_heads * arch.head_dim
-        kv_size = arch.num_key_value_heads * arch.head_dim
+            self.lm_head = nn.Linear(arch.hidden_size, layout.vocab_size, bias=False)
+        q_size = layout.num_heads * arch.head_dim
+        kv_size = layout.num_kv_heads * arch.head_dim
+        inter = layout.intermediate_size
         # Row counts of the shards stacked in each merged parameter, in _STACKED_PARAMS order.
         self._shard_sizes: dict[str, list[int]] = {
             "qkv_proj": [q_size, kv_size, kv_size],
-            "gate_up_proj": [arch.intermediate_size, arch.intermediate_size],
+            "gate_up_proj": [inter, inter],
         }
 
     def forward(
@@ -259,6 +341,8 @@ class LlamaForCausalLM(nn.Module):
             logits = kernel_linear(hidden, weight)
         else:
             logits = F.linear(hidden, weight)
+        if self.tp is not None:  # vocabulary-parallel head: gather the slices
+            logits = self.tp.all_gather_last(logits.float())
         if out is not None:
             return out.copy_(logits)
         return logits.float()
@@ -293,6 +377,7 @@ class LlamaForCausalLM(nn.Module):
             if param is None:
                 unexpected.append(ckpt_name)
                 continue
+            tensor = self.layout.shard(ckpt_name, tensor)
             target = param.data
             if shard is not None:
                 sizes = self._shard_sizes[name.split(".")[-2]]  # ...<merged>.weight

@@ -8,6 +8,7 @@ import logging
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
@@ -16,6 +17,9 @@ from torch import nn
 from vserve.attention.backend import AttentionBackend
 from vserve.models.arch import ModelArchConfig
 from vserve.models.registry import get_model_class
+
+if TYPE_CHECKING:
+    from vserve.models.layers import Collectives
 
 _DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -125,6 +129,7 @@ def load_model(
     dtype: torch.dtype,
     device: torch.device,
     attn_backend: AttentionBackend,
+    tp: Collectives | None = None,
 ) -> nn.Module:
     """Build the model directly on ``device`` in ``dtype``, load its weights, set eval mode.
 
@@ -136,7 +141,8 @@ def load_model(
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            model = cls(arch, attn_backend)
+            # ``tp``: a tensor-parallel rank's group; the model then holds its shard only.
+            model = cls(arch, attn_backend) if tp is None else cls(arch, attn_backend, tp)
     finally:
         torch.set_default_dtype(previous)
     load_weights = getattr(model, "load_weights", None)

@@ -38,6 +38,7 @@ from vserve.worker.cuda_inputs import DEVICE_TOKEN, CudaInputs, input_token, mix
 from vserve.worker.mixed_graphs import MAX_MIXED_GRAPH_TOKENS, MixedGraphs, MixedLayout
 from vserve.worker.pending import PendingOutput
 from vserve.worker.sampler import Sampler, _argmax, gather_logprobs
+from vserve.worker.tensor_parallel import TensorParallel
 
 logger = logging.getLogger(__name__)
 
@@ -65,10 +66,23 @@ MAX_GRAPH_BATCH_SIZE = 256
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, model_dir: Path) -> None:
+    def __init__(self, config: EngineConfig, model_dir: Path,
+                 tp: TensorParallel | None = None) -> None:
+        """``tp``: this process's tensor-parallel group when ``tensor_parallel_size`` > 1
+        (rank 0 here announces every forward pass and logits computation to the other
+        ranks, see ``vserve.worker.tensor_parallel``)."""
         self.config = config
         self.model_dir = model_dir
+        self.tp = tp
         self.device = select_device(config.device.device)
+        if config.device.tensor_parallel_size > 1:
+            if self.device.type != "cpu":
+                raise ValueError("tensor_parallel_size > 1 runs on CPU (gloo) only so far; "
+                                 "CUDA tensor parallelism (NCCL) is not implemented yet")
+            if config.device.benchmark_skip_compute:
+                raise ValueError("benchmark_skip_compute loads no model: it cannot be "
+                                 "combined with tensor_parallel_size > 1")
+            assert tp is not None and tp.size == config.device.tensor_parallel_size
         self.arch: ModelArchConfig = load_arch_config(model_dir)
         self.dtype = resolve_dtype(self.arch, config.model.dtype, self.device)
         self.block_size = config.cache.block_size
@@ -81,7 +95,7 @@ class ModelRunner:
                            "tokens; use this only to measure the front end")
         else:
             self.model = load_model(model_dir, self.arch, self.dtype, self.device,
-                                    self.attn_backend)
+                                    self.attn_backend, tp)
         self.sampler = Sampler(self.device, config.model.seed)
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.num_blocks = 0
@@ -132,9 +146,16 @@ class ModelRunner:
         return requested
 
     # ---- KV cache sizing -------------------------------------------------------------
+    @property
+    def num_kv_heads(self) -> int:
+        """KV heads this rank caches (all of them without tensor parallelism)."""
+        return self.model.layout.num_kv_heads if self.tp is not None else \
+            self.arch.num_key_value_heads
+
     def bytes_per_block(self) -> int:
         elem = torch.tensor([], dtype=self.dtype).element_size()
-        return self.arch.kv_cache_bytes_per_token(elem) * self.block_size
+        per_token = self.arch.kv_cache_bytes_per_token(elem)
+        return per_token * self.num_kv_heads // self.arch.num_key_value_heads * self.block_size
 
     def determine_num_blocks(self) -> int:
         """Blocks that fit the memory budget (+1 for the reserved null block 0)."""
@@ -147,7 +168,9 @@ class ModelRunner:
         self.num_blocks = num_blocks
         if self.skip_compute:
             return  # nothing reads or writes the cache in benchmark mode
-        shape = (num_blocks, self.block_size, self.arch.num_key_value_heads, self.arch.head_dim)
+        if self.tp is not None and self.tp.rank == 0:
+            self.tp.send_alloc(num_blocks)
+        shape = (num_blocks, self.block_size, self.num_kv_heads, self.arch.head_dim)
         # CPU: empty, not zeros — attention reads only slots it wrote, and untouched pages
         # cost no resident memory (a 1 GiB budget for a tiny model stays virtual).
         alloc = torch.empty if self.device.type == "cpu" else torch.zeros
@@ -244,14 +267,22 @@ class ModelRunner:
         if self.is_cuda:
             return self._execute_cuda(scheduled, overrides)
         ids_t, pos, meta = self._prepare(scheduled, overrides)
+        if self.tp is not None:
+            self.tp.send_forward(ids_t, pos, meta)
         hidden = self.model(ids_t, pos, self.kv_caches, meta)
         row0 = meta.query_start_loc_cpu
         logits = None
         sampling = [i for i, s in enumerate(scheduled) if s.sample]
         if sampling:
             rows = torch.tensor([row0[i + 1] - 1 for i in sampling], device=hidden.device)
-            logits = self.model.compute_logits(hidden[rows])
+            logits = self._logits(hidden, rows)
         return self._finish(scheduled, hidden, logits, row0)
+
+    def _logits(self, hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Logits of ``hidden[rows]`` (the other tensor-parallel ranks compute them too)."""
+        if self.tp is not None:
+            self.tp.send_logits(rows)
+        return self.model.compute_logits(hidden[rows])
 
     # ---- persistent rows ----------------------------------------------------------------
     def _batch_rows(self, scheduled: list[ScheduledRequest]) -> list[int]:
@@ -423,7 +454,7 @@ class ModelRunner:
             return None
         assert hidden is not None, "prompt rows run eagerly, never in a decode graph"
         rows = torch.arange(row0 + first - 1 - c, row0 + last - c, device=hidden.device)
-        logprobs = torch.log_softmax(self.model.compute_logits(hidden[rows]), dim=-1)
+        logprobs = torch.log_softmax(self._logits(hidden, rows), dim=-1)
         targets = torch.tensor(req.prompt_token_ids[first : last + 1], device=hidden.device)
         num_top = req.sampling_params.prompt_logprobs or 0
         req.num_prompt_logprobs_done = last

@@ -1,0 +1,133 @@
+"""Tensor parallelism inside one engine: the process group and what crosses it per step.
+
+An engine with ``tensor_parallel_size`` T runs T ranks. Rank 0 is the engine process: it
+alone holds the scheduler, the KV-cache manager and the sampler. Ranks 1..T-1 are worker
+processes (``vserve.engine.tp_worker``) holding only their shard of the weights and of the
+KV cache (``vserve.models.llama.ShardLayout``). ``torch.distributed`` joins them — gloo on
+CPU — through a rendezvous file in a private temporary directory, so no port is fixed.
+
+Per step rank 0 broadcasts the step's inputs; every rank then runs the same forward pass
+(the row-parallel layers all-reduce inside it, and each logits computation all-gathers the
+vocabulary shards). Invariant: every collective is entered by all ranks in the same order.
+The workers therefore replay exactly the calls rank 0 makes, each announced by a header:
+``FORWARD`` (the step's inputs), ``LOGITS`` (rows of the last forward's hidden states),
+``ALLOC`` (KV-cache blocks) and ``EXIT``.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from enum import IntEnum
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from vserve.attention.backend import AttentionMetadata
+
+
+class Op(IntEnum):
+    FORWARD = 1
+    LOGITS = 2
+    ALLOC = 3
+    EXIT = 4
+
+
+_HEADER = 6  # op and up to five sizes
+
+
+def check_shardable(model_dir: Path, size: int) -> None:
+    """Raise ``ValueError`` naming what ``size`` ranks cannot split (before any is started)."""
+    from vserve.models.arch import load_arch_config
+    from vserve.models.llama import ShardLayout
+
+    ShardLayout(load_arch_config(model_dir), 0, size)
+
+
+class TensorParallel:
+    """This process's rank in its engine's tensor-parallel group (``size`` ≥ 2)."""
+
+    def __init__(self, rank: int, size: int, rendezvous: Path,
+                 timeout_s: float = 600.0) -> None:
+        dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank,
+                                world_size=size, timeout=timedelta(seconds=timeout_s))
+        self.rank = rank
+        self.size = size
+
+    # ---- collectives inside the model ------------------------------------------------
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum ``t`` over the ranks, in place (reduced in float32 for narrower dtypes)."""
+        if t.dtype in (torch.float32, torch.float64):
+            dist.all_reduce(t)
+            return t
+        wide = t.float()
+        dist.all_reduce(wide)
+        return t.copy_(wide)
+
+    def all_gather_last(self, t: torch.Tensor) -> torch.Tensor:
+        """The ranks' ``t`` concatenated along the last dimension, in rank order."""
+        t = t.contiguous()
+        parts = [torch.empty_like(t) for _ in range(self.size)]
+        dist.all_gather(parts, t)
+        return torch.cat(parts, dim=-1)
+
+    # ---- rank 0: announce each call ------------------------------------------------
+    def _send(self, op: Op, *sizes: int, payload: torch.Tensor | None = None) -> None:
+        header = torch.zeros(_HEADER, dtype=torch.int64)
+        header[0] = int(op)
+        header[1 : 1 + len(sizes)] = torch.tensor(sizes, dtype=torch.int64)
+        dist.broadcast(header, 0)
+        if payload is not None:
+            dist.broadcast(payload, 0)
+
+    def send_forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                     meta: AttentionMetadata) -> None:
+        t, s = input_ids.numel(), meta.seq_lens.numel()
+        w = meta.block_tables.shape[1]
+        payload = torch.cat([
+            input_ids.long(), positions.long(), meta.slot_mapping.long(),
+            meta.query_start_loc.long(), meta.seq_lens.long(),
+            meta.block_tables.long().reshape(-1)])
+        self._send(Op.FORWARD, t, s, w, meta.max_query_len, meta.max_seq_len, payload=payload)
+
+    def send_logits(self, rows: torch.Tensor) -> None:
+        self._send(Op.LOGITS, rows.numel(), payload=rows.long())
+
+    def send_alloc(self, num_blocks: int) -> None:
+        self._send(Op.ALLOC, num_blocks)
+
+    def send_exit(self) -> None:
+        self._send(Op.EXIT)
+
+    # ---- ranks 1..T-1: receive the next call ----------------------------------------
+    def receive(self) -> tuple[Op, Any]:
+        """The next call rank 0 made: ``(FORWARD, (ids, positions, meta))``, ``(LOGITS,
+        rows)``, ``(ALLOC, num_blocks)`` or ``(EXIT, None)``."""
+        header = torch.zeros(_HEADER, dtype=torch.int64)
+        dist.broadcast(header, 0)
+        op = Op(int(header[0]))
+        if op == Op.FORWARD:
+            t, s, w, max_q, max_s = (int(x) for x in header[1:6])
+            payload = torch.empty(3 * t + 2 * s + 1 + s * w, dtype=torch.int64)
+            dist.broadcast(payload, 0)
+            ids, pos, slots, rest = payload[:t], payload[t : 2 * t], payload[2 * t : 3 * t], \
+                payload[3 * t :]
+            qsl, seq_lens, table = rest[: s + 1], rest[s + 1 : 2 * s + 1], rest[2 * s + 1 :]
+            qsl_cpu, seq_lens_cpu = qsl.tolist(), seq_lens.tolist()
+            meta = AttentionMetadata(
+                slot_mapping=slots, query_start_loc=qsl.int(), seq_lens=seq_lens.int(),
+                block_tables=table.int().reshape(s, w), max_query_len=max_q,
+                max_seq_len=max_s, query_start_loc_cpu=qsl_cpu, seq_lens_cpu=seq_lens_cpu)
+            return op, (ids, pos, meta)
+        if op == Op.LOGITS:
+            rows = torch.empty(int(header[1]), dtype=torch.int64)
+            dist.broadcast(rows, 0)
+            return op, rows
+        if op == Op.ALLOC:
+            return op, int(header[1])
+        return op, None
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
