@@ -1,0 +1,59 @@
+"""``vserve serve demo -tp 2`` end to end: the official client gets the tokens TP=1 gives; a
+worker rank's death is its engine's death (the engine is replaced, with a new worker, and
+serving goes on); shutting down leaves no worker behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import openai
+import psutil
+from helpers.serve import serve
+
+from vserve import LLM, SamplingParams
+
+PROMPTS = ["Hello, my name is", "The capital of France is"]
+
+
+def _workers(pid: int) -> list[psutil.Process]:
+    return [p for p in psutil.Process(pid).children(recursive=True)
+            if "vserve.engine.tp_worker" in " ".join(p.cmdline())]
+
+
+def _complete(client: openai.OpenAI) -> list[str]:
+    return [client.completions.create(model="demo", prompt=p, max_tokens=16, temperature=0,
+                                      extra_body={"ignore_eos": True}).choices[0].text
+            for p in PROMPTS]
+
+
+def test_serve_tp2_answers_like_tp1_and_survives_a_worker_death() -> None:
+    with LLM("demo") as llm:
+        want = [o.outputs[0].text for o in llm.generate(
+            PROMPTS, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True),
+            use_tqdm=False)]
+    with serve("demo", "--tensor-parallel-size", "2") as srv:
+        client = openai.OpenAI(base_url=srv.base_url + "/v1", api_key="none", max_retries=0)
+        assert _complete(client) == want
+        workers = _workers(srv.pid)
+        assert len(workers) == 1, [p.cmdline() for p in workers]
+        engine = psutil.Process(workers[0].ppid())
+        assert "vserve.engine.core_proc" in " ".join(engine.cmdline())
+
+        os.kill(workers[0].pid, signal.SIGKILL)
+        engine.wait(30)  # the worker's death ends its engine ...
+        deadline = time.monotonic() + 90
+        while True:  # ... which the supervisor replaces, with a worker of its own
+            fresh = [w for w in _workers(srv.pid) if w.pid != workers[0].pid]
+            try:
+                if fresh and _complete(client) == want:
+                    break
+            except openai.APIError:
+                pass
+            assert time.monotonic() < deadline, srv.log()[-3000:]
+            time.sleep(0.5)
+        assert "tensor-parallel rank 1" in srv.log()
+        every = psutil.Process(srv.pid).children(recursive=True)
+    gone, alive = psutil.wait_procs(every, timeout=15)
+    assert not alive, [p.cmdline() for p in alive]
