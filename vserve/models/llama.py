@@ -16,7 +16,7 @@ order) and ``gate_proj``/``up_proj`` → ``gate_up_proj`` (gate rows first).
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -75,26 +75,39 @@ class ShardLayout:
         self.vocab_size = vocab // size
         self.first_token = rank * self.vocab_size
 
-    def shard(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
-        """This rank's part of the checkpoint tensor ``name`` (HF naming)."""
-        if self.size == 1:
-            return tensor
+    def shard(self, name: str, tensor: Any) -> torch.Tensor:
+        """This rank's part of the checkpoint tensor ``name`` (HF naming). ``tensor`` is a
+        tensor or a safetensors slice (``safe_open(...).get_slice``): from a slice only this
+        rank's part is read."""
         hd, r = self.head_dim, self.rank
+        if self.size == 1:
+            return _part(tensor, 0, 0, None)
         if ".q_proj." in name:
-            return tensor.narrow(0, r * self.num_heads * hd, self.num_heads * hd)
+            return _part(tensor, 0, r * self.num_heads * hd, self.num_heads * hd)
         if ".k_proj." in name or ".v_proj." in name:
-            return tensor.narrow(0, self.first_kv_head * hd, self.num_kv_heads * hd)
+            return _part(tensor, 0, self.first_kv_head * hd, self.num_kv_heads * hd)
         if ".gate_proj." in name or ".up_proj." in name:
-            return tensor.narrow(0, r * self.intermediate_size, self.intermediate_size)
+            return _part(tensor, 0, r * self.intermediate_size, self.intermediate_size)
         if name.endswith((".o_proj.bias", ".down_proj.bias")):
-            return tensor if r == 0 else torch.zeros_like(tensor)
+            whole = _part(tensor, 0, 0, None)
+            return whole if r == 0 else torch.zeros_like(whole)
         if name.endswith(".o_proj.weight"):
-            return tensor.narrow(1, r * self.num_heads * hd, self.num_heads * hd)
+            return _part(tensor, 1, r * self.num_heads * hd, self.num_heads * hd)
         if name.endswith(".down_proj.weight"):
-            return tensor.narrow(1, r * self.intermediate_size, self.intermediate_size)
+            return _part(tensor, 1, r * self.intermediate_size, self.intermediate_size)
         if name in ("model.embed_tokens.weight", "lm_head.weight"):
-            return tensor.narrow(0, self.first_token, self.vocab_size)
-        return tensor  # norms: every rank holds them whole
+            return _part(tensor, 0, self.first_token, self.vocab_size)
+        return _part(tensor, 0, 0, None)  # norms: every rank holds them whole
+
+
+def _part(tensor: Any, dim: int, start: int, length: int | None) -> torch.Tensor:
+    """``tensor``'s rows (``dim`` 0) or columns (1) ``start .. start+length`` (all of it
+    for ``length`` None), from a tensor or a safetensors slice."""
+    if isinstance(tensor, torch.Tensor):
+        return tensor if length is None else tensor.narrow(dim, start, length)
+    if length is None:
+        return tensor[:]
+    return tensor[start : start + length] if dim == 0 else tensor[:, start : start + length]
 
 
 class RopeInputs(NamedTuple):
@@ -351,8 +364,9 @@ class LlamaForCausalLM(nn.Module):
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy HF-named checkpoint tensors into the (merged) parameters.
 
-        Every parameter (every shard of a merged one) must be loaded exactly as the checkpoint
-        names it; raises ``ValueError`` listing unexpected tensors, shape mismatches and
+        With tensor parallelism the tensors are this rank's parts (``ShardLayout.shard``,
+        applied by the loader as it reads). Every parameter (every shard of a merged one)
+        must be loaded exactly as the checkpoint names it; raises ``ValueError`` listing unexpected tensors, shape mismatches and
         parameters left unloaded. Tensors are converted to each parameter's dtype and device.
         """
         params = dict(self.named_parameters())
@@ -377,7 +391,6 @@ class LlamaForCausalLM(nn.Module):
             if param is None:
                 unexpected.append(ckpt_name)
                 continue
-            tensor = self.layout.shard(ckpt_name, tensor)
             target = param.data
             if shard is not None:
                 sizes = self._shard_sizes[name.split(".")[-2]]  # ...<merged>.weight

@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import safe_open
@@ -78,19 +78,21 @@ def _safetensors_files(model_dir: Path) -> list[Path]:
     return files
 
 
-def iterate_weights(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
+def iterate_weights(model_dir: Path, part: Callable[[str, Any], torch.Tensor] | None = None,
+                    ) -> Iterator[tuple[str, torch.Tensor]]:
     """``(name, tensor)`` for every tensor of the checkpoint, on CPU, in file order.
 
     Sources, first match wins: ``model.safetensors``; the shards listed by
     ``model.safetensors.index.json``; every ``*.safetensors`` file. Missing files are
-    reported before any tensor is yielded.
+    reported before any tensor is yielded. ``part(name, slice)``: read only that part of
+    each tensor (a tensor-parallel rank's shard) from its safetensors slice.
     """
     files = _safetensors_files(Path(model_dir))
     progress = _LoadProgress(files)
     for i, file in enumerate(files):
         with safe_open(str(file), framework="pt") as f:
             for name in f.keys():
-                tensor = f.get_tensor(name)
+                tensor = f.get_tensor(name) if part is None else part(name, f.get_slice(name))
                 progress.add(tensor.numel() * tensor.element_size(), i)
                 yield name, tensor
     progress.done()
@@ -148,6 +150,7 @@ def load_model(
     load_weights = getattr(model, "load_weights", None)
     if load_weights is None:
         raise TypeError(f"{cls.__name__} has no load_weights")
-    load_weights(iterate_weights(Path(model_dir)))
+    layout = getattr(model, "layout", None) if tp is not None else None
+    load_weights(iterate_weights(Path(model_dir), layout.shard if layout is not None else None))
     model.requires_grad_(False)
     return model.eval()
