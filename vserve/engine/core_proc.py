@@ -300,9 +300,12 @@ def size_cpu_threads(config: EngineConfig, local_engines: int) -> None:
         threads, source = envs.omp_num_threads(), "$OMP_NUM_THREADS"
     if threads is None:
         cpus = usable_cpus()
-        threads = engine_cpu_threads(local_engines, cpus)
+        # Each tensor-parallel rank is a process of its own computing alongside this one.
+        tp = config.device.tensor_parallel_size
+        threads = engine_cpu_threads(local_engines * tp, cpus)
         source = (f"{cpus} usable CPU{'s' if cpus != 1 else ''} less one for the front end, "
-                  f"{local_engines} engine{'s' if local_engines != 1 else ''} on this node")
+                  f"{local_engines} engine{'s' if local_engines != 1 else ''} on this node"
+                  + (f" × {tp} tensor-parallel ranks" if tp > 1 else ""))
     torch.set_num_threads(threads)
     try:
         torch.set_num_interop_threads(min(threads, 2))

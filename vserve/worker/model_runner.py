@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -38,7 +38,9 @@ from vserve.worker.cuda_inputs import DEVICE_TOKEN, CudaInputs, input_token, mix
 from vserve.worker.mixed_graphs import MAX_MIXED_GRAPH_TOKENS, MixedGraphs, MixedLayout
 from vserve.worker.pending import PendingOutput
 from vserve.worker.sampler import Sampler, _argmax, gather_logprobs
-from vserve.worker.tensor_parallel import TensorParallel
+
+if TYPE_CHECKING:  # torch.distributed is imported only by tensor-parallel engines
+    from vserve.worker.tensor_parallel import TensorParallel
 
 logger = logging.getLogger(__name__)
 
