@@ -48,10 +48,13 @@ def check_shardable(model_dir: Path, size: int) -> None:
 class TensorParallel:
     """This process's rank in its engine's tensor-parallel group (``size`` ≥ 2)."""
 
-    def __init__(self, rank: int, size: int, rendezvous: Path,
-                 timeout_s: float = 600.0) -> None:
+    def __init__(self, rank: int, size: int, rendezvous: Path) -> None:
+        # No timeout that matters: a worker waits in ``receive`` for as long as its engine
+        # is idle, and gloo's timeout applies to every collective. A rank that dies is
+        # caught by the engine's watch of its workers and by each worker's watch of its
+        # parent instead; a start that never completes, by the engine's startup timeout.
         dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank,
-                                world_size=size, timeout=timedelta(seconds=timeout_s))
+                                world_size=size, timeout=timedelta(days=365))
         self.rank = rank
         self.size = size
 
