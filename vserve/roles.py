@@ -14,11 +14,13 @@ from collections.abc import Sequence
 API_SERVER_MODULE = "vserve.api.server"
 ENGINE_MODULE = "vserve.engine.core_proc"
 DEMO_BUILDER_MODULE = "vserve.models.demo"
+TP_WORKER_MODULE = "vserve.engine.tp_worker"
 
 API_SERVER_INDEX_FLAG = "--index"
 ENGINE_INDEX_FLAG = "--engine-index"
 LOCAL_ENGINES_FLAG = "--local-engines"  # an engine's: how many engines share its node
 CLUSTER_KEY_FLAG = "--cluster-key-file"  # an engine's: multi-node links are authenticated
+TP_RANK_FLAG = "--rank"  # a tensor-parallel worker's rank in its engine's group
 
 _ROLES = ((API_SERVER_MODULE, "api_server", API_SERVER_INDEX_FLAG),
           (ENGINE_MODULE, "engine", ENGINE_INDEX_FLAG))
@@ -48,10 +50,19 @@ def engine_name(rank: int) -> str:
     return f"EngineCore_DP{rank}"
 
 
+def _flag_value(args: list[str], flag: str) -> str:
+    at = args.index(flag) if flag in args else -1
+    return args[at + 1] if 0 <= at < len(args) - 1 else "0"
+
+
 def process_role(cmdline: Sequence[str]) -> tuple[str, str] | None:
-    """``(role, index)`` of a vserve child from its command line — role ``api_server`` or
-    ``engine`` — or None for any other process."""
+    """``(role, index)`` of a vserve child from its command line — role ``api_server``,
+    ``engine``, or ``engine_tp_worker`` (index ``ENGINE.RANK``) — or None for any other
+    process."""
     args = list(cmdline)
+    if TP_WORKER_MODULE in args:
+        return "engine_tp_worker", f"{_flag_value(args, ENGINE_INDEX_FLAG)}." \
+            f"{_flag_value(args, TP_RANK_FLAG)}"
     for module, role, flag in _ROLES:
         if module in args:
             at = args.index(flag) if flag in args else -1

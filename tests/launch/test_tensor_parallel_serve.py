@@ -8,6 +8,7 @@ import os
 import signal
 import time
 
+import httpx
 import openai
 import psutil
 from helpers.serve import serve
@@ -40,6 +41,10 @@ def test_serve_tp2_answers_like_tp1_and_survives_a_worker_death() -> None:
         assert len(workers) == 1, [p.cmdline() for p in workers]
         engine = psutil.Process(workers[0].ppid())
         assert "vserve.engine.core_proc" in " ".join(engine.cmdline())
+        # The worker is a vserve process of its own in the process metrics.
+        scrape = httpx.get(srv.base_url + "/metrics", timeout=10).text
+        assert 'vserve_process_resident_memory_bytes{index="0.1",role="engine_tp_worker"}' \
+            in scrape, [line for line in scrape.splitlines() if "resident" in line]
 
         os.kill(workers[0].pid, signal.SIGKILL)
         engine.wait(30)  # the worker's death ends its engine ...

@@ -30,15 +30,12 @@ from typing import TYPE_CHECKING
 from vserve.config import EngineConfig
 from vserve.launch.lifetime import exit_when_parent_dies, flush_and_exit, spawn_child
 from vserve.logging_utils import get_logger, init_logging
-from vserve.roles import engine_name
+from vserve.roles import ENGINE_INDEX_FLAG, TP_RANK_FLAG, TP_WORKER_MODULE, engine_name
 
 if TYPE_CHECKING:
     from vserve.worker.tensor_parallel import TensorParallel
 
 logger = get_logger(__name__)
-
-MODULE = "vserve.engine.tp_worker"
-
 
 def worker_name(engine_index: int, rank: int) -> str:
     return f"{engine_name(engine_index)}_TP{rank}"
@@ -55,10 +52,10 @@ def start_workers(config: EngineConfig, model_dir: Path, engine_index: int) -> T
     check_shardable(model_dir, size)
     workdir = Path(tempfile.mkdtemp(prefix="vserve-tp-"))  # private (0700)
     rendezvous = workdir / "rendezvous"
-    procs = [spawn_child(MODULE, [
-        "--rank", str(rank), "--world-size", str(size), "--rendezvous", str(rendezvous),
+    procs = [spawn_child(TP_WORKER_MODULE, [
+        TP_RANK_FLAG, str(rank), "--world-size", str(size), "--rendezvous", str(rendezvous),
         "--model-dir", str(model_dir), "--config", config.to_msgpack().hex(),
-        "--engine-index", str(engine_index), "--threads", str(torch.get_num_threads())],
+        ENGINE_INDEX_FLAG, str(engine_index), "--threads", str(torch.get_num_threads())],
         worker_name(engine_index, rank)) for rank in range(1, size)]
 
     def watch() -> None:
@@ -109,12 +106,12 @@ def run_worker(rank: int, size: int, rendezvous: Path, model_dir: Path,
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="vserve-tp-worker")
-    p.add_argument("--rank", type=int, required=True)
+    p.add_argument(TP_RANK_FLAG, dest="rank", type=int, required=True)
     p.add_argument("--world-size", type=int, required=True)
     p.add_argument("--rendezvous", required=True)
     p.add_argument("--model-dir", required=True)
     p.add_argument("--config", required=True, help="the engine's EngineConfig, msgpack hex")
-    p.add_argument("--engine-index", type=int, default=0)
+    p.add_argument(ENGINE_INDEX_FLAG, dest="engine_index", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     init_logging(worker_name(args.engine_index, args.rank))
