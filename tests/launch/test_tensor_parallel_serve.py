@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
@@ -62,3 +63,27 @@ def test_serve_tp2_answers_like_tp1_and_survives_a_worker_death() -> None:
         every = psutil.Process(srv.pid).children(recursive=True)
     gone, alive = psutil.wait_procs(every, timeout=15)
     assert not alive, [p.cmdline() for p in alive]
+
+
+def test_dp2_tp2_serves_on_both_engines_and_leaves_nothing_when_the_supervisor_dies() -> None:
+    """Two engines of two ranks each; the supervisor SIGKILLed (no cleanup of its own):
+    engines and their workers go too."""
+    with serve("demo", "-dp", "2", "-tp", "2", "--max-num-seqs", "4") as srv:
+        workers = _workers(srv.pid)
+        assert sorted(w.cmdline()[w.cmdline().index("--engine-index") + 1]
+                      for w in workers) == ["0", "1"], [w.cmdline() for w in workers]
+        client = openai.OpenAI(base_url=srv.base_url + "/v1", api_key="none", max_retries=0)
+        with ThreadPoolExecutor(8) as pool:  # concurrent: routed to both engines
+            texts = list(pool.map(lambda _: client.completions.create(
+                model="demo", prompt="Hello", max_tokens=32, temperature=0,
+                extra_body={"ignore_eos": True}).choices[0].text, range(8)))
+        assert len(set(texts)) == 1  # two engines, one model: the same greedy text
+        scrape = httpx.get(srv.base_url + "/metrics", timeout=10).text
+        served = {line.split('engine="')[1].split('"')[0] for line in scrape.splitlines()
+                  if line.startswith("vserve_prefix_cache_queries_total{")
+                  and not line.endswith(" 0.0")}
+        assert served == {"0", "1"}, served
+        every = psutil.Process(srv.pid).children(recursive=True)
+        os.kill(srv.pid, signal.SIGKILL)
+        gone, alive = psutil.wait_procs(every, timeout=20)
+        assert not alive, [p.cmdline() for p in alive]
