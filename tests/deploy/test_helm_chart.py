@@ -358,8 +358,10 @@ def test_args_from_values(rendered: tuple[str, list[dict[str, Any]]]) -> None:
     srv = values["server"]
     assert arg(c, "--api-server-count") == str(srv["apiServerCount"])
     assert arg(c, "--data-parallel-size") == str(srv["dataParallelSize"])
-    # Only 1 exists (rendering fails otherwise), and vserve offers no flag for it yet.
-    assert srv["tensorParallelSize"] == 1 and "--tensor-parallel-size" not in c["args"]
+    if srv["tensorParallelSize"] == 1:
+        assert "--tensor-parallel-size" not in c["args"]
+    else:
+        assert arg(c, "--tensor-parallel-size") == str(srv["tensorParallelSize"])
     assert arg(c, "--host") == "0.0.0.0"
     assert all(isinstance(a, str) for a in c["args"])
     # torch threads per engine: the CPU request's whole CPUs less one, shared by the engines.
@@ -368,7 +370,8 @@ def test_args_from_values(rendered: tuple[str, list[dict[str, Any]]]) -> None:
         assert arg(c, "--cpu-threads") == str(srv["cpuThreads"])
     elif request:
         cpus = int(request[:-1]) // 1000 if request.endswith("m") else int(float(request))
-        assert arg(c, "--cpu-threads") == str(max(1, (cpus - 1) // srv["dataParallelSize"]))
+        processes = srv["dataParallelSize"] * srv["tensorParallelSize"]
+        assert arg(c, "--cpu-threads") == str(max(1, (cpus - 1) // processes))
     else:
         assert "--cpu-threads" not in c["args"]
     for extra in srv["extraArgs"]:
@@ -553,7 +556,9 @@ def test_schema_rejects_wrong_values(helm: str, tmp_path: Path, values: dict[str
     ({"terminationGracePeriodSeconds": 30}, "terminationGracePeriodSeconds (30) must exceed"),
     ({"server": {"shutdownTimeoutSeconds": 120}, "terminationGracePeriodSeconds": 100},
      "terminationGracePeriodSeconds (100) must exceed"),
-    ({"server": {"tensorParallelSize": 2}}, "tensor parallel size 1 only"),
+    ({"server": {"tensorParallelSize": 2}, "gpu": {"enabled": True}},
+     "tensor parallel size 1 on GPUs"),
+    ({"server": {"extraArgs": ["-tp", "2"]}}, "must not contain -tp"),
     ({"server": {"extraArgs": ["--port", "9000"]}}, "must not contain --port"),
     ({"server": {"extraArgs": ["--shutdown-timeout=5"]}}, "must not contain --shutdown-timeout"),
     ({"server": {"extraArgs": ["-dp", "2"]}}, "must not contain -dp"),
@@ -594,9 +599,18 @@ def test_grace_period_is_computed_from_the_shutdown_timeout(helm: str, tmp_path:
     (["resources.requests.cpu=16", "server.dataParallelSize=3"], "5"),
     (["resources.requests.cpu=1"], "1"),
     (["resources.requests.cpu=8", "server.cpuThreads=6"], "6"),
+    # Each tensor-parallel rank is a process of its own: 2 engines x 2 ranks share 8 CPUs.
+    (["resources.requests.cpu=9", "server.dataParallelSize=2", "server.tensorParallelSize=2"],
+     "2"),
     (["resources=null"], None),
 ])
 def test_cpu_threads_follow_the_cpu_request(helm: str, sets: list[str],
                                             expected: str | None) -> None:
     args = [a for s in sets for a in ("--set", s)]
     assert arg(vserve_container(render(helm, *args)), "--cpu-threads") == expected
+
+
+def test_tensor_parallel_size_reaches_vserve_on_cpu(helm: str) -> None:
+    c = vserve_container(render(helm, "--set", "server.tensorParallelSize=2"))
+    assert arg(c, "--tensor-parallel-size") == "2"
+    assert "--tensor-parallel-size" not in vserve_container(render(helm))["args"]

@@ -84,10 +84,10 @@ app.kubernetes.io/part-of: vserve
 {{/* Checks the schema cannot express; each fails rendering with the fix in its message. */}}
 {{- define "vserve.validate" -}}
 {{- $v := .Values -}}
-{{- if ne (int $v.server.tensorParallelSize) 1 -}}
-{{- fail (printf "server.tensorParallelSize=%v: vserve has no tensor parallelism yet (tensor parallel size 1 only); scale with server.dataParallelSize instead" $v.server.tensorParallelSize) -}}
+{{- if and $v.gpu.enabled (ne (int $v.server.tensorParallelSize) 1) -}}
+{{- fail (printf "server.tensorParallelSize=%v with gpu.enabled: vserve's tensor parallelism runs on CPU only so far (tensor parallel size 1 on GPUs); scale with server.dataParallelSize instead" $v.server.tensorParallelSize) -}}
 {{- end -}}
-{{- $managed := list "--host" "--port" "--uds" "--api-server-count" "-asc" "--data-parallel-size" "-dp" "--shutdown-timeout" "--served-model-name" "--headless" "--cpu-threads" -}}
+{{- $managed := list "--host" "--port" "--uds" "--api-server-count" "-asc" "--data-parallel-size" "-dp" "--tensor-parallel-size" "-tp" "--shutdown-timeout" "--served-model-name" "--headless" "--cpu-threads" -}}
 {{- range $v.server.extraArgs -}}
 {{- $flag := regexReplaceAll "=.*$" (toString .) "" -}}
 {{- if has $flag $managed -}}
@@ -135,8 +135,9 @@ app.kubernetes.io/part-of: vserve
 {{- end }}
 
 {{/*
-torch CPU threads per engine: server.cpuThreads, else the whole CPUs of
-resources.requests.cpu ("2", 2, "2500m") less one, divided among the engines (at least 1);
+torch CPU threads per engine process: server.cpuThreads, else the whole CPUs of
+resources.requests.cpu ("2", 2, "2500m") less one, divided among the engines' processes
+(dataParallelSize x tensorParallelSize; at least 1);
 empty when neither is set (the engine then sizes itself from its cgroup and affinity).
 */}}
 {{- define "vserve.cpuThreads" -}}
@@ -151,7 +152,7 @@ empty when neither is set (the engine then sizes itself from its cgroup and affi
 {{- else -}}
 {{- $milli = mulf (float64 $req) 1000.0 | int -}}
 {{- end -}}
-{{- max 1 (div (sub (div $milli 1000) 1) (max 1 (int .Values.server.dataParallelSize))) -}}
+{{- max 1 (div (sub (div $milli 1000) 1) (max 1 (mul (int .Values.server.dataParallelSize) (int .Values.server.tensorParallelSize)))) -}}
 {{- end -}}
 {{- end -}}
 {{- end -}}
