@@ -28,7 +28,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from vserve.config import EngineConfig
-from vserve.launch.lifetime import exit_when_parent_dies, flush_and_exit, spawn_child
+from vserve.launch.lifetime import (
+    exit_when_parent_dies,
+    flush_and_exit,
+    set_process_title,
+    spawn_child,
+)
 from vserve.logging_utils import get_logger, init_logging
 from vserve.roles import ENGINE_INDEX_FLAG, TP_RANK_FLAG, TP_WORKER_MODULE, engine_name
 
@@ -36,6 +41,7 @@ if TYPE_CHECKING:
     from vserve.worker.tensor_parallel import TensorParallel
 
 logger = get_logger(__name__)
+
 
 def worker_name(engine_index: int, rank: int) -> str:
     return f"{engine_name(engine_index)}_TP{rank}"
@@ -114,7 +120,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(ENGINE_INDEX_FLAG, dest="engine_index", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
-    init_logging(worker_name(args.engine_index, args.rank))
+    name = worker_name(args.engine_index, args.rank)
+    init_logging(name)
+    set_process_title(name)
     exit_when_parent_dies(use_pdeathsig=False)
     # The engine decides when to stop (see the module docstring).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
