@@ -65,7 +65,5 @@ def process_role(cmdline: Sequence[str]) -> tuple[str, str] | None:
             f"{_flag_value(args, TP_RANK_FLAG)}"
     for module, role, flag in _ROLES:
         if module in args:
-            at = args.index(flag) if flag in args else -1
-            index = args[at + 1] if 0 <= at < len(args) - 1 else "0"
-            return role, index
+            return role, _flag_value(args, flag)
     return None

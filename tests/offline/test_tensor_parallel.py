@@ -55,7 +55,7 @@ def test_tp2_greedy_matches_transformers(tmp_path, arch, kw):
         assert max(abs(x - y) for x, y in zip(got_prompt, want_prompt)) < 1e-4
 
 
-def test_tp2_demo_matches_tp1_and_leaves_no_worker():
+def test_tp2_demo_matches_tp1_and_leaves_no_worker(capfd: pytest.CaptureFixture[str]):
     prompts = ["Hello, my name is", "The capital of France is", "a b c d e f g h"]
     greedy = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     seeded = SamplingParams(temperature=0.8, seed=3, max_tokens=24, ignore_eos=True)
@@ -76,6 +76,10 @@ def test_tp2_demo_matches_tp1_and_leaves_no_worker():
     assert got_seeded == want_seeded
     gone, alive = psutil.wait_procs(workers, timeout=10)
     assert not alive, "the tensor-parallel worker outlived its engine"
+    # Told to leave by its engine, not left to find its parent gone or its group broken.
+    err = capfd.readouterr().err
+    assert "tensor-parallel rank 1 stopped" in err, err[-3000:]
+    assert "died; exiting" not in err and "rank 1 failed" not in err, err[-3000:]
 
 
 def test_sizes_the_model_cannot_split_are_refused_by_name(tmp_path):

@@ -372,6 +372,7 @@ def run_engine(handshake_addr: str, engine_index: int, model_dir: str | None = N
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     freeze_startup_heap()
     proc.run()
+    core.runner.shutdown()
     logger.info("engine %d stopped", engine_index)
     return proc.exit_code
 

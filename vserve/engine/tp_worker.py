@@ -107,6 +107,7 @@ def run_worker(rank: int, size: int, rendezvous: Path, model_dir: Path,
                 runner.allocate_kv_cache(int(payload))
             else:
                 tp.close()
+                logger.info("tensor-parallel rank %d stopped", rank)
                 return 0
 
 

@@ -130,6 +130,13 @@ class ModelRunner:
                        self.mixed_layout.size)
             self.inputs = CudaInputs(size, gbs, max_rows, self.device)
 
+    def shutdown(self) -> None:
+        """Let the other tensor-parallel ranks leave (they would otherwise wait for the next
+        call until they notice this process is gone)."""
+        if self.tp is not None and self.tp.rank == 0:
+            self.tp.send_exit()
+            self.tp.close()
+
     def _max_model_len(self) -> int:
         limit = self.arch.max_position_embeddings
         if self.arch.sliding_window is not None:
