@@ -89,3 +89,5 @@ def test_sizes_the_model_cannot_split_are_refused_by_name(tmp_path):
         LLM(str(model_dir), tensor_parallel_size=3)
     with pytest.raises(ValueError, match="tensor_parallel_size must be at least 1"):
         LLM("demo", tensor_parallel_size=0)
+    with pytest.raises(RuntimeError, match="benchmark_skip_compute loads no model"):
+        LLM("demo", tensor_parallel_size=2, benchmark_skip_compute=True)

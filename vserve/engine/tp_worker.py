@@ -52,10 +52,10 @@ def start_workers(config: EngineConfig, model_dir: Path, engine_index: int) -> T
     death of any worker ends this (the engine) process: its collectives would wait forever."""
     import torch
 
-    from vserve.worker.tensor_parallel import TensorParallel, check_shardable
+    from vserve.worker.tensor_parallel import TensorParallel, check_tensor_parallel
 
     size = config.device.tensor_parallel_size
-    check_shardable(model_dir, size)
+    check_tensor_parallel(config, model_dir)
     workdir = Path(tempfile.mkdtemp(prefix="vserve-tp-"))  # private (0700)
     rendezvous = workdir / "rendezvous"
     procs = [spawn_child(TP_WORKER_MODULE, [

@@ -77,13 +77,7 @@ class ModelRunner:
         self.model_dir = model_dir
         self.tp = tp
         self.device = select_device(config.device.device)
-        if config.device.tensor_parallel_size > 1:
-            if self.device.type != "cpu":
-                raise ValueError("tensor_parallel_size > 1 runs on CPU (gloo) only so far; "
-                                 "CUDA tensor parallelism (NCCL) is not implemented yet")
-            if config.device.benchmark_skip_compute:
-                raise ValueError("benchmark_skip_compute loads no model: it cannot be "
-                                 "combined with tensor_parallel_size > 1")
+        if config.device.tensor_parallel_size > 1:  # checked: check_tensor_parallel
             assert tp is not None and tp.size == config.device.tensor_parallel_size
         self.arch: ModelArchConfig = load_arch_config(model_dir)
         self.dtype = resolve_dtype(self.arch, config.model.dtype, self.device)

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from vserve.attention.backend import AttentionMetadata
+from vserve.config import EngineConfig
 
 
 class Op(IntEnum):
@@ -37,11 +38,20 @@ class Op(IntEnum):
 _HEADER = 6  # op and up to five sizes
 
 
-def check_shardable(model_dir: Path, size: int) -> None:
-    """Raise ``ValueError`` naming what ``size`` ranks cannot split (before any is started)."""
+def check_tensor_parallel(config: EngineConfig, model_dir: Path) -> None:
+    """Raise ``ValueError`` naming what stands in the way of ``tensor_parallel_size`` ranks
+    (called before any is started): the device, the benchmark mode, the model's sizes."""
     from vserve.models.arch import load_arch_config
     from vserve.models.llama import ShardLayout
+    from vserve.worker.model_runner import select_device
 
+    size = config.device.tensor_parallel_size
+    if select_device(config.device.device).type != "cpu":
+        raise ValueError("tensor_parallel_size > 1 runs on CPU (gloo) only so far; CUDA "
+                         "tensor parallelism (NCCL) is not implemented yet")
+    if config.device.benchmark_skip_compute:
+        raise ValueError("benchmark_skip_compute loads no model: it cannot be combined with "
+                         "tensor_parallel_size > 1")
     ShardLayout(load_arch_config(model_dir), 0, size)
 
 
