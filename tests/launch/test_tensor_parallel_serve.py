@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import os
 import signal
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import openai
@@ -67,7 +69,8 @@ def test_serve_tp2_answers_like_tp1_and_survives_a_worker_death() -> None:
 
 def test_dp2_tp2_serves_on_both_engines_and_leaves_nothing_when_the_supervisor_dies() -> None:
     """Two engines of two ranks each; the supervisor SIGKILLed (no cleanup of its own):
-    engines and their workers go too."""
+    engines and their workers go too, and no rendezvous directory stays behind."""
+    rendezvous = set(Path(tempfile.gettempdir()).glob("vserve-tp-*"))
     with serve("demo", "-dp", "2", "-tp", "2", "--max-num-seqs", "4") as srv:
         workers = _workers(srv.pid)
         assert sorted(w.cmdline()[w.cmdline().index("--engine-index") + 1]
@@ -87,3 +90,4 @@ def test_dp2_tp2_serves_on_both_engines_and_leaves_nothing_when_the_supervisor_d
         os.kill(srv.pid, signal.SIGKILL)
         gone, alive = psutil.wait_procs(every, timeout=20)
         assert not alive, [p.cmdline() for p in alive]
+    assert set(Path(tempfile.gettempdir()).glob("vserve-tp-*")) == rendezvous

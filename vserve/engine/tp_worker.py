@@ -15,7 +15,6 @@ printed with its traceback on the shared stderr, then the engine stops.
 from __future__ import annotations
 
 import argparse
-import atexit
 import os
 import shutil
 import signal
@@ -78,9 +77,11 @@ def start_workers(config: EngineConfig, model_dir: Path, engine_index: int) -> T
             time.sleep(0.2)
 
     threading.Thread(target=watch, name="tp-watch", daemon=True).start()
-    # The group's file store lives as long as the group; the directory goes at exit.
-    atexit.register(shutil.rmtree, workdir, True)
-    return TensorParallel(0, size, rendezvous)
+    try:
+        return TensorParallel(0, size, rendezvous)
+    finally:
+        # Every rank is through the rendezvous (its closing barrier), or the start failed.
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def run_worker(rank: int, size: int, rendezvous: Path, model_dir: Path,

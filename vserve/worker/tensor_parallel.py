@@ -65,6 +65,9 @@ class TensorParallel:
         # parent instead; a start that never completes, by the engine's startup timeout.
         dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank,
                                 world_size=size, timeout=timedelta(days=365))
+        # Past this barrier every rank is through its rendezvous: the file is not read again
+        # and rank 0 may delete it.
+        dist.barrier()
         self.rank = rank
         self.size = size
 
