@@ -125,6 +125,7 @@ def main(argv: list[str] | None = None) -> None:
     name = worker_name(args.engine_index, args.rank)
     init_logging(name)
     set_process_title(name)
+    engine_pid = os.getppid()
     exit_when_parent_dies(use_pdeathsig=False)
     # The engine decides when to stop (see the module docstring).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -137,7 +138,8 @@ def main(argv: list[str] | None = None) -> None:
                           Path(args.model_dir),
                           EngineConfig.from_msgpack(bytes.fromhex(args.config)))
     except BaseException as e:  # noqa: BLE001 - reported with its traceback, then exit
-        if os.getppid() != 1:
+        # A group broken by the engine's own death is no error of this rank's.
+        if os.getppid() == engine_pid:
             logger.error("tensor-parallel rank %d failed: %s", args.rank,
                          "".join(traceback.format_exception(e)))
         code = 1

@@ -32,6 +32,7 @@ class Collectives(Protocol):
 
     def all_gather_last(self, t: torch.Tensor) -> torch.Tensor: ...
 
+
 class RMSNorm(nn.Module):
     """``weight * x / sqrt(mean(x^2) + eps)`` over the last dimension.
 
