@@ -342,8 +342,9 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """``[S, hidden]`` → ``[S, vocab]`` float32 (matmul in the model dtype, like HF).
 
-        With ``out`` (float32 ``[S, vocab]``), the result is converted straight into it (the
-        CUDA graphs' persistent logits buffer) and ``out`` is returned.
+        With ``out`` (``[S, vocab]``, float32 or the model dtype: the CUDA graphs' persistent
+        logits buffer), the product is written into it (rounded to the model dtype first, so
+        either holds the same values) and ``out`` is returned.
         """
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         if hidden.is_cuda and use_kernels(hidden):

@@ -177,8 +177,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
            act: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(silu_and_mul(x) if act else x, weight, bias)`` for a CUDA ``x`` of
     ``[M, K]`` (``[M, 2K]`` with ``act``): the measured-fastest kernel when ``M == 1``
-    (16-bit weights), cuBLAS otherwise. ``out`` (``[M, N]``, e.g. float32): written and
-    returned, holding the product rounded to ``x``'s dtype first."""
+    (16-bit weights), cuBLAS otherwise. ``out`` (``[M, N]``, contiguous, ``x``'s dtype or
+    float32): written and returned, holding the product rounded to ``x``'s dtype first
+    (in ``x``'s dtype, cuBLAS writes it directly: no copy)."""
     if _gemv_applies(x, weight):
         key = (tuple(weight.shape), weight.dtype, bias is not None, act)
         if key not in _CHOICE and not torch.cuda.is_current_stream_capturing():
@@ -186,6 +187,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         cfg = _CHOICE.get(key)
         if cfg is not None:
             return gemv(x, weight, bias, act, cfg, out)
+    if out is not None and out.dtype == x.dtype and bias is None and not act:
+        return torch.mm(x, weight.t(), out=out)
     y = _cublas(x, weight, bias, act)
     return y if out is None else out.copy_(y)
 

@@ -65,7 +65,7 @@ def profile_cuda_budget(runner: ModelRunner) -> int:
     if runner.is_cuda and not runner.config.device.enforce_eager:
         bs = runner.graph_batch_size()
         graph_reserve = (
-            bs * runner.arch.vocab_size * 4
+            bs * runner.arch.vocab_size * torch.tensor([], dtype=runner.dtype).element_size()
             + bs * (runner.max_blocks_per_seq + 5) * 4
             + (64 << 20)
         )

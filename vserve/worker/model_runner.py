@@ -189,7 +189,8 @@ class ModelRunner:
                 and self.attn_backend.supports_decode_graphs):
             self.graphs = DecodeGraphs(
                 self.model, self.kv_caches, self.graph_batch_size(), self.max_blocks_per_seq,
-                self.arch.vocab_size, self.device, self.inputs.stage, self.inputs.last_tokens)
+                self.arch.vocab_size, self.device, self.inputs.stage, self.inputs.last_tokens,
+                logits_dtype=self.dtype)
             self.graphs.capture()
             if self.config.device.mixed_step_graphs:
                 self.mixed_graphs = MixedGraphs(
