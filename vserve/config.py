@@ -67,6 +67,7 @@ def option(default: Any = dataclasses.MISSING, *, help: str,
 
 
 Dtype = Literal["auto", "float32", "float16", "bfloat16"]
+Quantization = Literal["fp8"]
 Device = Literal["auto", "cpu", "cuda"]
 SchedulingPolicy = Literal["fcfs", "priority"]
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
@@ -85,6 +86,10 @@ class ModelConfig:
     revision: str | None = option(None, help="hub revision (branch, tag or commit) of the model")
     dtype: Dtype = option("auto", help="weights and activations; auto is the checkpoint's "
                                        "torch_dtype")
+    quantization: Quantization | None = option(
+        None, flags=("--quantization", "-q"),
+        help="fp8: float8 e4m3 linear weights with per-output-channel scales, quantized "
+             "as a 16-bit checkpoint loads (FP8 checkpoints are run as FP8 without it)")
     max_model_len: int | None = option(None, help="context window (prompt + output tokens); "
                                                   "default: the model's maximum")
     seed: int = option(0, help="seed of the sampler for requests without a seed of their own")
@@ -101,6 +106,8 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _check_choice(self, "dtype")
+        if self.quantization is not None:
+            _check_choice(self, "quantization")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be positive, got {self.max_model_len}")
 

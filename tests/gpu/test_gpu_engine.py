@@ -196,7 +196,7 @@ def test_pdl_launches_match_plain_ones(tmp_path, monkeypatch):
         pytest.skip("PDL needs a Hopper (sm90+) GPU")
     monkeypatch.setattr(lin, "_CHOICE", {})
     monkeypatch.setattr(lin, "_NORM_CHOICE", {})
-    monkeypatch.setattr(lin, "_choose", lambda *a: (4, 64, 4))
+    monkeypatch.setattr(lin, "choose_gemv", lambda *a, **k: (4, 64, 4))
     monkeypatch.setattr(lin, "_choose_norm", lambda *a: (4, 64, 4))
     model_dir = make_tiny_model(tmp_path / "m", "llama", dtype="bfloat16")
     prompts = _prompts(21, (5, 17, 40))

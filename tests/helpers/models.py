@@ -219,3 +219,88 @@ def hf_greedy(model_dir, prompt_ids: list[int], n: int) -> tuple[list[int], list
 
 def random_prompt(rng: random.Random, n: int, vocab: int = 300) -> list[int]:
     return [rng.randrange(3, vocab) for _ in range(n)]
+
+
+_LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def write_fp8_checkpoint(src: Path, dst: Path, *, method: str = "compressed-tensors",
+                         strategy: str = "channel", activations: str | None = "dynamic",
+                         ) -> Path:
+    """Copy the checkpoint ``src`` to ``dst`` with its decoder linear weights stored as
+    float8 e4m3 and their scales, in the format Hugging Face FP8 models ship:
+    ``compressed-tensors`` (``strategy`` channel or tensor; ``activations`` dynamic per
+    token, static per tensor — an ``input_scale`` per layer — or None, weight-only) or
+    quant_method ``fp8`` (per-tensor, ``activations`` dynamic or static)."""
+    import shutil
+
+    src, dst = Path(src), Path(dst)
+    shutil.copytree(src, dst)
+    tensors = {}
+    files = sorted(src.glob("*.safetensors"))
+    assert len(files) == 1, "one safetensors file"
+    gen = torch.Generator().manual_seed(1)
+    per_tensor = method == "fp8" or strategy == "tensor"
+    for name, t in load_file(files[0]).items():
+        if name.endswith(".weight") and any(f".{n}." in name for n in _LINEAR_NAMES):
+            w = t.float()
+            amax = w.abs().amax() if per_tensor else w.abs().amax(dim=1)
+            scale = (amax / 448.0).clamp(min=1e-12)
+            w8 = (w / (scale if per_tensor else scale[:, None])).clamp(-448, 448)
+            tensors[name] = w8.to(torch.float8_e4m3fn)
+            base = name[: -len("weight")]
+            tensors[base + "weight_scale"] = scale.reshape(()) if method == "fp8" else (
+                scale.reshape(1) if per_tensor else scale.reshape(-1, 1))
+            if activations == "static":
+                tensors[base + "input_scale"] = torch.tensor(
+                    [0.01 + 0.02 * torch.rand((), generator=gen).item()])
+        else:
+            tensors[name] = t
+    save_file(tensors, str(dst / files[0].name), metadata={"format": "pt"})  # over the copy
+    config = json.loads((dst / "config.json").read_text())
+    if method == "fp8":
+        quant: dict[str, Any] = {"quant_method": "fp8", "activation_scheme": activations}
+    else:
+        act = None if activations is None else {
+            "type": "float", "num_bits": 8, "symmetric": True,
+            "dynamic": activations == "dynamic",
+            "strategy": "token" if activations == "dynamic" else "tensor"}
+        quant = {"quant_method": "compressed-tensors", "format": "float-quantized",
+                 "ignore": ["lm_head"], "kv_cache_scheme": None,
+                 "config_groups": {"group_0": {
+                     "targets": ["Linear"], "input_activations": act,
+                     "output_activations": None,
+                     "weights": {"type": "float", "num_bits": 8, "symmetric": True,
+                                 "dynamic": False, "strategy": strategy}}}}
+    config["quantization_config"] = quant
+    (dst / "config.json").write_text(json.dumps(config, indent=2))
+    return dst
+
+
+def write_dequantized(fp8_dir: Path, dst: Path) -> Path:
+    """A float32 copy of the FP8 checkpoint ``fp8_dir`` with every weight dequantized
+    (``w8 * scale``) and no quantization_config: what transformers runs as the oracle of an
+    FP8 model (it decompresses such checkpoints the same way)."""
+    import shutil
+
+    fp8_dir, dst = Path(fp8_dir), Path(dst)
+    shutil.copytree(fp8_dir, dst)
+    (file,) = sorted(dst.glob("*.safetensors"))
+    loaded = load_file(file)
+    out = {}
+    for name, t in loaded.items():
+        if name.endswith(("_scale",)):
+            continue
+        if t.dtype == torch.float8_e4m3fn:
+            scale = loaded[name[: -len("weight")] + "weight_scale"].float()
+            scale = scale.reshape(-1, 1) if scale.numel() > 1 else scale.reshape(())
+            out[name] = t.float() * scale
+        else:
+            out[name] = t.float()
+    save_file(out, str(file), metadata={"format": "pt"})
+    config = json.loads((dst / "config.json").read_text())
+    del config["quantization_config"]
+    config["torch_dtype"] = "float32"
+    config.pop("dtype", None)
+    (dst / "config.json").write_text(json.dumps(config, indent=2))
+    return dst

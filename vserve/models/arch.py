@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vserve.models.quant_config import Fp8Scheme, checkpoint_quantization
 from vserve.models.registry import SUPPORTED_ARCHITECTURES, unsupported_architecture_message
 
 SUPPORTED_ROPE_TYPES: tuple[str, ...] = ("default", "linear", "llama3")
@@ -59,6 +60,8 @@ class ModelArchConfig:
     hidden_act: str
     bos_token_id: int | None
     eos_token_ids: list[int]
+    #: The checkpoint's FP8 scheme (``vserve.models.quant_config``); None for 16-bit weights.
+    quantization: Fp8Scheme | None = None
 
     @property
     def num_kv_groups(self) -> int:
@@ -136,7 +139,7 @@ def load_arch_config(model_dir: Path) -> ModelArchConfig:
     """Parse ``config.json`` (and ``generation_config.json`` when present) in ``model_dir``.
 
     Raises ``FileNotFoundError`` naming a missing ``config.json`` and ``ValueError`` naming an
-    unsupported architecture, activation or RoPE type.
+    unsupported architecture, activation, RoPE type or quantization.
     """
     model_dir = Path(model_dir)
     config_path = model_dir / "config.json"
@@ -222,4 +225,5 @@ def load_arch_config(model_dir: Path) -> ModelArchConfig:
         hidden_act=hidden_act,
         bos_token_id=int(bos) if bos is not None else None,
         eos_token_ids=eos,
+        quantization=checkpoint_quantization(cfg),
     )

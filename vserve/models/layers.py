@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vserve.models.arch import SUPPORTED_ROPE_TYPES
+from vserve.models.fp8 import Fp8Linear
 from vserve.ops import use_kernels
 
 
@@ -173,10 +174,16 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
-def linear(x: torch.Tensor, layer: nn.Linear, act: bool = False) -> torch.Tensor:
+def linear(x: torch.Tensor, layer: nn.Linear | Fp8Linear, act: bool = False) -> torch.Tensor:
     """``layer(silu_and_mul(x) if act else x)``; on CUDA through :func:`vserve.ops.linear.linear`
-    (single-token rows may take a Triton GEMV with the activation fused into its input)."""
+    (single-token rows may take a Triton GEMV with the activation fused into its input), or
+    :func:`vserve.ops.fp8.fp8_linear` for FP8 weights."""
     if x.is_cuda and use_kernels(x):
+        if isinstance(layer, Fp8Linear):
+            from vserve.ops.fp8 import fp8_linear
+
+            return fp8_linear(x, layer.weight, layer.weight_scale, layer.bias, act,
+                              layer.input_scale, layer.scheme.activations)
         from vserve.ops.linear import linear as kernel_linear
 
         return kernel_linear(x, layer.weight, layer.bias, act)
@@ -187,12 +194,12 @@ def linear(x: torch.Tensor, layer: nn.Linear, act: bool = False) -> torch.Tensor
 
 
 def norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm,
-                layer: nn.Linear) -> tuple[torch.Tensor, torch.Tensor]:
+                layer: nn.Linear | Fp8Linear) -> tuple[torch.Tensor, torch.Tensor]:
     """``(layer(norm(x + residual)), x + residual)``, or ``(layer(norm(x)), x)`` without a
     residual. On CUDA a single-token row may take one Triton kernel for all of it
     (:func:`vserve.ops.linear.norm_linear`, chosen by measurement); the inputs may be
     overwritten either way."""
-    if x.is_cuda and use_kernels(x):
+    if x.is_cuda and use_kernels(x) and not isinstance(layer, Fp8Linear):
         from vserve.ops.linear import norm_linear as kernel_norm_linear
 
         fused = kernel_norm_linear(x, residual, norm.weight, norm.eps, layer.weight,

@@ -24,6 +24,7 @@ from torch import nn
 
 from vserve.attention.backend import AttentionBackend, AttentionMetadata
 from vserve.models.arch import ModelArchConfig
+from vserve.models.fp8 import Fp8Linear, make_linear
 from vserve.models.layers import (
     RMSNorm,
     RotaryEmbedding,
@@ -36,6 +37,7 @@ from vserve.ops import use_kernels
 
 if TYPE_CHECKING:
     from vserve.models.layers import Collectives
+    from vserve.models.quant_config import Fp8Scheme
 
 # (merged parameter, checkpoint name, shard index): shards are stacked along dim 0.
 _STACKED_PARAMS: tuple[tuple[str, str, int], ...] = (
@@ -80,8 +82,8 @@ class ShardLayout:
         tensor or a safetensors slice (``safe_open(...).get_slice``): from a slice only this
         rank's part is read."""
         hd, r = self.head_dim, self.rank
-        if self.size == 1:
-            return _part(tensor, 0, 0, None)
+        if self.size == 1 or (name.endswith("_scale") and _numel(tensor) == 1):
+            return _part(tensor, 0, 0, None)  # all of it, or an FP8 per-tensor scale
         if ".q_proj." in name:
             return _part(tensor, 0, r * self.num_heads * hd, self.num_heads * hd)
         if ".k_proj." in name or ".v_proj." in name:
@@ -98,6 +100,14 @@ class ShardLayout:
         if name in ("model.embed_tokens.weight", "lm_head.weight"):
             return _part(tensor, 0, self.first_token, self.vocab_size)
         return _part(tensor, 0, 0, None)  # norms: every rank holds them whole
+
+
+def _numel(tensor: Any) -> int:
+    shape = tensor.shape if isinstance(tensor, torch.Tensor) else tensor.get_shape()
+    n = 1
+    for d in shape:
+        n *= d
+    return n
 
 
 def _part(tensor: Any, dim: int, start: int, length: int | None) -> torch.Tensor:
@@ -141,7 +151,8 @@ def _name_list(names: list[str], sep: str = ", ", limit: int = 20) -> str:
 
 class LlamaAttention(nn.Module):
     def __init__(self, arch: ModelArchConfig, attn_backend: AttentionBackend,
-                 layout: ShardLayout, tp: Collectives | None = None) -> None:
+                 layout: ShardLayout, tp: Collectives | None = None,
+                 quantization: Fp8Scheme | None = None) -> None:
         super().__init__()
         self.tp = tp
         self.num_heads = layout.num_heads
@@ -150,10 +161,10 @@ class LlamaAttention(nn.Module):
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         self.scale = self.head_dim**-0.5
-        self.qkv_proj = nn.Linear(
-            arch.hidden_size, self.q_size + 2 * self.kv_size, bias=arch.attention_bias
-        )
-        self.o_proj = nn.Linear(self.q_size, arch.hidden_size, bias=arch.o_proj_bias)
+        self.qkv_proj = make_linear(arch.hidden_size, self.q_size + 2 * self.kv_size,
+                                    arch.attention_bias, quantization)
+        self.o_proj = make_linear(self.q_size, arch.hidden_size, arch.o_proj_bias,
+                                  quantization)
         self.q_norm: RMSNorm | None = None
         self.k_norm: RMSNorm | None = None
         if arch.qk_norm:
@@ -198,12 +209,13 @@ class LlamaAttention(nn.Module):
 
 class LlamaMLP(nn.Module):
     def __init__(self, arch: ModelArchConfig, layout: ShardLayout,
-                 tp: Collectives | None = None) -> None:
+                 tp: Collectives | None = None, quantization: Fp8Scheme | None = None) -> None:
         super().__init__()
         self.tp = tp
         inter = layout.intermediate_size
-        self.gate_up_proj = nn.Linear(arch.hidden_size, 2 * inter, bias=arch.mlp_bias)
-        self.down_proj = nn.Linear(inter, arch.hidden_size, bias=arch.mlp_bias)
+        self.gate_up_proj = make_linear(arch.hidden_size, 2 * inter, arch.mlp_bias,
+                                        quantization)
+        self.down_proj = make_linear(inter, arch.hidden_size, arch.mlp_bias, quantization)
         self.act_fn = SiluAndMul()
 
     def forward(self, gate_up: torch.Tensor) -> torch.Tensor:
@@ -219,10 +231,11 @@ class LlamaMLP(nn.Module):
 
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, arch: ModelArchConfig, attn_backend: AttentionBackend,
-                 layout: ShardLayout, tp: Collectives | None = None) -> None:
+                 layout: ShardLayout, tp: Collectives | None = None,
+                 quantization: Fp8Scheme | None = None) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(arch, attn_backend, layout, tp)
-        self.mlp = LlamaMLP(arch, layout, tp)
+        self.self_attn = LlamaAttention(arch, attn_backend, layout, tp, quantization)
+        self.mlp = LlamaMLP(arch, layout, tp, quantization)
         self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
 
@@ -245,13 +258,14 @@ class LlamaDecoderLayer(nn.Module):
 
 class LlamaModel(nn.Module):
     def __init__(self, arch: ModelArchConfig, attn_backend: AttentionBackend,
-                 layout: ShardLayout, tp: Collectives | None = None) -> None:
+                 layout: ShardLayout, tp: Collectives | None = None,
+                 quantization: Fp8Scheme | None = None) -> None:
         super().__init__()
         self.tp = tp
         self.layout = layout
         self.embed_tokens = nn.Embedding(layout.vocab_size, arch.hidden_size)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(arch, attn_backend, layout, tp)
+            LlamaDecoderLayer(arch, attn_backend, layout, tp, quantization)
             for _ in range(arch.num_hidden_layers)
         )
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
@@ -307,16 +321,17 @@ class LlamaForCausalLM(nn.Module):
     """
 
     def __init__(self, arch: ModelArchConfig, attn_backend: AttentionBackend,
-                 tp: Collectives | None = None) -> None:
+                 tp: Collectives | None = None, quantization: Fp8Scheme | None = None) -> None:
         """``tp``: this rank's tensor-parallel group; the model then holds only its shard
-        (``ShardLayout``) and loads only that part of each checkpoint tensor."""
+        (``ShardLayout``) and loads only that part of each checkpoint tensor.
+        ``quantization``: the decoder's linear layers hold FP8 weights (``Fp8Linear``)."""
         super().__init__()
         self.arch = arch
         self.tp = tp
         self.layout = ShardLayout(arch, tp.rank, tp.size) if tp is not None else \
             ShardLayout(arch)
         layout = self.layout
-        self.model = LlamaModel(arch, attn_backend, layout, tp)
+        self.model = LlamaModel(arch, attn_backend, layout, tp, quantization)
         self.lm_head: nn.Linear | None = None
         if not arch.tie_word_embeddings:
             self.lm_head = nn.Linear(arch.hidden_size, layout.vocab_size, bias=False)
@@ -367,10 +382,13 @@ class LlamaForCausalLM(nn.Module):
 
         With tensor parallelism the tensors are this rank's parts (``ShardLayout.shard``,
         applied by the loader as it reads). Every parameter (every shard of a merged one)
-        must be loaded exactly as the checkpoint names it; raises ``ValueError`` listing unexpected tensors, shape mismatches and
-        parameters left unloaded. Tensors are converted to each parameter's dtype and device.
+        must be loaded exactly as the checkpoint names it; raises ``ValueError`` listing
+        unexpected tensors, shape mismatches and parameters left unloaded. Tensors are
+        converted to each parameter's dtype and device; FP8 layers take theirs through
+        ``Fp8Linear.load`` (a 16-bit weight is quantized there and brings its scale).
         """
         params = dict(self.named_parameters())
+        fp8_layers = {n: m for n, m in self.named_modules() if isinstance(m, Fp8Linear)}
         # name → shard indices still to load (a single None for unmerged parameters)
         pending: dict[str, set[int | None]] = {}
         for name in params:
@@ -392,10 +410,24 @@ class LlamaForCausalLM(nn.Module):
             if param is None:
                 unexpected.append(ckpt_name)
                 continue
+            module_name, _, attr = name.rpartition(".")
+            start, size = 0, param.shape[0]
+            if shard is not None:
+                sizes = self._shard_sizes[module_name.rpartition(".")[2]]  # ...<merged>
+                start, size = sum(sizes[:shard]), sizes[shard]
+            fp8 = fp8_layers.get(module_name)
+            if fp8 is not None:
+                try:
+                    loaded = fp8.load(attr, start, size, tensor)
+                except ValueError as e:
+                    mismatched.append(f"{ckpt_name}: {e}")
+                    continue
+                for a in loaded:
+                    pending[f"{module_name}.{a}"].discard(shard)
+                continue
             target = param.data
             if shard is not None:
-                sizes = self._shard_sizes[name.split(".")[-2]]  # ...<merged>.weight
-                target = target.narrow(0, sum(sizes[:shard]), sizes[shard])
+                target = target.narrow(0, start, size)
             if tuple(target.shape) != tuple(tensor.shape):
                 mismatched.append(
                     f"{ckpt_name}: checkpoint {tuple(tensor.shape)} vs model {tuple(target.shape)}"

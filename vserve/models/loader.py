@@ -20,6 +20,7 @@ from vserve.models.registry import get_model_class
 
 if TYPE_CHECKING:
     from vserve.models.layers import Collectives
+    from vserve.models.quant_config import Fp8Scheme
 
 _DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -132,8 +133,11 @@ def load_model(
     device: torch.device,
     attn_backend: AttentionBackend,
     tp: Collectives | None = None,
+    quantization: Fp8Scheme | None = None,
 ) -> nn.Module:
     """Build the model directly on ``device`` in ``dtype``, load its weights, set eval mode.
+    ``quantization``: the decoder's linear layers hold FP8 weights (a 16-bit checkpoint's
+    are quantized as they load, one tensor at a time).
 
     Parameters are allocated where they will live (no float32 CPU copy first); the RoPE cache
     stays float32 by construction. Callers run the model under ``torch.inference_mode()``.
@@ -144,7 +148,7 @@ def load_model(
     try:
         with torch.device(device):
             # ``tp``: a tensor-parallel rank's group; the model then holds its shard only.
-            model = cls(arch, attn_backend) if tp is None else cls(arch, attn_backend, tp)
+            model = cls(arch, attn_backend, tp, quantization)
     finally:
         torch.set_default_dtype(previous)
     load_weights = getattr(model, "load_weights", None)

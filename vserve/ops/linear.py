@@ -19,6 +19,9 @@ gate/up output directly, one launch instead of two).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -71,9 +74,10 @@ def _weight_tile(w_rows, rk, nmask, K, EVEN: tl.constexpr):
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, s_wn,
-                 HAS_BIAS: tl.constexpr, ACT: tl.constexpr, EVEN: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+def _gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, N, K, s_wn,
+                 HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+                 EVEN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 PDL: tl.constexpr):
     pid = tl.program_id(0)
     rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = rn < N
@@ -93,6 +97,8 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, s_wn,
         x = _gemv_input(x_ptr, rk, K, ACT, EVEN)
         acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
     y = tl.sum(acc, 1)
+    if HAS_SCALE:  # float8 weights: one scale per output row
+        y *= tl.load(s_ptr + rn, mask=nmask, other=0.0)
     if HAS_BIAS:
         y += tl.load(b_ptr + rn, mask=nmask, other=0.0).to(tl.float32)
     # Rounded to the activations' dtype first, as a matmul in that dtype is, even when the
@@ -101,14 +107,18 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, s_wn,
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, act: bool,
-         config: tuple[int, int, int], out: torch.Tensor | None = None) -> torch.Tensor:
+         config: tuple[int, int, int], out: torch.Tensor | None = None,
+         scale: torch.Tensor | None = None) -> torch.Tensor:
+    """``[1, K]`` × ``weight`` ``[N, K]`` → ``[1, N]``; ``scale`` (float32 ``[N]``): the
+    per-row scales of float8 weights."""
     n, k = weight.shape
     if out is None:
         out = torch.empty((1, n), dtype=x.dtype, device=x.device)
     block_n, block_k, warps = config
     _gemv_kernel[(triton.cdiv(n, block_n),)](
-        x, weight, bias if bias is not None else weight, out, n, k, weight.stride(0),
-        HAS_BIAS=bias is not None, ACT=act, EVEN=(n % block_n == 0 and k % block_k == 0),
+        x, weight, scale if scale is not None else weight, bias if bias is not None else weight,
+        out, n, k, weight.stride(0), HAS_SCALE=scale is not None, HAS_BIAS=bias is not None,
+        ACT=act, EVEN=(n % block_n == 0 and k % block_k == 0),
         BLOCK_N=block_n, BLOCK_K=block_k, PDL=pdl(), num_warps=warps, launch_pdl=pdl(),
     )
     return out
@@ -155,17 +165,26 @@ def _weight_copies(weight: torch.Tensor) -> list[torch.Tensor]:
     return [weight] + [weight.clone() for _ in range(copies - 1)]
 
 
-def _choose(x, weight, bias, act) -> tuple[int, int, int] | None:
-    """Time cuBLAS and each GEMV tiling on weights streamed from memory, not the L2: the
-    timing cycles through enough copies of the weight to exceed the cache several times."""
+def choose_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, act: bool,
+                baseline: Callable[[torch.Tensor], Any], scale: torch.Tensor | None = None,
+                ) -> tuple[int, int, int] | None:
+    """Time ``baseline(weight)`` (the matmul library's path) and each GEMV tiling on
+    weights streamed from memory, not the L2: the timing cycles through enough copies of
+    the weight to exceed the cache several times. The winning tiling, or None for the
+    baseline."""
     ws = _weight_copies(weight)
     copies = len(ws)
-    best, best_t = None, _time(lambda i: _cublas(x, ws[i], bias, act), copies)
+    best, best_t = None, _time(lambda i: baseline(ws[i]), copies)
     for cfg in _configs(weight.shape[1]):
-        t = _time(lambda i, cfg=cfg: gemv(x, ws[i], bias, act, cfg), copies)
+        t = _time(lambda i, cfg=cfg: gemv(x, ws[i], bias, act, cfg, scale=scale), copies)
         if t < best_t * 0.97:  # a clear win only; cuBLAS otherwise
             best, best_t = cfg, t
     return best
+
+
+def gemv_enabled() -> bool:
+    """Whether single-row matmuls may take a GEMV (``VSERVE_GEMV``)."""
+    return _ENABLED
 
 
 def _gemv_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -183,7 +202,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if _gemv_applies(x, weight):
         key = (tuple(weight.shape), weight.dtype, bias is not None, act)
         if key not in _CHOICE and not torch.cuda.is_current_stream_capturing():
-            _CHOICE[key] = _choose(x, weight, bias, act)
+            _CHOICE[key] = choose_gemv(x, weight, bias, act,
+                                       lambda w: _cublas(x, w, bias, act))
         cfg = _CHOICE.get(key)
         if cfg is not None:
             return gemv(x, weight, bias, act, cfg, out)
@@ -295,7 +315,7 @@ def _separate(x, residual, norm_weight, eps, weight, bias):
 
 def _choose_norm(x, residual, norm_weight, eps, weight, bias) -> tuple[int, int, int] | None:
     """Time the separate kernels (norm, then the linear's own choice) against each fused
-    tiling, over weight copies streamed from memory as in ``_choose``."""
+    tiling, over weight copies streamed from memory as in ``choose_gemv``."""
     ws = _weight_copies(weight)
     copies = len(ws)
     # The separate path works in place: give it its own inputs.

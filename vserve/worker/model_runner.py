@@ -28,7 +28,9 @@ from vserve.attention.backend import AttentionBackend, AttentionMetadata
 from vserve.config import EngineConfig
 from vserve.core.sched_output import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
 from vserve.models.arch import ModelArchConfig, load_arch_config
+from vserve.models.fp8 import check_fp8_device
 from vserve.models.loader import load_model, resolve_dtype
+from vserve.models.quant_config import resolve_quantization
 from vserve.ops.tiles import prefill_block_m
 from vserve.protocol.outputs import Logprobs
 from vserve.worker import kv_sizing
@@ -81,6 +83,10 @@ class ModelRunner:
             assert tp is not None and tp.size == config.device.tensor_parallel_size
         self.arch: ModelArchConfig = load_arch_config(model_dir)
         self.dtype = resolve_dtype(self.arch, config.model.dtype, self.device)
+        self.quantization = resolve_quantization(config.model.quantization,
+                                                 self.arch.quantization)
+        if self.quantization is not None:
+            check_fp8_device(self.device)
         self.block_size = config.cache.block_size
         self.max_model_len = self._max_model_len()
         self.attn_backend = select_attention_backend(self.device)
@@ -91,7 +97,7 @@ class ModelRunner:
                            "tokens; use this only to measure the front end")
         else:
             self.model = load_model(model_dir, self.arch, self.dtype, self.device,
-                                    self.attn_backend, tp)
+                                    self.attn_backend, tp, self.quantization)
         self.sampler = Sampler(self.device, config.model.seed)
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.num_blocks = 0
