@@ -1,4 +1,4 @@
-"""GPU end-to-end benchmark: a Llama-3.2-1B-shaped bf16 model on one GPU.
+"""GPU end-to-end benchmark: a Llama-3.2-1B- or 3.1-8B-shaped model on one GPU, bf16 or FP8.
 
 In one run, on the same random weights (written to local disk with safetensors; nothing is
 downloaded):
@@ -17,10 +17,19 @@ downloaded):
    ``--offline`` (or when the server cannot start) the sweep goes through ``vserve.LLM``
    instead (engine process + ZMQ, no HTTP), and the report says so;
 4. HF transformers ``generate`` on the same weights (bf16, SDPA): 1 request and a batch of
-   ``--hf-batch`` (128 prompt / 128 output tokens).
+   ``--hf-batch`` (128 prompt / 128 output tokens);
+5. with ``--gpt-fast PATH/model.py``: gpt-fast, the peer, decoding the same shape in bf16 at
+   batch 1 and 64 in the same run (``benchmarks/gpt_fast_peer.py``), next to the engine's
+   single request and its 64-request decode.
+
+``--shape 8b`` (Llama-3.1-8B: 32 layers, hidden 4096) and ``--quantization fp8`` (weights
+quantized as they load) change the model; the engine part then also reports prefill of
+8 x 2,048-token prompts in TFLOP/s next to the card's measured bf16 matmul peak.
 
     python benchmarks/gpu_serving.py --out /tmp/gpu-bench              # everything
     python benchmarks/gpu_serving.py --out /tmp/gpu-bench --skip-hf --profile
+    python benchmarks/gpu_serving.py --shape 8b --quantization fp8 --skip-http --skip-hf \
+        --gpt-fast ../shared/peers/gpt-fast/model.py
 
 Results: ``OUT/summary.json`` and a table on stdout (docs/design/gpu.md records them).
 """
@@ -70,6 +79,51 @@ LLAMA_3_2_1B = {
     "mlp_bias": False,
     "torch_dtype": "bfloat16",
 }
+LLAMA_3_1_8B = {
+    **LLAMA_3_2_1B,
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "head_dim": 128,
+    "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                     "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+    "tie_word_embeddings": False,
+}
+SHAPES = {"1b": LLAMA_3_2_1B, "8b": LLAMA_3_1_8B}
+VOCAB = LLAMA_3_2_1B["vocab_size"]  # both shapes
+
+
+def step_bytes(cfg: dict[str, Any], quantization: str | None) -> int:
+    """Bytes of weights one decode step reads: every linear layer (1 byte per weight in FP8,
+    plus a float32 scale per output row), the norms and the LM head (16-bit), not the
+    embedding table (one row of it)."""
+    h, i, hd = cfg["hidden_size"], cfg["intermediate_size"], cfg["head_dim"]
+    nh, nkv, layers = cfg["num_attention_heads"], cfg["num_key_value_heads"], \
+        cfg["num_hidden_layers"]
+    rows = (nh + 2 * nkv) * hd + h + 2 * i + h  # qkv, o, gate/up, down: output rows
+    weights = h * (nh + 2 * nkv) * hd + nh * hd * h + 2 * h * i + i * h
+    linear = layers * (weights + 4 * rows if quantization == "fp8" else 2 * weights)
+    return linear + layers * 2 * h * 2 + h * 2 + cfg["vocab_size"] * h * 2
+
+
+def matmul_peak_tflops() -> float:
+    """The card's bf16 dense matmul rate, measured: 8192^3 GEMMs, median of 20."""
+    n = 8192
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(20):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        a @ b
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e) / 1e3)
+    del a, b
+    torch.cuda.empty_cache()
+    return 2 * n**3 / sorted(times)[len(times) // 2] / 1e12
 
 
 def log(msg: str) -> None:
@@ -100,15 +154,14 @@ def copy_bandwidth(gib: float = 1.0, reps: int = 30) -> float:
 
 
 # ---- the model ---------------------------------------------------------------------------
-def make_model(directory: Path, seed: int = 0) -> tuple[Path, int]:
-    """Write the Llama-3.2-1B-shaped checkpoint (random bf16 weights, the demo tokenizer);
-    returns ``(dir, bytes of weights)``."""
+def make_model(directory: Path, shape: dict[str, Any], seed: int = 0) -> Path:
+    """Write a checkpoint of ``shape`` (random bf16 weights, the demo tokenizer)."""
     from safetensors.torch import save_file
 
     from vserve.models.demo import BOS_TOKEN_ID, EOS_TOKEN_ID, EOT_TOKEN_ID, write_demo_tokenizer
 
     directory.mkdir(parents=True, exist_ok=True)
-    cfg = dict(LLAMA_3_2_1B, bos_token_id=BOS_TOKEN_ID, eos_token_id=EOS_TOKEN_ID)
+    cfg = dict(shape, bos_token_id=BOS_TOKEN_ID, eos_token_id=EOS_TOKEN_ID)
     h, i, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
     hd, nh, nkv = cfg["head_dim"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
     g = torch.Generator(device="cuda").manual_seed(seed)
@@ -121,6 +174,8 @@ def make_model(directory: Path, seed: int = 0) -> tuple[Path, int]:
         return (1 + 0.1 * torch.randn(n, generator=g, device="cuda")).to(torch.bfloat16).cpu()
 
     tensors = {"model.embed_tokens.weight": rand(v, h, std=1.0), "model.norm.weight": norm(h)}
+    if not cfg["tie_word_embeddings"]:
+        tensors["lm_head.weight"] = rand(v, h)
     for layer in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{layer}."
         tensors |= {
@@ -139,8 +194,7 @@ def make_model(directory: Path, seed: int = 0) -> tuple[Path, int]:
     (directory / "generation_config.json").write_text(json.dumps(
         {"bos_token_id": BOS_TOKEN_ID, "eos_token_id": [EOS_TOKEN_ID, EOT_TOKEN_ID]}))
     write_demo_tokenizer(directory)
-    nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
-    return directory, nbytes
+    return directory
 
 
 def random_prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
@@ -150,13 +204,17 @@ def random_prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]
 
 
 # ---- 2. the engine in this process ---------------------------------------------------------
+QUANTIZATION: str | None = None  # --quantization, for every engine of this process
+
+
 def _engine(model_dir: Path, max_num_seqs: int, enforce_eager: bool = False,
             mixed_step_graphs: bool = True) -> Any:
     from vserve.config import CacheConfig, DeviceConfig, EngineConfig, ModelConfig, SchedulerConfig
     from vserve.engine.core import EngineCore
 
     config = EngineConfig(
-        model=ModelConfig(model=str(model_dir), dtype="bfloat16", max_model_len=4096),
+        model=ModelConfig(model=str(model_dir), dtype="bfloat16", max_model_len=4096,
+                          quantization=QUANTIZATION),  # type: ignore[arg-type]
         cache=CacheConfig(gpu_memory_utilization=0.9),
         scheduler=SchedulerConfig(max_num_seqs=max_num_seqs),
         device=DeviceConfig(device="cuda", enforce_eager=enforce_eager,
@@ -238,6 +296,49 @@ def _churn(core: Any, vocab: int, n: int = 256, total: int = 1024,
             "mixed_graph_step_ms": stats(mixed_ms), "other_step_ms": stats(other_ms)}
 
 
+def _prefill_tflops(core: Any, cfg: dict[str, Any], peak: float | None, n: int = 8,
+                    length: int = 2048) -> dict[str, float]:
+    """Prefill of ``n`` prompts of ``length`` tokens (one output token each), in TFLOP/s:
+    2 FLOPs per weight of the linear layers per token, plus causal attention (QK^T and PV
+    over half the square), next to the measured bf16 matmul peak. Best of 3 rounds."""
+    h, i, hd = cfg["hidden_size"], cfg["intermediate_size"], cfg["head_dim"]
+    nh, nkv, layers = cfg["num_attention_heads"], cfg["num_key_value_heads"], \
+        cfg["num_hidden_layers"]
+    linear = h * (nh + 2 * nkv) * hd + nh * hd * h + 3 * h * i
+    flops = n * (2 * layers * linear * length + 2 * layers * nh * hd * length * length
+                 + 2 * h * cfg["vocab_size"])
+    best = math.inf
+    for r in range(3):
+        _add(core, random_prompts(n, length, VOCAB, 500 + r), 1)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        while core.has_unfinished_requests():
+            core.step()
+        torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    out = {"seconds": best, "tflops": flops / best / 1e12}
+    if peak:
+        out["fraction_of_peak"] = out["tflops"] / peak
+    return out
+
+
+def _batch_decode(core: Any, n: int, tokens: int) -> float:
+    """Decode tokens/s of ``n`` requests decoding together (128-token prompts, prefill
+    excluded: timed from the first step after every prompt is in)."""
+    _add(core, random_prompts(n, 128, VOCAB, 77), tokens)
+    while any(r.num_computed_tokens < r.num_prompt_tokens
+              for r in core.scheduler.requests.values()):
+        core.step()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    produced = 0
+    while core.has_unfinished_requests():
+        for outs in core.step().values():
+            produced += len(outs.token_ids)
+    torch.cuda.synchronize()
+    return produced / (time.perf_counter() - t0)
+
+
 def _add(core: Any, prompts: list[list[int]], max_tokens: int) -> None:
     from vserve.protocol.requests import EngineCoreRequest
     from vserve.protocol.sampling import SamplingParams
@@ -252,18 +353,20 @@ def engine_decode(model_dir: Path, weight_bytes: int, copy_bw: float, args: argp
                   out: Path) -> dict[str, Any]:
     import numpy as np
 
-    cfg = LLAMA_3_2_1B
+    cfg = SHAPES[args.shape]
     core = _engine(model_dir, 256)
     runner = core.runner
     res: dict[str, Any] = {"num_kv_blocks": core.num_kv_blocks - 1,
                            "max_concurrency_at_4096": core.max_concurrency}
-    vocab = cfg["vocab_size"]
+    vocab = VOCAB
     # Warm-up (prefill kernels for these shapes, eager sizes).
     for n in (2, 1):
         _add(core, random_prompts(n, 128, vocab, n), 8)
         while core.has_unfinished_requests():
             core.step()
     res["engine_prefill_128_ms_all"] = prefill = _prefill_ms(core, vocab)
+    res["prefill_8x2048"] = _prefill_tflops(core, cfg, args.peak_tflops)
+    res["engine_batch64_decode_tokens_per_s"] = _batch_decode(core, 64, args.decode_tokens)
 
     # Single request: TTFT of the prefill step, then per-token decode steps; with async
     # scheduling (the default on CUDA) and without it, side by side on the same engine.
@@ -418,7 +521,7 @@ def engine_decode(model_dir: Path, weight_bytes: int, copy_bw: float, args: argp
 def engine_no_mixed_graphs(model_dir: Path) -> dict[str, Any]:
     """Side by side with ``engine_decode``: the same engine with steps holding prompt chunks
     run eagerly (``--no-mixed-step-graphs``), in its own process."""
-    vocab = LLAMA_3_2_1B["vocab_size"]
+    vocab = VOCAB
     core = _engine(model_dir, 256, mixed_step_graphs=False)
     _add(core, random_prompts(2, 128, vocab, 2), 8)
     while core.has_unfinished_requests():
@@ -582,7 +685,10 @@ def run_part(part: str, model_dir: Path, weight_bytes: int, bw: float,
     result = out / f"part_{part}.json"
     argv = [sys.executable, __file__, "--part", part, "--out", str(out), "--model-dir",
             str(model_dir), "--copy-bw", str(bw), "--weight-bytes", str(weight_bytes),
-            "--decode-tokens", str(args.decode_tokens), "--hf-batch", str(args.hf_batch)]
+            "--decode-tokens", str(args.decode_tokens), "--hf-batch", str(args.hf_batch),
+            "--shape", args.shape, "--peak-tflops", str(args.peak_tflops or 0)]
+    if args.quantization:
+        argv += ["--quantization", args.quantization]
     if args.profile:
         argv.append("--profile")
     proc = subprocess.run(argv, cwd=ROOT)
@@ -591,7 +697,21 @@ def run_part(part: str, model_dir: Path, weight_bytes: int, bw: float,
     return json.loads(result.read_text())
 
 
+def gpt_fast(model_py: Path, model_dir: Path, batches: str) -> dict[str, Any]:
+    """gpt-fast decoding the same shape (bf16), in its own process."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpt_fast_peer.py"),
+                           "--model-py", str(model_py), "--config",
+                           str(model_dir / "config.json"), "--batches", batches],
+                          capture_output=True, text=True, cwd=ROOT)
+    rows = [json.loads(ln) for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not rows:
+        return {"error": f"exit {proc.returncode}: {proc.stderr[-2000:]}"}
+    return {f"bs{r['batch']}": r for r in rows}
+
+
 def child(args: argparse.Namespace) -> None:
+    global QUANTIZATION
+    QUANTIZATION = args.quantization
     out = Path(args.out)
     model_dir = Path(args.model_dir)
     if args.part == "engine":
@@ -626,6 +746,11 @@ def main() -> None:
     p.add_argument("--offline", action="store_true", help="sweep through vserve.LLM, no HTTP")
     p.add_argument("--skip-hf", action="store_true")
     p.add_argument("--profile", action="store_true")
+    p.add_argument("--shape", choices=sorted(SHAPES), default="1b")
+    p.add_argument("--quantization", choices=["fp8"], default=None)
+    p.add_argument("--gpt-fast", type=Path, default=None, metavar="MODEL_PY",
+                   help="gpt-fast's model.py: run the peer on the same shape in this run")
+    p.add_argument("--peak-tflops", type=float, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -642,16 +767,17 @@ def main() -> None:
         pass
     bw = copy_bandwidth()
     summary["copy_bandwidth_gbps"] = bw / 1e9
-    log(f"device {summary['device']}: copy bandwidth {bw / 1e9:.0f} GB/s")
+    args.peak_tflops = summary["matmul_peak_tflops"] = matmul_peak_tflops()
+    summary["shape"], summary["quantization"] = args.shape, args.quantization
+    log(f"device {summary['device']}: copy bandwidth {bw / 1e9:.0f} GB/s, bf16 matmul "
+        f"{args.peak_tflops:.0f} TFLOP/s")
     t0 = time.perf_counter()
     if args.model_dir:
         model_dir = Path(args.model_dir)
-        from safetensors import safe_open
-
-        with safe_open(str(model_dir / "model.safetensors"), "pt") as f:
-            weight_bytes = sum(math.prod(f.get_slice(k).get_shape()) * 2 for k in f.keys())
     else:
-        model_dir, weight_bytes = make_model(Path(tempfile.mkdtemp(prefix="llama1b-")))
+        model_dir = make_model(Path(tempfile.mkdtemp(prefix=f"llama{args.shape}-")),
+                               SHAPES[args.shape])
+    weight_bytes = step_bytes(SHAPES[args.shape], args.quantization)
     summary["weight_bytes"] = weight_bytes
     summary["bandwidth_bound_tokens_per_s_weights_only"] = bw / weight_bytes
     log(f"model at {model_dir}: {weight_bytes / 1e9:.3f} GB of weights "
@@ -677,11 +803,13 @@ def main() -> None:
                 counts = [int(c) for c in args.api_server_count.split(",") if c]
                 variants = args.serve_variant or [""]
                 runs: dict[str, Any] = {}
+                quant = ["--quantization", args.quantization] if args.quantization else []
                 for count in counts:
                     for variant in variants:
                         label = f"api{count} {variant}".strip()
                         runs[label] = http_sweep(model_dir, concs, out, count,
-                                                 shlex.split(variant), args.requests_per_slot)
+                                                 shlex.split(variant) + quant,
+                                                 args.requests_per_slot)
                         log(f"serving [{label}] done")
                         summary["serving_runs"] = runs
                         save()
@@ -698,13 +826,18 @@ def main() -> None:
     if not args.skip_hf:
         summary["hf"] = run_part("hf", model_dir, weight_bytes, bw, args, out)
         save()
+    if args.gpt_fast:
+        summary["gpt_fast"] = gpt_fast(args.gpt_fast, model_dir, "1,64")
+        log(f"gpt-fast: {summary['gpt_fast']}")
     save()
     print(report(summary))
 
 
 def report(s: dict[str, Any]) -> str:
     e = s.get("engine", {})
-    lines = [f"device: {s['device']}  torch {s['torch']}  triton {s.get('triton')}",
+    lines = [f"device: {s['device']}  torch {s['torch']}  triton {s.get('triton')}; shape "
+             f"{s.get('shape')}, {s.get('quantization') or 'bf16'}; bf16 matmul peak "
+             f"{s.get('matmul_peak_tflops', 0):.0f} TFLOP/s",
              f"copy bandwidth: {s['copy_bandwidth_gbps']:.0f} GB/s; weights "
              f"{s['weight_bytes'] / 1e9:.3f} GB → bound "
              f"{s['bandwidth_bound_tokens_per_s_weights_only']:.0f} tokens/s for one request"]
@@ -732,7 +865,21 @@ def report(s: dict[str, Any]) -> str:
             f" ({e.get('mixed_graph_replays')} mixed-step graph replays, per step "
             f"{e.get('engine_churn256')})",
             f"KV blocks {e['num_kv_blocks']}, max concurrency at 4096 tokens "
-            f"{e['max_concurrency_at_4096']:.1f}"]
+            f"{e['max_concurrency_at_4096']:.1f}",
+            f"engine, 64 requests decoding: {e['engine_batch64_decode_tokens_per_s']:.0f} "
+            f"tokens/s; prefill of 8 x 2048 tokens: {e['prefill_8x2048']}",
+            f"single request at {e['engine_decode_tokens_per_s'] / s['bandwidth_bound_tokens_per_s_weights_only']:.0%}"
+            " of the weights' copy-bandwidth bound"]
+    g = s.get("gpt_fast") or {}
+    if "bs1" in g:
+        lines.append(
+            f"gpt-fast (bf16, same run): bs1 {g['bs1']['tokens_per_s']:.0f} tokens/s "
+            f"({g['bs1']['achieved_gbps_weights']:.0f} GB/s), bs64 "
+            f"{g.get('bs64', {}).get('tokens_per_s', 0):.0f}; vserve / gpt-fast: bs1 "
+            f"{e.get('engine_decode_tokens_per_s', 0) / g['bs1']['tokens_per_s']:.2f}x, bs64 "
+            f"{e.get('engine_batch64_decode_tokens_per_s', 0) / max(1, g.get('bs64', {}).get('tokens_per_s', 0)):.2f}x")
+    elif g:
+        lines.append(f"gpt-fast: {g}")
     off = s.get("engine_no_mixed") or {}
     if "engine_churn256_output_tokens_per_s" in off:
         lines.append(

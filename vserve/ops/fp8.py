@@ -115,8 +115,10 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     """``F.linear(silu_and_mul(x) if act else x, dequant(weight), bias)`` for a CUDA ``x``
     ``[M, K]`` and float8 ``weight`` ``[N, K]`` with float32 ``weight_scale`` ``[N]``:
     the fastest measured path for one row, the float8 tensor cores for more (or the
-    dequantized weights when ``activations`` is ``none``)."""
-    if activations == "none":
+    dequantized weights when ``activations`` is ``none`` or a size is not a multiple of
+    16)."""
+    n, k = weight.shape
+    if activations == "none" or n % 16 or k % 16:  # float8 tensor cores: multiples of 16
         matmul = lambda w: _weight_only(x, w, weight_scale, bias, act)  # noqa: E731
     else:
         matmul = lambda w: scaled_mm(x, w, weight_scale, bias, act, input_scale)  # noqa: E731
