@@ -14,7 +14,13 @@ import random
 
 import psutil
 import pytest
-from helpers.models import hf_greedy, make_tiny_model, random_prompt
+from helpers.models import (
+    hf_greedy,
+    make_tiny_model,
+    random_prompt,
+    write_dequantized,
+    write_fp8_checkpoint,
+)
 
 from vserve import LLM, SamplingParams
 
@@ -53,6 +59,27 @@ def test_tp2_greedy_matches_transformers(tmp_path, arch, kw):
         got_prompt = [row[t].logprob for row, t in zip(out.prompt_logprobs[1:], prompt[1:])]
         want_prompt = [ref[i, prompt[i + 1]].item() for i in range(len(prompt) - 1)]
         assert max(abs(x - y) for x, y in zip(got_prompt, want_prompt)) < 1e-4
+
+
+@pytest.mark.parametrize("strategy", ["channel", "tensor"])
+def test_tp2_fp8_checkpoint_matches_transformers_on_dequantized_weights(tmp_path, strategy):
+    """Each rank loads its rows (q/k/v, gate/up) or columns (o, down) of the float8 weights
+    with the matching slice of per-channel scales, or the whole per-tensor scale."""
+    model_dir = make_tiny_model(tmp_path / "m", "llama")
+    fp8_dir = write_fp8_checkpoint(model_dir, tmp_path / "fp8", strategy=strategy,
+                                   activations="static" if strategy == "tensor" else "dynamic")
+    reference = write_dequantized(fp8_dir, tmp_path / "ref")
+    prompts = [random_prompt(random.Random(9), n) for n in (6, 19)]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=1)
+    with LLM(str(fp8_dir), dtype="float32", tensor_parallel_size=2, num_kv_blocks=128,
+             max_model_len=256) as llm:
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params,
+                            use_tqdm=False)
+    for prompt, out in zip(prompts, outs, strict=True):
+        tokens, logprobs = hf_greedy(reference, prompt, 12)
+        assert out.outputs[0].token_ids == tokens
+        got = [lp[t].logprob for lp, t in zip(out.outputs[0].logprobs, tokens)]
+        assert max(abs(x - y) for x, y in zip(got, logprobs)) < 1e-4
 
 
 def test_tp2_demo_matches_tp1_and_leaves_no_worker(capfd: pytest.CaptureFixture[str]):
