@@ -84,6 +84,30 @@ def test_fp8_gemv_every_tiling_matches_float32(seed, n, k, act):
                                    msg=f"seed {seed} config {cfg}")
 
 
+@pytest.mark.parametrize("n,k", [(48, 1000), (3072, 2048), (28672, 4096)])
+@pytest.mark.parametrize("residual", [False, True])
+def test_fp8_norm_gemv_every_tiling_matches_float32(seed, n, k, residual):
+    from vserve.models.fp8 import dequantize, quantize_per_channel
+    from vserve.ops import linear as lin
+
+    w8, scale = quantize_per_channel(torch.randn(n, k, device="cuda") * 0.05)
+    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+    r = torch.randn(1, k, device="cuda", dtype=torch.bfloat16) if residual else None
+    g = (1 + 0.1 * torch.randn(k, device="cuda")).to(torch.bfloat16)
+    h = (x.float() + r.float()).to(torch.bfloat16) if residual else x
+    normed = (h.float() * torch.rsqrt(h.float().pow(2).mean(-1, keepdim=True) + 1e-5))
+    normed = (g.float() * normed.to(torch.bfloat16).float()).to(torch.bfloat16)
+    ref = normed.float() @ dequantize(w8, scale, torch.float32).t()
+    for cfg in lin._NORM_CANDIDATES:
+        if cfg[1] > 2 * k:
+            continue
+        got, r_out = lin.norm_gemv(x, r, g, 1e-5, w8, None, cfg, scale)
+        torch.testing.assert_close(got.float(), ref.to(torch.bfloat16).float(), rtol=2e-2,
+                                   atol=2e-2 * ref.abs().max().item(),
+                                   msg=f"seed {seed} config {cfg}")
+        torch.testing.assert_close(r_out, h)
+
+
 @pytest.mark.parametrize("m", [1, 2, 16, 33, 256, 1000])
 @pytest.mark.parametrize("n,k", [(256, 512), (4096, 1024), (1024, 14336)])
 def test_scaled_mm_matches_the_same_arithmetic_in_float32(seed, m, n, k):

@@ -199,11 +199,21 @@ def norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm,
     residual. On CUDA a single-token row may take one Triton kernel for all of it
     (:func:`vserve.ops.linear.norm_linear`, chosen by measurement); the inputs may be
     overwritten either way."""
-    if x.is_cuda and use_kernels(x) and not isinstance(layer, Fp8Linear):
+    if x.is_cuda and use_kernels(x):
         from vserve.ops.linear import norm_linear as kernel_norm_linear
 
-        fused = kernel_norm_linear(x, residual, norm.weight, norm.eps, layer.weight,
-                                   layer.bias)
+        if isinstance(layer, Fp8Linear):
+            from vserve.ops.fp8 import fp8_linear
+
+            def matmul(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+                return fp8_linear(h, w, layer.weight_scale, layer.bias, False,
+                                  layer.input_scale, layer.scheme.activations)
+
+            fused = kernel_norm_linear(x, residual, norm.weight, norm.eps, layer.weight,
+                                       layer.bias, layer.weight_scale, matmul)
+        else:
+            fused = kernel_norm_linear(x, residual, norm.weight, norm.eps, layer.weight,
+                                       layer.bias)
         if fused is not None:
             return fused
     if residual is None:

@@ -239,8 +239,9 @@ def _normed_input(x_ptr, r_ptr, g_ptr, rk, K, inv, HAS_RES: tl.constexpr):
 
 
 @triton.jit
-def _norm_gemv_kernel(x_ptr, r_ptr, r_out_ptr, g_ptr, w_ptr, b_ptr, y_ptr, N, K, s_wn, eps,
-                      HAS_RES: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
+def _norm_gemv_kernel(x_ptr, r_ptr, r_out_ptr, g_ptr, w_ptr, s_ptr, b_ptr, y_ptr, N, K, s_wn,
+                      eps, HAS_RES: tl.constexpr, HAS_SCALE: tl.constexpr,
+                      HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
                       BLOCK_K: tl.constexpr, K_POW2: tl.constexpr, PDL: tl.constexpr):
     """``y = W @ rms_norm(x + r) (+ b)``; program 0 also stores ``x + r`` to ``r_out``.
 
@@ -277,6 +278,8 @@ def _norm_gemv_kernel(x_ptr, r_ptr, r_out_ptr, g_ptr, w_ptr, b_ptr, y_ptr, N, K,
         acc += w.to(tl.float32) * _normed_input(x_ptr, r_ptr, g_ptr, rk, K, inv,
                                                 HAS_RES)[None, :]
     y = tl.sum(acc, 1)
+    if HAS_SCALE:  # float8 weights
+        y *= tl.load(s_ptr + rn, mask=nmask, other=0.0)
     if HAS_BIAS:
         y += tl.load(b_ptr + rn, mask=nmask, other=0.0).to(tl.float32)
     tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=nmask)
@@ -289,66 +292,79 @@ _NORM_CHOICE: dict[tuple, tuple[int, int, int] | None] = {}  # None: norm kernel
 
 def norm_gemv(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor,
               eps: float, weight: torch.Tensor, bias: torch.Tensor | None,
-              config: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+              config: tuple[int, int, int], scale: torch.Tensor | None = None,
+              ) -> tuple[torch.Tensor, torch.Tensor]:
     n, k = weight.shape
     out = torch.empty((1, n), dtype=x.dtype, device=x.device)
     r_out = torch.empty_like(x) if residual is not None else x
     block_n, block_k, warps = config
     _norm_gemv_kernel[(triton.cdiv(n, block_n),)](
         x, residual if residual is not None else x, r_out, norm_weight, weight,
-        bias if bias is not None else weight, out, n, k, weight.stride(0), eps,
-        HAS_RES=residual is not None, HAS_BIAS=bias is not None, BLOCK_N=block_n,
+        scale if scale is not None else weight, bias if bias is not None else weight, out, n,
+        k, weight.stride(0), eps, HAS_RES=residual is not None, HAS_SCALE=scale is not None,
+        HAS_BIAS=bias is not None, BLOCK_N=block_n,
         BLOCK_K=block_k, K_POW2=triton.next_power_of_2(k), PDL=pdl(), num_warps=warps,
         launch_pdl=pdl(),
     )
     return out, r_out
 
 
-def _separate(x, residual, norm_weight, eps, weight, bias):
+def _separate(x, residual, norm_weight, eps, weight, matmul):
     from vserve.ops.layernorm import fused_add_rms_norm, rms_norm
 
     if residual is None:
-        return linear(rms_norm(x, norm_weight, eps), weight, bias), x
+        return matmul(rms_norm(x, norm_weight, eps), weight), x
     h, r = fused_add_rms_norm(x, residual, norm_weight, eps)
-    return linear(h, weight, bias), r
+    return matmul(h, weight), r
 
 
-def _choose_norm(x, residual, norm_weight, eps, weight, bias) -> tuple[int, int, int] | None:
-    """Time the separate kernels (norm, then the linear's own choice) against each fused
-    tiling, over weight copies streamed from memory as in ``choose_gemv``."""
+def _choose_norm(x, residual, norm_weight, eps, weight, bias, scale, matmul,
+                 ) -> tuple[int, int, int] | None:
+    """Time the separate kernels (norm, then ``matmul``: the linear's own choice) against
+    each fused tiling, over weight copies streamed from memory as in ``choose_gemv``."""
     ws = _weight_copies(weight)
     copies = len(ws)
     # The separate path works in place: give it its own inputs.
     xs, rs = x.clone(), residual.clone() if residual is not None else None
-    best, best_t = None, _time(lambda i: _separate(xs, rs, norm_weight, eps, ws[i], bias),
+    best, best_t = None, _time(lambda i: _separate(xs, rs, norm_weight, eps, ws[i], matmul),
                                copies)
     for cfg in _NORM_CANDIDATES:
         if cfg[1] > triton.next_power_of_2(weight.shape[1]):
             continue
         t = _time(lambda i, cfg=cfg: norm_gemv(x, residual, norm_weight, eps, ws[i], bias,
-                                               cfg), copies)
+                                               cfg, scale), copies)
         if t < best_t * 0.97:
             best, best_t = cfg, t
     return best
 
 
 def norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor,
-                eps: float, weight: torch.Tensor, bias: torch.Tensor | None = None
+                eps: float, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                scale: torch.Tensor | None = None,
+                matmul: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
                 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """``(F.linear(rms_norm(x + residual), weight, bias), x + residual)`` for one CUDA row
     in one kernel, when that was measured faster than the norm kernel and the linear apart;
     None otherwise (the caller runs them apart). Without ``residual``, ``x`` is normalized
-    and returned as the residual. Inputs are not modified."""
-    if not (_gemv_applies(x, weight) and x.dtype == weight.dtype
-            and (residual is None or residual.is_contiguous())
+    and returned as the residual. Inputs are not modified. Float8 weights come with their
+    row ``scale`` and ``matmul(h, weight)``, the layer's own path, to time against."""
+    if scale is not None:
+        applies = (_ENABLED and x.shape[0] == 1 and x.is_cuda and x.is_contiguous()
+                   and weight.dtype == torch.float8_e4m3fn and weight.stride(1) == 1)
+    else:
+        applies = _gemv_applies(x, weight) and x.dtype == weight.dtype
+    if not (applies and (residual is None or residual.is_contiguous())
             and weight.shape[1] <= 8192):
         return None
     key = (tuple(weight.shape), weight.dtype, bias is not None, residual is not None)
     if key not in _NORM_CHOICE:
         if torch.cuda.is_current_stream_capturing():
             return None
-        _NORM_CHOICE[key] = _choose_norm(x, residual, norm_weight, eps, weight, bias)
+        if matmul is None:
+            matmul = lambda h, w: linear(h, w, bias)  # noqa: E731
+        _NORM_CHOICE[key] = _choose_norm(x, residual, norm_weight, eps, weight, bias, scale,
+                                         matmul)
     cfg = _NORM_CHOICE[key]
     if cfg is None:
         return None
-    return norm_gemv(x, residual, norm_weight, eps, weight, bias, cfg)
+    return norm_gemv(x, residual, norm_weight, eps, weight, bias, cfg, scale)
