@@ -49,7 +49,8 @@ class Fp8Linear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.scheme = scheme
-        self.weight = nn.Parameter(torch.zeros(out_features, in_features, dtype=FP8_DTYPE),
+        # Every row is written by ``load`` (the loader reports any left unloaded).
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=FP8_DTYPE),
                                    requires_grad=False)
         self.weight_scale = nn.Parameter(torch.ones(out_features, dtype=torch.float32),
                                          requires_grad=False)

@@ -93,12 +93,11 @@ def scaled_mm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
     q, sx = quantize_rows(x, input_scale, act)
     # Row-wise scaling writes bfloat16; other activation dtypes take one conversion.
     y = torch._scaled_mm(q, weight.t(), scale_a=sx, scale_b=weight_scale.view(1, -1),
-                         out_dtype=torch.bfloat16,
-                         bias=bias if bias is not None and x.dtype == torch.bfloat16 else None)
+                         out_dtype=torch.bfloat16)
     if x.dtype != torch.bfloat16:
         y = y.to(x.dtype)
-        if bias is not None:
-            y += bias
+    if bias is not None:
+        y += bias
     return y
 
 
