@@ -745,6 +745,8 @@ def main() -> None:
     p.add_argument("--skip-http", action="store_true")
     p.add_argument("--offline", action="store_true", help="sweep through vserve.LLM, no HTTP")
     p.add_argument("--skip-hf", action="store_true")
+    p.add_argument("--skip-no-mixed", action="store_true",
+                   help="skip the engine run with mixed-step graphs off")
     p.add_argument("--profile", action="store_true")
     p.add_argument("--shape", choices=sorted(SHAPES), default="1b")
     p.add_argument("--quantization", choices=["fp8"], default=None)
@@ -791,10 +793,11 @@ def main() -> None:
         summary["engine"] = run_part("engine", model_dir, weight_bytes, bw, args, out)
         log(f"engine: {json.dumps(summary['engine'], indent=1)}")
         save()
-        summary["engine_no_mixed"] = run_part("engine_no_mixed", model_dir, weight_bytes, bw,
-                                              args, out)
-        log(f"engine, mixed-step graphs off: {json.dumps(summary['engine_no_mixed'])}")
-        save()
+        if not args.skip_no_mixed:
+            summary["engine_no_mixed"] = run_part("engine_no_mixed", model_dir, weight_bytes,
+                                                  bw, args, out)
+            log(f"engine, mixed-step graphs off: {json.dumps(summary['engine_no_mixed'])}")
+            save()
     concs = [int(c) for c in args.concurrency.split(",") if c]
     if not args.skip_http:
         mode = "offline" if args.offline else "http"
