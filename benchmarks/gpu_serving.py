@@ -365,6 +365,9 @@ def engine_decode(model_dir: Path, weight_bytes: int, copy_bw: float, args: argp
         while core.has_unfinished_requests():
             core.step()
     res["engine_prefill_128_ms_all"] = prefill = _prefill_ms(core, vocab)
+    oracle = out / "part_hf_oracle.json"
+    if oracle.exists() and "prompts" in json.loads(oracle.read_text()):
+        res["hf_oracle"] = compare_with_oracle(core, json.loads(oracle.read_text()))
     res["prefill_8x2048"] = _prefill_tflops(core, cfg, args.peak_tflops)
     res["engine_batch64_decode_tokens_per_s"] = _batch_decode(core, 64, args.decode_tokens)
 
@@ -679,6 +682,69 @@ def hf_generate(model_dir: Path, batch: int) -> dict[str, Any]:
     return res
 
 
+ORACLE_PROMPTS = ((32, 31), (100, 32), (500, 33))  # (length, seed)
+ORACLE_TOKENS = 16
+
+
+def hf_oracle(model_dir: Path) -> dict[str, Any]:
+    """transformers' greedy tokens (bf16, SDPA) and their logprobs for the oracle prompts."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16,
+                                                 attn_implementation="sdpa").cuda().eval()
+    rows = []
+    for length, seed in ORACLE_PROMPTS:
+        ids = torch.tensor(random_prompts(1, length, VOCAB, seed), device="cuda")
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=ORACLE_TOKENS,
+                                 min_new_tokens=ORACLE_TOKENS, do_sample=False,
+                                 output_scores=True, return_dict_in_generate=True,
+                                 pad_token_id=0, eos_token_id=None)
+        tokens = out.sequences[0, length:].tolist()
+        lps = [torch.log_softmax(sc[0].float(), -1) for sc in out.scores]
+        rows.append({"tokens": tokens,
+                     "logprobs": [lp[t].item() for lp, t in zip(lps, tokens)],
+                     # the gap between HF's top two: a near-tie may flip under other kernels
+                     "top2_gap": [(lp.topk(2).values[0] - lp.topk(2).values[1]).item()
+                                  for lp in lps]})
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+    return {"prompts": rows}
+
+
+def compare_with_oracle(core: Any, oracle: dict[str, Any]) -> dict[str, Any]:
+    """The engine's greedy tokens for the oracle prompts against transformers': how many
+    of the first tokens agree, and the largest logprob difference over those."""
+    from vserve.protocol.requests import EngineCoreRequest
+    from vserve.protocol.sampling import SamplingParams
+
+    out = []
+    for (length, seed), ref in zip(ORACLE_PROMPTS, oracle["prompts"]):
+        params = SamplingParams(temperature=0, max_tokens=ORACLE_TOKENS, ignore_eos=True,
+                                logprobs=0)
+        rid = f"oracle-{seed}"
+        core.add_request(EngineCoreRequest(rid, random_prompts(1, length, VOCAB, seed)[0],
+                                           params, [], time.time()))
+        tokens: list[int] = []
+        lps: list[float] = []
+        while core.has_unfinished_requests():
+            for outs in core.step().values():
+                for o in outs.unpack():
+                    tokens.extend(o.new_token_ids)
+                    if o.new_logprobs is not None:
+                        lps.extend(row[0] for row in o.new_logprobs.logprobs)
+        same = next((i for i, (a, b) in enumerate(zip(tokens, ref["tokens"])) if a != b),
+                    len(tokens))
+        out.append({"prompt_len": length, "first_tokens_equal": same,
+                    "max_logprob_diff": max((abs(a - b) for a, b in
+                                             zip(lps[:same], ref["logprobs"][:same])),
+                                            default=None),
+                    "hf_top2_gap_at_divergence": (ref["top2_gap"][same]
+                                                  if same < len(ref["top2_gap"]) else None)})
+    return {"per_prompt": out}
+
+
 def run_part(part: str, model_dir: Path, weight_bytes: int, bw: float,
              args: argparse.Namespace, out: Path) -> dict[str, Any]:
     """Run one part in a child process (``--part``); returns its JSON, or the error."""
@@ -718,6 +784,8 @@ def child(args: argparse.Namespace) -> None:
         res = engine_decode(model_dir, args.weight_bytes, args.copy_bw, args, out)
     elif args.part == "engine_no_mixed":
         res = engine_no_mixed_graphs(model_dir)
+    elif args.part == "hf_oracle":
+        res = hf_oracle(model_dir)
     else:
         res = hf_generate(model_dir, args.hf_batch)
     (out / f"part_{args.part}.json").write_text(json.dumps(res, indent=2, default=str))
@@ -725,7 +793,8 @@ def child(args: argparse.Namespace) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--part", choices=["engine", "engine_no_mixed", "hf"], default=None,
+    p.add_argument("--part", choices=["engine", "engine_no_mixed", "hf", "hf_oracle"],
+                   default=None,
                    help=argparse.SUPPRESS)
     p.add_argument("--copy-bw", type=float, default=None, help=argparse.SUPPRESS)
     p.add_argument("--weight-bytes", type=int, default=None, help=argparse.SUPPRESS)
@@ -745,6 +814,8 @@ def main() -> None:
     p.add_argument("--skip-http", action="store_true")
     p.add_argument("--offline", action="store_true", help="sweep through vserve.LLM, no HTTP")
     p.add_argument("--skip-hf", action="store_true")
+    p.add_argument("--check-hf", action="store_true",
+                   help="compare the engine's greedy tokens with transformers' (bf16) first")
     p.add_argument("--skip-no-mixed", action="store_true",
                    help="skip the engine run with mixed-step graphs off")
     p.add_argument("--profile", action="store_true")
@@ -788,6 +859,9 @@ def main() -> None:
     def save() -> None:
         (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
 
+    if args.check_hf and not args.skip_engine:
+        summary["hf_oracle"] = run_part("hf_oracle", model_dir, weight_bytes, bw, args, out)
+        save()
     if not args.skip_engine:
         # In a child process, so that all its GPU memory is gone before the server starts.
         summary["engine"] = run_part("engine", model_dir, weight_bytes, bw, args, out)
@@ -872,7 +946,8 @@ def report(s: dict[str, Any]) -> str:
             f"engine, 64 requests decoding: {e['engine_batch64_decode_tokens_per_s']:.0f} "
             f"tokens/s; prefill of 8 x 2048 tokens: {e['prefill_8x2048']}",
             f"single request at {e['engine_decode_tokens_per_s'] / s['bandwidth_bound_tokens_per_s_weights_only']:.0%}"
-            " of the weights' copy-bandwidth bound"]
+            " of the weights' copy-bandwidth bound",
+            f"against transformers (bf16 greedy): {e.get('hf_oracle')}"]
     g = s.get("gpt_fast") or {}
     if "bs1" in g:
         lines.append(
