@@ -430,6 +430,11 @@ def engine_decode(model_dir: Path, weight_bytes: int, copy_bw: float, args: argp
         * res["engine_decode_tokens_per_s"] / 1e9
     res["host_overhead_ms_per_step"] = res["engine_step_ms_median"] - step1 * 1e3
     res["host_overhead_ms_per_step_sync"] = res["engine_step_ms_median_sync"] - step1 * 1e3
+    if args.quick:
+        from vserve.ops.linear import choices
+
+        res["gemv_choices"] = choices()
+        return res
 
     # Host-side breakdown of one synchronous decode step, no profiler: schedule /
     # prepare+upload / graph launch (CPU time of the call) / execute incl. waiting for the
@@ -757,6 +762,8 @@ def run_part(part: str, model_dir: Path, weight_bytes: int, bw: float,
         argv += ["--quantization", args.quantization]
     if args.profile:
         argv.append("--profile")
+    if args.quick:
+        argv.append("--quick")
     proc = subprocess.run(argv, cwd=ROOT)
     if proc.returncode != 0 or not result.exists():
         return {"error": f"part {part} exited with {proc.returncode}"}
@@ -814,6 +821,9 @@ def main() -> None:
     p.add_argument("--skip-http", action="store_true")
     p.add_argument("--offline", action="store_true", help="sweep through vserve.LLM, no HTTP")
     p.add_argument("--skip-hf", action="store_true")
+    p.add_argument("--quick", action="store_true",
+                   help="engine part: decode, graph steps, prefill and the oracle only (no "
+                        "host breakdown, batch 256 or churn)")
     p.add_argument("--check-hf", action="store_true",
                    help="compare the engine's greedy tokens with transformers' (bf16) first")
     p.add_argument("--skip-no-mixed", action="store_true",
@@ -929,7 +939,7 @@ def report(s: dict[str, Any]) -> str:
             f"engine, 1 request, async scheduling off: "
             f"{e['engine_decode_tokens_per_s_sync']:.0f} tokens/s, step "
             f"{e['engine_step_ms_median_sync']:.3f} ms; host parts of a sync step (us) "
-            f"{ {k: round(v, 1) for k, v in e['host_breakdown_us'].items()} }",
+            f"{ {k: round(v, 1) for k, v in e.get('host_breakdown_us', {}).items()} }",
             f"engine, prefill of 128 tokens: {e['engine_prefill_128_ms']:.1f} ms (median of "
             f"{len(e['engine_prefill_128_ms_all'])}); GEMV choices {e.get('gemv_choices')}",
             "graph step: " + ", ".join(
@@ -937,7 +947,7 @@ def report(s: dict[str, Any]) -> str:
                 f"tok/s, {e[f'graph_gbps_bs{b}']:.0f} GB/s)"
                 for b in (1, 16, 64, 256) if f"graph_step_ms_bs{b}" in e),
             f"engine, 256 x (128 in, 128 out), in process: "
-            f"{e['engine_batch256_output_tokens_per_s']:.0f} output tokens/s; steady churn "
+            f"{e.get('engine_batch256_output_tokens_per_s', 0):.0f} output tokens/s; steady churn "
             f"(256 in flight, 64..192 out): {e.get('engine_churn256_output_tokens_per_s', 0):.0f}"
             f" ({e.get('mixed_graph_replays')} mixed-step graph replays, per step "
             f"{e.get('engine_churn256')})",
