@@ -99,8 +99,9 @@ def run_worker(rank: int, size: int, rendezvous: Path, model_dir: Path,
         while True:
             op, payload = tp.receive()
             if op == Op.FORWARD:
-                ids, pos, meta = payload
-                hidden = model(ids, pos, runner.kv_caches, meta)
+                runner.batch_rows.block_table.apply(payload.journal)
+                pos, meta = runner.step_metadata(payload.rows, payload.qsl, payload.seq_lens)
+                hidden = model(payload.input_ids, pos, runner.kv_caches, meta)
             elif op == Op.LOGITS:
                 assert hidden is not None
                 model.compute_logits(hidden[payload])

@@ -17,14 +17,22 @@ from __future__ import annotations
 
 import numpy as np
 
+_CLEAR = -1  # journal entry ``[row, _CLEAR]``; a write is ``[row, start, count, *ids]``
+
 
 class BlockTable:
-    def __init__(self, num_rows: int, max_blocks_per_seq: int) -> None:
+    """``journal``: when a list (``record=True``), every change is appended to it as well,
+    flat int32 entries that :meth:`apply` replays on a mirror table in another process (a
+    tensor-parallel worker's): the mirror then holds the same rows, and a step needs only
+    the changes, not its whole block table."""
+
+    def __init__(self, num_rows: int, max_blocks_per_seq: int, record: bool = False) -> None:
         # np.zeros: pages of rows never used stay virtual (a long max_model_len costs
         # nothing until requests that long arrive).
         self.table = np.zeros((num_rows + 1, max_blocks_per_seq), dtype=np.int32)
         self._lists: list[list[int] | None] = [None] * (num_rows + 1)
         self._lens = [0] * (num_rows + 1)
+        self.journal: list[int] | None = [] if record else None
 
     def sync(self, row: int, block_ids: list[int]) -> None:
         """Make ``table[row]`` hold ``block_ids`` (copies only what is new)."""
@@ -32,20 +40,50 @@ class BlockTable:
         n = len(block_ids)
         if self._lists[row] is not block_ids or n < have:
             if have:
-                self.table[row, :have] = 0
+                self._zero(row, have)
             self._lists[row] = block_ids
             have = 0
         if n > have:
             self.table[row, have:n] = block_ids[have:n]
             self._lens[row] = n
+            if self.journal is not None:
+                self.journal += (row, have, n - have, *block_ids[have:n])
 
     def clear(self, row: int) -> None:
         """The row's request left the batch: zero what it wrote."""
         have = self._lens[row]
         if have:
-            self.table[row, :have] = 0
+            self._zero(row, have)
         self._lens[row] = 0
         self._lists[row] = None
+
+    def _zero(self, row: int, have: int) -> None:
+        self.table[row, :have] = 0
+        if self.journal is not None:
+            self.journal += (row, _CLEAR)
+
+    def take_journal(self) -> np.ndarray:
+        """The changes recorded since the last call (int32), and a fresh journal."""
+        assert self.journal is not None
+        out = np.asarray(self.journal, dtype=np.int32)
+        self.journal = []
+        return out
+
+    def apply(self, journal: np.ndarray) -> None:
+        """Replay another table's recorded changes on this one (its mirror)."""
+        entries = journal.tolist()
+        i = 0
+        while i < len(entries):
+            row, start = entries[i], entries[i + 1]
+            if start == _CLEAR:
+                self.table[row, : self._lens[row]] = 0
+                self._lens[row] = 0
+                i += 2
+                continue
+            count = entries[i + 2]
+            self.table[row, start : start + count] = entries[i + 3 : i + 3 + count]
+            self._lens[row] = start + count
+            i += 3 + count
 
     def gather(self, rows: np.ndarray, width: int) -> np.ndarray:
         """``[len(rows), width]``: each row's first ``width`` block ids, zero-padded."""
@@ -64,10 +102,10 @@ class BatchRows:
     taken, so a re-admitted request (same id) starts on a clean row.
     """
 
-    def __init__(self, num_rows: int, max_blocks_per_seq: int) -> None:
+    def __init__(self, num_rows: int, max_blocks_per_seq: int, record: bool = False) -> None:
         self.num_rows = num_rows
         self.dummy_row = num_rows
-        self.block_table = BlockTable(num_rows, max_blocks_per_seq)
+        self.block_table = BlockTable(num_rows, max_blocks_per_seq, record)
         self._rows: dict[str, int] = {}
         self._free = list(range(num_rows - 1, -1, -1))
 

@@ -111,7 +111,10 @@ class ModelRunner:
         # CUDA, its last sampled token on the device (see CudaInputs). Chaining can hold a
         # finished request's row one step longer, hence twice the sequences.
         max_rows = 2 * max(config.scheduler.max_num_seqs, self.graph_batch_size())
-        self.batch_rows = BatchRows(max_rows, self.max_blocks_per_seq)
+        # Rank 0 of a tensor-parallel group records its block-table changes: the workers
+        # replay them on their mirrors (only changes cross per step).
+        self.batch_rows = BatchRows(max_rows, self.max_blocks_per_seq,
+                                    record=tp is not None and tp.rank == 0)
         if self.is_cuda:
             sc = config.scheduler
             gbs = self.graph_batch_size()
@@ -210,11 +213,10 @@ class ModelRunner:
                  overrides: dict[str, int] | None) -> tuple[
         torch.Tensor, torch.Tensor, AttentionMetadata
     ]:
-        """CPU inputs: token ids and positions from the requests, slots and block table
-        gathered from the persistent rows (``BatchRows``)."""
+        """CPU inputs: token ids from the requests; positions, slots and block table from
+        the rows' query and sequence lengths and the persistent rows (``BatchRows``)."""
         rows = self._batch_rows(scheduled)
         input_ids: list[int] = []
-        positions: list[int] = []
         qsl = [0]
         seq_lens: list[int] = []
         for s in scheduled:
@@ -225,29 +227,43 @@ class ModelRunner:
                 tok = input_token(s, start, overrides)
                 assert tok != DEVICE_TOKEN, "a chained CPU step needs the previous tokens"
                 input_ids.append(tok)
-                positions.append(start)
             else:
                 input_ids.extend(req.all_token_ids[start:end])
-                positions.extend(range(start, end))
             qsl.append(end - start + qsl[-1])
             seq_lens.append(end)
+        ids = torch.tensor(input_ids, dtype=torch.int64)
+        if self.tp is not None:
+            self.tp.send_forward(ids, rows, qsl, seq_lens,
+                                 self.batch_rows.block_table.take_journal())
+        pos, meta = self.step_metadata(np.asarray(rows, dtype=np.int64), qsl, seq_lens)
+        return ids, pos, meta
+
+    def step_metadata(self, rows: np.ndarray, qsl: list[int], seq_lens: list[int]
+                      ) -> tuple[torch.Tensor, AttentionMetadata]:
+        """A CPU step's positions and attention metadata from its rows (int64), query
+        start offsets and sequence lengths: sequence i's new tokens sit at positions
+        ``seq_lens[i] - q_i .. seq_lens[i] - 1``. Tensor-parallel workers build the same
+        from what rank 0 sends."""
         bs = self.block_size
-        rows_np = np.asarray(rows, dtype=np.int64)
-        pos_np = np.asarray(positions, dtype=np.int64)
+        starts = np.asarray(qsl, dtype=np.int64)
+        qlens = starts[1:] - starts[:-1]
+        first = np.asarray(seq_lens, dtype=np.int64) - qlens
+        # Each token's position: its sequence's first new position + its index in the query.
+        pos_np = np.repeat(first - starts[:-1], qlens) + np.arange(qsl[-1], dtype=np.int64)
         table = self.batch_rows.block_table
-        slots = table.slots(np.repeat(rows_np, np.diff(qsl)), pos_np, bs)
+        slots = table.slots(np.repeat(rows, qlens), pos_np, bs)
         width = -(-max(seq_lens) // bs)
         meta = AttentionMetadata(
             slot_mapping=torch.from_numpy(slots),
             query_start_loc=torch.tensor(qsl, dtype=torch.int32),
             seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
-            block_tables=torch.from_numpy(table.gather(rows_np, width)),
-            max_query_len=max(b - a for a, b in zip(qsl, qsl[1:])),
+            block_tables=torch.from_numpy(table.gather(rows, width)),
+            max_query_len=int(qlens.max()),
             max_seq_len=max(seq_lens),
             query_start_loc_cpu=qsl,
             seq_lens_cpu=seq_lens,
         )
-        return torch.tensor(input_ids, dtype=torch.int64), torch.from_numpy(pos_np), meta
+        return torch.from_numpy(pos_np), meta
 
     def execute_model_async(self, sched: SchedulerOutput,
                             in_flight: PendingOutput | None = None) -> PendingOutput:
@@ -277,8 +293,6 @@ class ModelRunner:
         if self.is_cuda:
             return self._execute_cuda(scheduled, overrides)
         ids_t, pos, meta = self._prepare(scheduled, overrides)
-        if self.tp is not None:
-            self.tp.send_forward(ids_t, pos, meta)
         hidden = self.model(ids_t, pos, self.kv_caches, meta)
         row0 = meta.query_start_loc_cpu
         logits = None

@@ -6,11 +6,15 @@ processes (``vserve.engine.tp_worker``) holding only their shard of the weights 
 KV cache (``vserve.models.llama.ShardLayout``). ``torch.distributed`` joins them — gloo on
 CPU — through a rendezvous file in a private temporary directory, so no port is fixed.
 
-Per step rank 0 broadcasts the step's inputs; every rank then runs the same forward pass
+Per step rank 0 broadcasts what the other ranks cannot know: the step's token ids, each
+sequence's persistent row, query offsets and lengths, and the changes to the rows' block
+table since the last step (``BlockTable.journal``). The workers replay those changes on their
+mirror of the table and derive positions, slots and the step's block table exactly as rank 0
+does (``ModelRunner.step_metadata``). Every rank then runs the same forward pass
 (the row-parallel layers all-reduce inside it, and each logits computation all-gathers the
 vocabulary shards). Invariant: every collective is entered by all ranks in the same order.
 The workers therefore replay exactly the calls rank 0 makes, each announced by a header:
-``FORWARD`` (the step's inputs), ``LOGITS`` (rows of the last forward's hidden states),
+``FORWARD`` (the step's inputs as above), ``LOGITS`` (rows of the last forward's hidden states),
 ``ALLOC`` (KV-cache blocks) and ``EXIT``.
 """
 
@@ -19,13 +23,23 @@ from __future__ import annotations
 from datetime import timedelta
 from enum import IntEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
-from vserve.attention.backend import AttentionMetadata
 from vserve.config import EngineConfig
+
+
+class StepInputs(NamedTuple):
+    """A ``FORWARD`` as a worker receives it (see the module docstring)."""
+
+    input_ids: torch.Tensor
+    rows: np.ndarray
+    qsl: list[int]
+    seq_lens: list[int]
+    journal: np.ndarray
 
 
 class Op(IntEnum):
@@ -97,15 +111,15 @@ class TensorParallel:
         if payload is not None:
             dist.broadcast(payload, 0)
 
-    def send_forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                     meta: AttentionMetadata) -> None:
-        t, s = input_ids.numel(), meta.seq_lens.numel()
-        w = meta.block_tables.shape[1]
-        payload = torch.cat([
-            input_ids.long(), positions.long(), meta.slot_mapping.long(),
-            meta.query_start_loc.long(), meta.seq_lens.long(),
-            meta.block_tables.long().reshape(-1)])
-        self._send(Op.FORWARD, t, s, w, meta.max_query_len, meta.max_seq_len, payload=payload)
+    def send_forward(self, input_ids: torch.Tensor, rows: list[int], qsl: list[int],
+                     seq_lens: list[int], journal: np.ndarray) -> None:
+        """A step of ``len(rows)`` sequences: token ids, rows, query start offsets, sequence
+        lengths and the block-table changes, one int32 broadcast."""
+        t, s, j = input_ids.numel(), len(rows), len(journal)
+        payload = torch.cat([input_ids.int(), torch.tensor(rows + qsl + seq_lens,
+                                                           dtype=torch.int32),
+                             torch.from_numpy(journal)])
+        self._send(Op.FORWARD, t, s, j, payload=payload)
 
     def send_logits(self, rows: torch.Tensor) -> None:
         self._send(Op.LOGITS, rows.numel(), payload=rows.long())
@@ -118,24 +132,20 @@ class TensorParallel:
 
     # ---- ranks 1..T-1: receive the next call ----------------------------------------
     def receive(self) -> tuple[Op, Any]:
-        """The next call rank 0 made: ``(FORWARD, (ids, positions, meta))``, ``(LOGITS,
-        rows)``, ``(ALLOC, num_blocks)`` or ``(EXIT, None)``."""
+        """The next call rank 0 made: ``(FORWARD, StepInputs)``, ``(LOGITS, rows)``,
+        ``(ALLOC, num_blocks)`` or ``(EXIT, None)``."""
         header = torch.zeros(_HEADER, dtype=torch.int64)
         dist.broadcast(header, 0)
         op = Op(int(header[0]))
         if op == Op.FORWARD:
-            t, s, w, max_q, max_s = (int(x) for x in header[1:6])
-            payload = torch.empty(3 * t + 2 * s + 1 + s * w, dtype=torch.int64)
+            t, s, j = (int(x) for x in header[1:4])
+            payload = torch.empty(t + 3 * s + 1 + j, dtype=torch.int32)
             dist.broadcast(payload, 0)
-            ids, pos, slots, rest = payload[:t], payload[t : 2 * t], payload[2 * t : 3 * t], \
-                payload[3 * t :]
-            qsl, seq_lens, table = rest[: s + 1], rest[s + 1 : 2 * s + 1], rest[2 * s + 1 :]
-            qsl_cpu, seq_lens_cpu = qsl.tolist(), seq_lens.tolist()
-            meta = AttentionMetadata(
-                slot_mapping=slots, query_start_loc=qsl.int(), seq_lens=seq_lens.int(),
-                block_tables=table.int().reshape(s, w), max_query_len=max_q,
-                max_seq_len=max_s, query_start_loc_cpu=qsl_cpu, seq_lens_cpu=seq_lens_cpu)
-            return op, (ids, pos, meta)
+            rest = payload[t:].numpy()
+            return op, StepInputs(
+                input_ids=payload[:t].long(), rows=rest[:s].astype(np.int64),
+                qsl=rest[s : 2 * s + 1].tolist(), seq_lens=rest[2 * s + 1 : 3 * s + 1].tolist(),
+                journal=rest[3 * s + 1 :])
         if op == Op.LOGITS:
             rows = torch.empty(int(header[1]), dtype=torch.int64)
             dist.broadcast(rows, 0)
