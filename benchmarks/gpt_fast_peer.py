@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -25,6 +26,7 @@ def _load(path: Path):  # type: ignore[no-untyped-def]
     spec = importlib.util.spec_from_file_location("gpt_fast_model", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # torch.compile looks its globals up by module name
     spec.loader.exec_module(module)
     return module
 
