@@ -59,6 +59,12 @@ def main() -> None:
     if margs.head_dim != cfg.get("head_dim", margs.head_dim):
         raise SystemExit(f"gpt-fast derives head_dim {margs.head_dim}; the shape has "
                          f"{cfg['head_dim']}")
+    # The inductor settings gpt-fast's generate.py runs with.
+    import torch._inductor.config as inductor
+
+    inductor.coordinate_descent_tuning = True
+    inductor.triton.unique_kernel_names = True
+    inductor.fx_graph_cache = True
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = module.Transformer(margs)
