@@ -15,6 +15,7 @@ order) and ``gate_proj``/``up_proj`` → ``gate_up_proj`` (gate rows first).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -103,11 +104,8 @@ class ShardLayout:
 
 
 def _numel(tensor: Any) -> int:
-    shape = tensor.shape if isinstance(tensor, torch.Tensor) else tensor.get_shape()
-    n = 1
-    for d in shape:
-        n *= d
-    return n
+    """Elements of a tensor or a safetensors slice."""
+    return math.prod(tensor.shape if isinstance(tensor, torch.Tensor) else tensor.get_shape())
 
 
 def _part(tensor: Any, dim: int, start: int, length: int | None) -> torch.Tensor:
