@@ -217,6 +217,7 @@ class ModelRunner:
         the rows' query and sequence lengths and the persistent rows (``BatchRows``)."""
         rows = self._batch_rows(scheduled)
         input_ids: list[int] = []
+        positions: list[int] = []
         qsl = [0]
         seq_lens: list[int] = []
         for s in scheduled:
@@ -227,29 +228,37 @@ class ModelRunner:
                 tok = input_token(s, start, overrides)
                 assert tok != DEVICE_TOKEN, "a chained CPU step needs the previous tokens"
                 input_ids.append(tok)
+                positions.append(start)
             else:
                 input_ids.extend(req.all_token_ids[start:end])
+                positions.extend(range(start, end))
             qsl.append(end - start + qsl[-1])
             seq_lens.append(end)
         ids = torch.tensor(input_ids, dtype=torch.int64)
         if self.tp is not None:
             self.tp.send_forward(ids, rows, qsl, seq_lens,
                                  self.batch_rows.block_table.take_journal())
-        pos, meta = self.step_metadata(np.asarray(rows, dtype=np.int64), qsl, seq_lens)
+        pos, meta = self.step_metadata(np.asarray(rows, dtype=np.int64), qsl, seq_lens,
+                                       np.asarray(positions, dtype=np.int64))
         return ids, pos, meta
 
-    def step_metadata(self, rows: np.ndarray, qsl: list[int], seq_lens: list[int]
+    def step_metadata(self, rows: np.ndarray, qsl: list[int], seq_lens: list[int],
+                      positions: np.ndarray | None = None,
                       ) -> tuple[torch.Tensor, AttentionMetadata]:
         """A CPU step's positions and attention metadata from its rows (int64), query
         start offsets and sequence lengths: sequence i's new tokens sit at positions
-        ``seq_lens[i] - q_i .. seq_lens[i] - 1``. Tensor-parallel workers build the same
-        from what rank 0 sends."""
+        ``seq_lens[i] - q_i .. seq_lens[i] - 1`` (derived here unless ``positions`` is
+        given: rank 0 has them from its loop, tensor-parallel workers derive them from
+        what rank 0 sends)."""
         bs = self.block_size
-        starts = np.asarray(qsl, dtype=np.int64)
-        qlens = starts[1:] - starts[:-1]
-        first = np.asarray(seq_lens, dtype=np.int64) - qlens
-        # Each token's position: its sequence's first new position + its index in the query.
-        pos_np = np.repeat(first - starts[:-1], qlens) + np.arange(qsl[-1], dtype=np.int64)
+        qlens = np.diff(qsl)
+        pos_np = positions
+        if pos_np is None:
+            starts = np.asarray(qsl, dtype=np.int64)
+            first = np.asarray(seq_lens, dtype=np.int64) - qlens
+            # Each token: its sequence's first new position + its index in the query.
+            pos_np = np.repeat(first - starts[:-1], qlens) + np.arange(qsl[-1],
+                                                                       dtype=np.int64)
         table = self.batch_rows.block_table
         slots = table.slots(np.repeat(rows, qlens), pos_np, bs)
         width = -(-max(seq_lens) // bs)
@@ -258,7 +267,7 @@ class ModelRunner:
             query_start_loc=torch.tensor(qsl, dtype=torch.int32),
             seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
             block_tables=torch.from_numpy(table.gather(rows, width)),
-            max_query_len=int(qlens.max()),
+            max_query_len=max(b - a for a, b in zip(qsl, qsl[1:])),
             max_seq_len=max(seq_lens),
             query_start_loc_cpu=qsl,
             seq_lens_cpu=seq_lens,
