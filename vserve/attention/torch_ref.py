@@ -62,20 +62,18 @@ class TorchReferenceBackend(AttentionBackend):
             # [num_blocks, block_size, Hk, D] → the first seq_len tokens, heads first.
             keys = k_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len].transpose(0, 1)
             values = v_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len].transpose(0, 1)
-            if group > 1:
-                # Query head h reads KV head h // group.
-                keys = keys.repeat_interleave(group, dim=0)
-                values = values.repeat_interleave(group, dim=0)
-            # Query row i sits at position seq_len - q_len + i and sees positions 0..that.
-            mask = torch.ones(q_len, seq_len, dtype=torch.bool, device=q.device).tril(
-                diagonal=seq_len - q_len
-            )
+            # Query row i sits at position seq_len - q_len + i and sees positions 0..that; a
+            # single query row (decode) sees them all: no mask to build.
+            mask = None if q_len == 1 else torch.ones(
+                q_len, seq_len, dtype=torch.bool, device=q.device).tril(diagonal=seq_len - q_len)
+            # enable_gqa: query head h reads KV head h // group, without copying the KV heads.
             attn = F.scaled_dot_product_attention(
                 q[start:end].transpose(0, 1),
                 keys.to(q.dtype),
                 values.to(q.dtype),
                 attn_mask=mask,
                 scale=scale,
+                enable_gqa=group > 1,
             )
             out[start:end] = attn.transpose(0, 1)
         return out
