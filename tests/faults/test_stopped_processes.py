@@ -27,7 +27,7 @@ def test_a_stopped_api_server_is_killed_and_replaced() -> None:
         before = srv.pids("api_server")
         assert set(before) == {"0", "1"}
         with ThreadPoolExecutor(8) as pool:
-            streams = [pool.submit(stream_completion, base, 2000, 30, f"s{i}")
+            streams = [pool.submit(stream_completion, base, 3500, 30, f"s{i}")
                        for i in range(6)]
             time.sleep(1.0)
             stopped_at = time.monotonic()
