@@ -19,6 +19,7 @@ import random
 
 import pytest
 import torch
+from helpers.engine import greedy_generate
 from helpers.models import make_tiny_model
 
 pytestmark = [
@@ -50,27 +51,7 @@ def _engine(model_dir, dtype, **kw):
 
 
 def _generate(core, prompts, max_tokens=NEW_TOKENS, logprobs=None):
-    import time
-
-    from vserve.protocol.requests import EngineCoreRequest
-    from vserve.protocol.sampling import SamplingParams
-
-    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True,
-                            logprobs=logprobs)
-    ids = []
-    for p in prompts:
-        rid = f"r{random.random()}"
-        ids.append(rid)
-        assert core.add_request(EngineCoreRequest(rid, p, params, [], time.time())) is None
-    tokens = {r: [] for r in ids}
-    lps = {r: [] for r in ids}
-    while core.has_unfinished_requests():
-        for outs in core.step().values():
-            for o in outs.unpack():
-                tokens[o.request_id].extend(o.new_token_ids)
-                if o.new_logprobs is not None:
-                    lps[o.request_id].append(o.new_logprobs)
-    return [tokens[r] for r in ids], [lps[r] for r in ids]
+    return greedy_generate(core, prompts, max_tokens, logprobs)
 
 
 def _hf(model_dir, dtype, prompt, n):

@@ -17,6 +17,7 @@ import random
 
 import pytest
 import torch
+from helpers.engine import greedy_generate
 from helpers.models import make_tiny_model, write_dequantized, write_fp8_checkpoint
 
 pytestmark = [
@@ -138,27 +139,6 @@ def _engine(model_dir, **model_kw):
     return EngineCore(config, model_dir)
 
 
-def _run(core, prompts, n):
-    import time
-
-    from vserve.protocol.requests import EngineCoreRequest
-    from vserve.protocol.sampling import SamplingParams
-
-    params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, logprobs=5)
-    ids = [f"r{i}-{random.random()}" for i in range(len(prompts))]
-    for rid, p in zip(ids, prompts):
-        assert core.add_request(EngineCoreRequest(rid, p, params, [], time.time())) is None
-    tokens: dict[str, list[int]] = {r: [] for r in ids}
-    lps: dict[str, list] = {r: [] for r in ids}
-    while core.has_unfinished_requests():
-        for outs in core.step().values():
-            for o in outs.unpack():
-                tokens[o.request_id].extend(o.new_token_ids)
-                if o.new_logprobs is not None:
-                    lps[o.request_id].append(o.new_logprobs)
-    return [tokens[r] for r in ids], [lps[r] for r in ids]
-
-
 def _hf(model_dir, prompt, n):
     from transformers import AutoModelForCausalLM
 
@@ -178,7 +158,7 @@ def test_weight_only_fp8_engine_matches_transformers_on_dequantized_weights(tmp_
     rng = random.Random(3)
     prompts = [[rng.randrange(3, 300) for _ in range(n)] for n in (1, 9, 33)]
     core = _engine(fp8_dir)
-    got, lps = _run(core, prompts, 8)
+    got, lps = greedy_generate(core, prompts, 8, logprobs=5)
     for prompt, tokens, rows in zip(prompts, got, lps):
         want, ref = _hf(reference, prompt, 8)
         assert tokens[0] == want[0]
@@ -192,10 +172,10 @@ def test_fp8_engine_with_quantized_activations_stays_close(tmp_path):
     rng = random.Random(4)
     prompts = [[rng.randrange(3, 300) for _ in range(n)] for n in (1, 9, 33, 70)]
     weight_only = _engine(write_fp8_checkpoint(model_dir, tmp_path / "w", activations=None))
-    base_tokens, base_lps = _run(weight_only, prompts, 6)
+    base_tokens, base_lps = greedy_generate(weight_only, prompts, 6, logprobs=5)
     del weight_only
     core = _engine(model_dir, quantization="fp8")
-    tokens, lps = _run(core, prompts, 6)
+    tokens, lps = greedy_generate(core, prompts, 6, logprobs=5)
     for a, b, la, lb in zip(base_tokens, tokens, base_lps, lps):
         assert a[0] == b[0]
         ta = dict(zip(la[0].token_ids[0], la[0].logprobs[0]))
