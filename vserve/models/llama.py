@@ -198,8 +198,15 @@ class LlamaAttention(nn.Module):
                 attn_metadata, self.scale)
         else:
             assert rope.cos is not None and rope.sin is not None
-            q = apply_rotary(q, rope.cos, rope.sin)
-            k = apply_rotary(k, rope.cos, rope.sin)
+            if self.q_norm is None:
+                # q's and k's heads sit side by side in the qkv row: one rotation for both.
+                qk = qkv[:, : self.q_size + self.kv_size].view(
+                    num_tokens, self.num_heads + self.num_kv_heads, self.head_dim)
+                q, k = apply_rotary(qk, rope.cos, rope.sin).split(
+                    [self.num_heads, self.num_kv_heads], dim=1)
+            else:
+                q = apply_rotary(q, rope.cos, rope.sin)
+                k = apply_rotary(k, rope.cos, rope.sin)
             out = self.attn_backend.forward(q, k, v, k_cache, v_cache, attn_metadata, self.scale)
         out = linear(out.reshape(num_tokens, self.q_size), self.o_proj)
         return out if self.tp is None else self.tp.all_reduce(out)

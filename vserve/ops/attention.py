@@ -428,6 +428,7 @@ def decode_attention(
     num_splits: int | None = None,
     bt_stride: torch.Tensor | None = None,
     num_rows: torch.Tensor | None = None,
+    tuning: tuple[int, int, int] | None = None,
 ) -> torch.Tensor:
     """One new token per sequence (row ``s`` of q/k/v is sequence ``s``): RoPE (when
     ``positions`` is given), cache write, and attention over ``seq_lens[s]`` tokens.
@@ -438,7 +439,10 @@ def decode_attention(
 
     ``num_rows`` (a one-element int32 device tensor; needs ``num_splits=1``): only rows
     ``0 .. num_rows[0] - 1`` are one-token sequences; programs of later rows do nothing (a
-    CUDA graph of mixed steps, whose other rows are prompt chunks)."""
+    CUDA graph of mixed steps, whose other rows are prompt chunks).
+
+    ``tuning``: ``(BLOCK_N, num_warps, num_stages)`` instead of the defaults
+    (``benchmarks/decode_attention.py`` sweeps them)."""
     num_seqs, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
     if num_seqs == 0:
@@ -455,7 +459,7 @@ def decode_attention(
         cos = sin = k_cache
         pos = seq_lens
     fp32 = k_cache.dtype == torch.float32
-    block_n = 32 if fp32 else 64
+    block_n, warps, stages = tuning or (32 if fp32 else 64, 4, 2)
     if num_splits is None:
         num_splits = decode_splits(num_seqs, num_kv_heads, q.device)
     assert num_rows is None or num_splits == 1
@@ -482,7 +486,7 @@ def decode_attention(
         NUM_SPLITS=num_splits, BT_STRIDE_IN_MEM=bt_stride is not None, PDL=pdl(),
         ROWS_IN_MEM=num_rows is not None,
         rows_ptr=num_rows if num_rows is not None else seq_lens,
-        num_warps=4, num_stages=2, launch_pdl=pdl(),
+        num_warps=warps, num_stages=stages, launch_pdl=pdl(),
     )
     if num_splits > 1:
         _decode_reduce_kernel[(num_seqs, num_heads)](
