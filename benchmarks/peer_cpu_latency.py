@@ -10,8 +10,10 @@ Reports inter-token latency (median, p99), TPOT and TTFT per server and their ra
     python benchmarks/peer_cpu_latency.py --vllm-venv VENV --model-dir DIR
 
 The default model is a tiny random Llama written here (2 layers, hidden 256, head_dim 64,
-the demo tokenizer): vLLM's CPU attention does not take the demo model's head_dim of 16, and a
-tiny model makes the comparison one of the serving stacks, not of matrix kernels.
+a word-level tokenizer whose every token is text): vLLM's CPU attention does not take the demo
+model's head_dim of 16, and a tiny model makes the comparison one of the serving stacks, not of
+matrix kernels. ``events/token`` is stream events per output token: 1.00 when every token is
+its own event; below 1 a server sent tokens together, which shows as ITL gaps of 0.
 """
 
 from __future__ import annotations
@@ -83,15 +85,19 @@ def bench(url: str, model_dir: str, a: argparse.Namespace, out: Path) -> dict[st
                     "--num-warmups", "3", "--result-json", str(out), "--quiet",
                     "--disable-tqdm"], check=True)
     res = json.loads(out.read_text())
-    return {k: res[k] for k in ("median_itl_ms", "p99_itl_ms", "median_tpot_ms",
-                                "median_ttft_ms", "output_throughput")}
+    row = {k: res[k] for k in ("median_itl_ms", "p99_itl_ms", "median_tpot_ms",
+                               "median_ttft_ms", "output_throughput")}
+    # Below 1: some stream events carried several tokens, or arrived together (their gaps
+    # count as 0 ms: a median ITL of 0 means most tokens came in pairs or bursts).
+    row["events_per_token"] = res["total_chunks"] / max(res["total_output_tokens"], 1)
+    return row
 
 
 def make_tiny_llama(directory: Path) -> str:
     import torch
     import transformers
 
-    from vserve.models.demo import BOS_TOKEN_ID, EOS_TOKEN_ID, write_demo_tokenizer
+    from vserve.models.demo import BOS_TOKEN_ID, EOS_TOKEN_ID
 
     config = transformers.LlamaConfig(
         vocab_size=320, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
@@ -99,8 +105,27 @@ def make_tiny_llama(directory: Path) -> str:
         max_position_embeddings=4096, bos_token_id=BOS_TOKEN_ID, eos_token_id=EOS_TOKEN_ID)
     torch.manual_seed(0)
     transformers.LlamaForCausalLM(config).save_pretrained(directory, safe_serialization=True)
-    write_demo_tokenizer(directory)
+    write_word_tokenizer(directory, config.vocab_size, BOS_TOKEN_ID, EOS_TOKEN_ID)
     return str(directory)
+
+
+def write_word_tokenizer(directory: Path, vocab_size: int, bos: int, eos: int) -> None:
+    """A word-level tokenizer: id ``i`` is the word ``w<i>``, decoded with a space before it.
+    Every token the random model samples is text on its own, so both servers stream one
+    chunk per token and inter-token latency is per token. (With a byte-level tokenizer a
+    random model samples many ids that end inside a UTF-8 character; servers hold those back
+    and the chunk gaps measure the tokenizer as much as the server.)"""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    names = {bos: "<s>", eos: "</s>"}
+    vocab = {names.get(i, f"w{i}"): i for i in range(vocab_size)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with spaces
+    tok.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
+        "unk_token": "w0", "model_max_length": 4096, "clean_up_tokenization_spaces": False}))
 
 
 def main() -> None:
@@ -126,12 +151,15 @@ def main() -> None:
             print(kind, r, rows[kind][-1], flush=True)
     med = {k: {m: statistics.median(x[m] for x in v) for m in v[0]} for k, v in rows.items()}
     print(f"\n{'server':>7} {'ITL med ms':>10} {'ITL p99 ms':>10} {'TPOT ms':>8} {'TTFT ms':>8}"
-          f" {'tok/s':>7}   (median of {a.rounds} alternating rounds)")
+          f" {'tok/s':>7} {'events/token':>12}   (median of {a.rounds} alternating rounds)")
     for k, m in med.items():
         print(f"{k:>7} {m['median_itl_ms']:>10.2f} {m['p99_itl_ms']:>10.2f} "
               f"{m['median_tpot_ms']:>8.2f} {m['median_ttft_ms']:>8.2f} "
-              f"{m['output_throughput']:>7.0f}")
-    print(f"vserve / vLLM median ITL: {med['vserve']['median_itl_ms'] / med['vllm']['median_itl_ms']:.2f}")
+              f"{m['output_throughput']:>7.0f} {m['events_per_token']:>12.2f}")
+    for metric, name in (("median_itl_ms", "median ITL"), ("median_tpot_ms", "median TPOT")):
+        theirs = med["vllm"][metric]
+        ratio = f"{med['vserve'][metric] / theirs:.2f}" if theirs > 0 else "n/a (vLLM's is 0)"
+        print(f"vserve / vLLM {name}: {ratio}")
     print(f"logs and results: {work}")
 
 
