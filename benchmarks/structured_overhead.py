@@ -152,6 +152,8 @@ def main() -> None:
     p.add_argument("--out", default=None)
     p.add_argument("--profile", action="store_true",
                    help="cProfile the constrained run of the largest batch (top 25 printed)")
+    p.add_argument("--cpu-threads", type=int, default=None,
+                   help="torch CPU threads of the engine (default: sized as a served engine's)")
     args = p.parse_args()
     import torch
 
@@ -163,22 +165,28 @@ def main() -> None:
         SchedulerConfig,
     )
     from vserve.engine.core import EngineCore
+    from vserve.engine.core_proc import size_cpu_threads
     from vserve.models.source import resolve_model_dir
+
+    device = DeviceConfig(cpu_threads=args.cpu_threads)
+    # Before any torch work, as in the engine process.
+    size_cpu_threads(EngineConfig(model=ModelConfig(model="demo"), device=device), 1)
 
     if args.model == "demo":
         model_dir = resolve_model_dir("demo")
         vocab, eos = 320, 296
         tmp = Path(tempfile.mkdtemp(prefix="vserve-so-"))
     else:
-        from gpu_serving import make_model
+        from gpu_serving import SHAPES, make_model
 
         tmp = Path(tempfile.mkdtemp(prefix="vserve-so-"))
-        model_dir, _ = make_model(tmp / "llama1b")
+        model_dir = make_model(tmp / "llama1b", SHAPES["1b"])
         vocab = 128256
         synthetic_tokenizer(model_dir, vocab)
         eos = vocab - 1
     result: dict[str, Any] = {"device": torch.cuda.get_device_name() if torch.cuda.is_available()
-                              else "cpu", "model": args.model}
+                              else "cpu", "model": args.model,
+                              "cpu_threads": torch.get_num_threads()}
     result["compile"] = compile_times(model_dir, vocab, eos)
     print(json.dumps(result["compile"]), flush=True)
     batches = [int(b) for b in args.batch.split(",") if b]
@@ -186,7 +194,7 @@ def main() -> None:
         model=ModelConfig(model=str(model_dir), max_model_len=1024),
         cache=CacheConfig(gpu_memory_utilization=0.85),
         scheduler=SchedulerConfig(max_num_seqs=max(batches)),
-        device=DeviceConfig()), model_dir)
+        device=device), model_dir)
     decode_rate(core, min(batches), 8, True, False, eos)  # warm-up: compiles, kernels
     rows = []
     for b in batches:
