@@ -108,6 +108,11 @@ CASES = [
     pytest.param(8, 2, 32, 4, [(5, 3), (12, 4), (15, 1), (16, 1)], id="gqa-continuation"),
     pytest.param(6, 1, 8, 16, [(0, 33), (31, 1), (1, 31)], id="mqa-block16"),
     pytest.param(4, 2, 64, 8, [(7, 1), (8, 8), (0, 9), (23, 2)], id="gqa-mixed"),
+    # Several one-token rows: attended as one padded batch (lengths on, before and after
+    # block boundaries; the padding reads NaN slots of partial blocks and block 0).
+    pytest.param(8, 2, 16, 4, [(0, 1), (3, 1), (0, 5), (4, 1), (11, 1), (30, 1)],
+                 id="gqa-decode-batch-between-prompts"),
+    pytest.param(4, 1, 32, 8, [(c, 1) for c in (0, 7, 8, 9, 23, 40)], id="mqa-decode-batch"),
 ]
 
 
@@ -127,9 +132,24 @@ def test_float32_matches_naive(
         assert err < 5e-6, f"seed={seed} seq=({ctx},{new}) err={err}"
 
 
+@pytest.mark.parametrize("batched", [True, False], ids=["batched", "one-by-one"])
+def test_decode_rows_batched_or_one_by_one(batched: bool, monkeypatch: pytest.MonkeyPatch,
+                                           fresh_seed: int) -> None:
+    """Decode rows take the padded batch below a size limit and the per-sequence loop above
+    it; both match the naive attention."""
+    import vserve.attention.torch_ref as torch_ref
+
+    monkeypatch.setattr(torch_ref, "_BATCHED_DECODE_ELEMENTS", 1 << 30 if batched else 0)
+    seqs = [(5, 1), (0, 3), (16, 1), (2, 1), (9, 1)]
+    outs, refs = run_case(seqs, 8, 4, 16, 4, torch.float32, fresh_seed)
+    for (ctx, new), out, ref in zip(seqs, outs, refs, strict=True):
+        err = (out.double() - ref).abs().max().item()
+        assert err < 5e-6, f"seed={fresh_seed} seq=({ctx},{new}) err={err}"
+
+
 def test_bfloat16_close_to_naive(fresh_seed: int) -> None:
     seed = fresh_seed
-    seqs = [(0, 13), (9, 4), (20, 1)]
+    seqs = [(0, 13), (9, 4), (20, 1), (6, 1)]
     outs, refs = run_case(seqs, 8, 2, 32, 4, torch.bfloat16, seed)
     for out, ref in zip(outs, refs, strict=True):
         # Outputs are convex combinations of N(0, 1) values; bf16 keeps ~3 digits.
