@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import psutil
-from helpers.serve import ServeProcess, serve, stream_completion, two_node_args
+from helpers.serve import ServeProcess, serve, stream_completion, two_node_args, wait_started
 
 
 def _engines(srv: ServeProcess) -> dict[str, int]:
@@ -56,9 +57,9 @@ def _restarts(base: str) -> dict[str, float]:
     return {cause: n for cause, n in out.items() if n}
 
 
-# Streams still running when an engine is killed 1.5 s in: the demo model decodes 1,200
-# tokens in about that time on two cores now, so streams are longer than that (its context
-# is 4,096 tokens).
+# Streams still running when an engine is killed, which happens as soon as every stream has
+# its first token: the demo model decodes 2,000-3,000 tokens/s per stream at these batches on
+# two cores, so a stream lasts over a second (its context is 4,096 tokens).
 STREAM_TOKENS = 3500
 
 
@@ -67,9 +68,10 @@ def test_killed_engine_is_replaced_while_the_other_keeps_serving():
         base = srv.base_url
         victim = _engines(srv)["0"]
         with ThreadPoolExecutor(8) as pool:
-            streams = [pool.submit(stream_completion, base, STREAM_TOKENS, 90, f"story {i}")
-                       for i in range(8)]
-            time.sleep(1.5)  # all streaming, about half on each engine
+            started = threading.Semaphore(0)
+            streams = [pool.submit(stream_completion, base, STREAM_TOKENS, 90, f"story {i}",
+                                   started) for i in range(8)]
+            wait_started(started, 8)  # all streaming, about half on each engine
             t_kill = time.monotonic()
             os.kill(victim, signal.SIGKILL)
             # Liveness stays 200 and names the dead rank; new requests go to the other one.
@@ -108,9 +110,10 @@ def test_stopped_engine_is_killed_and_replaced_and_its_streams_released():
         base = srv.base_url
         victim = _engines(srv)["1"]
         with ThreadPoolExecutor(6) as pool:
-            streams = [pool.submit(stream_completion, base, STREAM_TOKENS, 60, f"tale {i}")
-                       for i in range(6)]
-            time.sleep(1.5)
+            started = threading.Semaphore(0)
+            streams = [pool.submit(stream_completion, base, STREAM_TOKENS, 60, f"tale {i}",
+                                   started) for i in range(6)]
+            wait_started(started, 6)
             t_stop = time.monotonic()
             os.kill(victim, signal.SIGSTOP)
             results = [f.result() for f in streams]
@@ -154,9 +157,10 @@ def test_remote_engine_death_is_noticed_at_once_and_its_node_replaces_it(tmp_pat
             base = head.base_url
             remote = _engines(headless)["1"]
             with ThreadPoolExecutor(6) as pool:
-                streams = [pool.submit(stream_completion, base, STREAM_TOKENS, 60, f"remote {i}")
-                           for i in range(6)]
-                time.sleep(1.5)
+                started = threading.Semaphore(0)
+                streams = [pool.submit(stream_completion, base, STREAM_TOKENS, 60,
+                                       f"remote {i}", started) for i in range(6)]
+                wait_started(started, 6)
                 t_kill = time.monotonic()
                 os.kill(remote, signal.SIGKILL)
                 _wait_for(lambda: _health(base)[1].get("engines_down") == [1], 5,

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from helpers.serve import serve, stream_completion
+from helpers.serve import serve, stream_completion, wait_started
 
 
 def test_sigterm_to_the_whole_process_group_drains_like_sigterm_to_the_supervisor():
@@ -33,16 +34,18 @@ def test_teardown_ends_every_stream_with_an_error_event_and_done():
     """An engine dies and the server stops: streams on the dead engine and on the healthy
     one alike end with an error event and [DONE] (those on the healthy one used to be cut
     when the API servers were killed)."""
-    # A short grace before the teardown: the healthy engine's streams (4,000 tokens, at
-    # most ~1,000 tokens/s each on the demo model) must still be running when it comes.
+    # A short grace before the teardown, and the kill as soon as every stream has its first
+    # token: the healthy engine's streams (4,000 tokens; the demo model decodes 2,000-3,000
+    # tokens/s per stream at this batch) must still be running when the teardown comes.
     with serve("demo", "--data-parallel-size", "2", "--api-server-count", "2",
                "--max-engine-restarts", "0",
                env={"VSERVE_ENGINE_DEATH_GRACE": "0.5"}) as srv:
         engine = next(pid for pid, role in srv.process_names().items() if role == "engine")
+        started = threading.Semaphore(0)
         with ThreadPoolExecutor(6) as pool:
-            futures = [pool.submit(stream_completion, srv.base_url, 4000, 60)
+            futures = [pool.submit(stream_completion, srv.base_url, 4000, 60, started=started)
                        for _ in range(6)]
-            time.sleep(1.5)
+            wait_started(started, 6)
             os.kill(engine, signal.SIGKILL)
             results = [f.result() for f in futures]
         assert all(r.error is not None and r.done for r in results), results

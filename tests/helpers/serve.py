@@ -182,9 +182,29 @@ class StreamResult:
 
 
 def stream_completion(base: str, max_tokens: int, timeout: float = 60,
-                      prompt: str = "tell me a story") -> StreamResult:
-    """Stream one greedy completion (``ignore_eos``) and report how it ended."""
+                      prompt: str = "tell me a story",
+                      started: threading.Semaphore | None = None) -> StreamResult:
+    """Stream one greedy completion (``ignore_eos``) and report how it ended. ``started`` is
+    released once, at the first token (or when the stream ends without one), so that a test
+    can act while every stream is generating (``wait_started``) instead of sleeping."""
     res = StreamResult()
+    try:
+        return _stream(base, max_tokens, timeout, prompt, res, started)
+    finally:
+        if started is not None and res.chunks == 0:
+            started.release()
+
+
+def wait_started(started: threading.Semaphore, n: int, timeout: float = 60) -> None:
+    """Until ``n`` streams given ``started`` have their first token (or ended)."""
+    deadline = time.monotonic() + timeout
+    for _ in range(n):
+        assert started.acquire(timeout=max(0.0, deadline - time.monotonic())), \
+            "streams did not start"
+
+
+def _stream(base: str, max_tokens: int, timeout: float, prompt: str, res: StreamResult,
+            started: threading.Semaphore | None) -> StreamResult:
     try:
         with httpx.Client(timeout=timeout) as c, c.stream(
                 "POST", base + "/v1/completions",
@@ -204,6 +224,8 @@ def stream_completion(base: str, max_tokens: int, timeout: float = 60,
                         res.error = event["error"]["message"]
                     else:
                         res.chunks += 1
+                        if res.chunks == 1 and started is not None:
+                            started.release()
                         res.finish_reason = event["choices"][0]["finish_reason"] or \
                             res.finish_reason
     except httpx.HTTPError as e:
