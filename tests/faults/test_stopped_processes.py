@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import psutil
-from helpers.serve import serve, stream_completion
+from helpers.serve import serve, stream_completion, wait_started
 
 
 def _complete_fresh(base: str, i: int) -> int:
@@ -27,9 +28,10 @@ def test_a_stopped_api_server_is_killed_and_replaced() -> None:
         before = srv.pids("api_server")
         assert set(before) == {"0", "1"}
         with ThreadPoolExecutor(8) as pool:
-            streams = [pool.submit(stream_completion, base, 3500, 30, f"s{i}")
+            started = threading.Semaphore(0)
+            streams = [pool.submit(stream_completion, base, 3500, 30, f"s{i}", started)
                        for i in range(6)]
-            time.sleep(1.0)
+            wait_started(started, 6)  # every stream generating, on either server
             stopped_at = time.monotonic()
             os.kill(before["0"], signal.SIGSTOP)
             # New clients are served by the other server meanwhile, none waits long.
