@@ -52,11 +52,13 @@ def test_sigterm_drains_in_flight_requests_then_exits_zero():
         run_dir = _run_dir_of(srv)
         results: list = []
         threads = [threading.Thread(target=_stream_completion,
-                                    args=(srv.base_url, 1000, results, 180))
+                                    args=(srv.base_url, 3500, results, 180))
                    for _ in range(4)]
         for t in threads:
             t.start()
-        time.sleep(1.0)  # all four are generating
+        # All four are generating, and still are at the SIGTERM: 3,500 tokens last over 1 s
+        # even as the demo model now decodes on two cores.
+        time.sleep(1.0)
         srv.proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + 5
         ready = 200
@@ -82,7 +84,7 @@ def test_engine_killed_under_load_fails_requests_and_stops_everything():
         engine = next(pid for pid, role in srv.process_names().items() if role == "engine")
         results: list = []
         threads = [threading.Thread(target=_stream_completion,
-                                    args=(srv.base_url, 2000, results, 30)) for _ in range(6)]
+                                    args=(srv.base_url, 3500, results, 30)) for _ in range(6)]
         for t in threads:
             t.start()
         time.sleep(1.0)
