@@ -130,14 +130,14 @@ def test_counters_survive_an_api_server_death_and_its_gauges_go():
         def long_request() -> None:
             try:
                 httpx.post(base + "/v1/completions", json={
-                    "prompt": "long", "max_tokens": 3000, "ignore_eos": True}, timeout=120)
+                    "prompt": "long", "max_tokens": 4000, "ignore_eos": True}, timeout=120)
             except httpx.HTTPError:
                 pass
 
         threads = [threading.Thread(target=long_request) for _ in range(6)]
         for t in threads:
             t.start()
-        time.sleep(1.5)
+        time.sleep(1.0)  # all admitted; 4,000 tokens last well over a second on two cores
         _, during = scrape(base)
         assert total(during, "vserve_num_requests_in_flight") > 0
         api = sorted(pid for pid, role in srv.process_names().items() if role == "api_server")
