@@ -1,4 +1,5 @@
-"""The GEMV (with its fused SiLU-and-multiply input) and the two-stage argmax, on the GPU.
+"""The GEMV (with its fused SiLU-and-multiply input), the two-stage argmax and the Gumbel
+argmax, on the GPU.
 
 Fresh random inputs each run (seed in failure messages); outputs are NaN-poisoned through
 the caching allocator before each call, so an unwritten element fails. Skipped without CUDA
@@ -165,3 +166,35 @@ def test_argmax_matches_torch(rows, vocab, fresh_seed: int):
     # The logits buffer of the CUDA graphs is a row slice of a wider one.
     wide = torch.randn(rows + 2, vocab, generator=g).to(DEVICE)
     assert torch.equal(argmax(wide[:rows]).cpu(), wide[:rows].argmax(-1).cpu()), seed
+
+
+@pytest.mark.parametrize("rows,vocab", [(1, 128256), (5, 320), (64, 50001), (256, 128256)])
+def test_gumbel_argmax_matches_the_reference(rows, vocab, fresh_seed: int):
+    """The kernel's noise is the reference's integers; only the float32 logarithms may round
+    differently, so its pick must score within rounding of the reference's best."""
+    from vserve.ops.sampling import gumbel_argmax
+    from vserve.worker.gumbel import gumbel_noise
+
+    if _INTERPRET and rows * vocab > 200_000:
+        pytest.skip("slow under the interpreter")
+    seed = fresh_seed
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, vocab, generator=g) * 4
+    x[0, : vocab // 3] = float("-inf")  # a grammar mask
+    temps = torch.rand(rows, generator=g) * 1.5 + 0.2
+    temps[rows // 2] = 0.0  # greedy
+    keys = torch.randint(-(1 << 62), 1 << 62, (rows,), generator=g, dtype=torch.int64)
+    _poison()
+    got = gumbel_argmax(x.to(DEVICE), temps.to(DEVICE), keys.to(DEVICE)).cpu()
+    noisy = (temps > 0).unsqueeze(1)
+    scores = torch.where(noisy, x / torch.where(noisy, temps.unsqueeze(1), 1.0)
+                         + gumbel_noise(keys, vocab), x)
+    best = scores.max(dim=-1).values
+    picked = scores.gather(1, got.unsqueeze(1)).squeeze(1)
+    assert torch.all(picked >= best - 1e-4 * best.abs().clamp(min=1)), seed
+    assert got[rows // 2] == x[rows // 2].argmax(), seed
+    assert got[0] >= vocab // 3, seed
+    # The CUDA path through the sampler's entry point is the kernel.
+    from vserve.worker.gumbel import gumbel_argmax as entry
+
+    assert torch.equal(entry(x.to(DEVICE), temps.to(DEVICE), keys.to(DEVICE)).cpu(), got), seed

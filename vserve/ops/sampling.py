@@ -1,4 +1,5 @@
-"""Greedy sampling on the GPU: a two-stage row-wise argmax.
+"""Sampling on the GPU: two-stage row-wise argmax, plain (greedy) or over Gumbel-perturbed
+scores (``gumbel_argmax``, see ``vserve.worker.gumbel``).
 
 ``torch.argmax`` over one 128k-vocabulary row runs as a single reduction of a few blocks
 (~28 us on an H100); splitting each row over many programs and reducing the partial maxima
@@ -67,4 +68,54 @@ def argmax(logits: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tenso
                                        launch_pdl=pdl())
     _argmax_final_kernel[(rows,)](vals, idx, out, nb, BLOCK=triton.next_power_of_2(nb),
                                   PDL=pdl(), num_warps=4, launch_pdl=pdl())
+    return out
+
+
+@triton.jit
+def _mix32(x):
+    x = x ^ (x >> 16)
+    x = x * 0x7FEB352D
+    x = x ^ (x >> 15)
+    x = x * 0x846CA68B
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def _gumbel_argmax_partial_kernel(x_ptr, s_x, temp_ptr, key_ptr, vals_ptr, idx_ptr, V,
+                                  NUM_BLOCKS, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    b = tl.program_id(1)
+    cols = b * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + row * s_x + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+    t = tl.load(temp_ptr + row)
+    key = tl.load(key_ptr + row)
+    k0 = (key & 0xFFFFFFFF).to(tl.uint32)
+    k1 = ((key >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    h = _mix32(_mix32(cols.to(tl.uint32) ^ k0) ^ k1)
+    u = ((h >> 9).to(tl.float32) * 2.0 + 1.0) * 5.9604644775390625e-08  # 2^-24
+    g = -tl.log(-tl.log(u))
+    s = tl.where(t > 0, x / tl.where(t > 0, t, 1.0) + g, x)
+    m = tl.max(s, 0)
+    i = tl.min(tl.where(s == m, cols, 2147483647), 0)
+    tl.store(vals_ptr + row * NUM_BLOCKS + b, m)
+    tl.store(idx_ptr + row * NUM_BLOCKS + b, i)
+
+
+def gumbel_argmax(x: torch.Tensor, temperature: torch.Tensor, keys: torch.Tensor
+                  ) -> torch.Tensor:
+    """``vserve.worker.gumbel.gumbel_argmax`` in two launches: the noise is computed in
+    registers from the row's key and the token id, never stored."""
+    rows, vocab = x.shape
+    out = torch.empty(rows, dtype=torch.int64, device=x.device)
+    if rows == 0:
+        return out
+    assert x.stride(1) == 1 and temperature.dtype == torch.float32
+    assert keys.dtype == torch.int64
+    nb = triton.cdiv(vocab, _BLOCK)
+    vals = torch.empty((rows, nb), dtype=torch.float32, device=x.device)
+    idx = torch.empty((rows, nb), dtype=torch.int32, device=x.device)
+    _gumbel_argmax_partial_kernel[(rows, nb)](x, x.stride(0), temperature, keys, vals, idx,
+                                              vocab, nb, BLOCK=_BLOCK, num_warps=8)
+    _argmax_final_kernel[(rows,)](vals, idx, out, nb, BLOCK=triton.next_power_of_2(nb),
+                                  PDL=False, num_warps=4)
     return out

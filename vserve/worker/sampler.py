@@ -3,18 +3,19 @@
 Works on a ``[batch, vocab]`` float32 logits tensor on any device. Logprobs are those of the
 model's raw distribution (before penalties and temperature), as vLLM returns by default.
 
-Seeded requests draw their noise from their own ``torch.Generator``, advanced exactly once
-per sampled token, so the same seed gives the same output whatever the batch holds.
+Sampling is the Gumbel-max trick over counter-based noise (``vserve.worker.gumbel``): a
+seeded request's n-th token uses the key ``seeded_key(seed, n)``, so the same seed gives the
+same output whatever the batch holds; the whole batch is one noise-and-argmax launch on CUDA.
 
 Hot path: every decision about which stages run is made on the host from the requests'
 parameters (no device→host reads); a batch of plain greedy requests is one ``argmax`` and
 one copy of the token ids to the host, and the logits are cloned only when a penalty, bias
-or ``min_tokens`` ban will modify them. On CUDA, the noise of unseeded rows is drawn in one
-call for the whole batch.
+or ``min_tokens`` ban will modify them. Rows without top-k/top-p/min-p need no softmax.
 """
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,6 +24,7 @@ import torch
 from vserve.core.request import Request
 from vserve.protocol.outputs import Logprobs
 from vserve.structured.matcher import bitmask_width, fill_bitmask
+from vserve.worker.gumbel import gumbel_argmax, seeded_key, to_int64
 
 
 @dataclass
@@ -32,26 +34,26 @@ class SamplerOutput:
 
 
 class Sampler:
-    """Stateless but for the per-request generators it keeps for seeded requests."""
+    """Stateless but for how many tokens each seeded request has drawn, and the engine's own
+    random stream for unseeded rows."""
 
     def __init__(self, device: torch.device, base_seed: int = 0) -> None:
         self.device = device
-        self._generators: dict[str, torch.Generator] = {}
-        self._global = torch.Generator(device=device)
-        self._global.manual_seed(base_seed)
+        self._draws: dict[str, int] = {}
+        self._unseeded = random.Random(base_seed)
 
     def forget(self, request_ids: set[str] | list[str]) -> None:
         for rid in request_ids:
-            self._generators.pop(rid, None)
+            self._draws.pop(rid, None)
 
-    def _generator(self, request: Request) -> torch.Generator:
-        gen = self._generators.get(request.request_id)
-        if gen is None:
-            gen = torch.Generator(device=self.device)
-            assert request.sampling_params.seed is not None
-            gen.manual_seed(request.sampling_params.seed & 0xFFFF_FFFF_FFFF_FFFF)
-            self._generators[request.request_id] = gen
-        return gen
+    def _key(self, request: Request) -> int:
+        """The noise key of this request's next sampled token (advances its draw count)."""
+        seed = request.sampling_params.seed
+        if seed is None:
+            return to_int64(self._unseeded.getrandbits(64))
+        draw = self._draws.get(request.request_id, 0)
+        self._draws[request.request_id] = draw + 1
+        return seeded_key(seed, draw)
 
     @staticmethod
     def plain_greedy(requests: list[Request]) -> bool:
@@ -126,34 +128,26 @@ class Sampler:
     def _sample(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
         params = [r.sampling_params for r in requests]
         greedy_list = [p.greedy for p in params]
-        argmax = _argmax(logits)
         if all(greedy_list):
-            return argmax
+            return _argmax(logits)
         dev = logits.device
-        temps = torch.tensor(
-            [1.0 if p.greedy else p.temperature for p in params], dtype=logits.dtype
-        ).to(dev, non_blocking=True)
-        scaled = logits / temps.unsqueeze(1)
-        probs = _filtered_probs(scaled, params)
-        # Exponential-race sampling: argmax(p / q) with q ~ Exp(1) draws from p, and lets each
-        # seeded row use its own generator without a per-row multinomial call.
-        noise = torch.empty_like(probs)
-        if dev.type == "cuda" and not any(p.seed is not None for p in params):
-            # One draw for the whole batch (greedy rows are overridden below).
-            noise.exponential_(generator=self._global)
-        else:
-            for i, req in enumerate(requests):
-                if params[i].greedy:
-                    noise[i].fill_(1.0)
-                elif params[i].seed is not None:
-                    noise[i].exponential_(generator=self._generator(req))
-                else:
-                    noise[i].exponential_(generator=self._global)
-        drawn = (probs / noise).argmax(dim=-1)
+        keys = torch.tensor([0 if p.greedy else self._key(r) for p, r in zip(params, requests)],
+                            dtype=torch.int64).to(dev, non_blocking=True)
+        temps = torch.tensor([0.0 if p.greedy else p.temperature for p in params],
+                             dtype=torch.float32).to(dev, non_blocking=True)
+        if not _filtered(params, logits.shape[1]):
+            # argmax(x / T + Gumbel) draws from softmax(x / T): no softmax needed, and
+            # greedy rows (T = 0) take the plain argmax in the same launch.
+            return gumbel_argmax(logits, temps, keys)
+        unit = torch.where(temps > 0, temps, 1.0)
+        scores = _filtered_probs(logits / unit.unsqueeze(1), params).log()
+        drawn = gumbel_argmax(scores, torch.where(temps > 0, 1.0, 0.0), keys)
         if not any(greedy_list):
             return drawn
+        # A greedy row's filtered log-probabilities may round near-ties differently from its
+        # raw logits: its token stays the raw argmax.
         greedy = torch.tensor(greedy_list).to(dev, non_blocking=True)
-        return torch.where(greedy, argmax, drawn)
+        return torch.where(greedy, _argmax(logits), drawn)
 
 
 def _argmax(logits: torch.Tensor) -> torch.Tensor:
@@ -201,6 +195,11 @@ def _constrained(req: Request) -> bool:
         or p.presence_penalty
         or p.frequency_penalty
     )
+
+
+def _filtered(params: list, vocab: int) -> bool:
+    """Whether any row has a top-k, top-p or min-p filter."""
+    return any((0 < p.top_k < vocab) or p.top_p < 1.0 or p.min_p > 0.0 for p in params)
 
 
 def _filtered_probs(logits: torch.Tensor, params: list) -> torch.Tensor:

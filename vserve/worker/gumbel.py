@@ -1,0 +1,99 @@
+"""The sampler's randomness: counter-based Gumbel noise, one key per row.
+
+Sampling draws token ``argmax_t(x_t / T + g_t)`` with ``g_t`` standard Gumbel noise, which
+picks ``t`` with probability ``softmax(x / T)_t`` (the Gumbel-max trick). The noise is not
+drawn from a stateful generator: ``g_t`` is a fixed function of the row's 64-bit key and the
+token id (two rounds of a 32-bit integer mixer, keyed by the key's halves), so a whole batch
+needs one kernel launch (``vserve.ops.sampling.gumbel_argmax`` on CUDA) whatever mix of
+seeded and unseeded rows it holds, and no softmax at all.
+
+A seeded request's key for its n-th sampled token is ``seeded_key(seed, n)``: the same seed
+gives the same tokens whatever else the batch holds, on every device of one kind (CPU and
+CUDA compute the logarithms with different roundings, so they may differ on near-ties). An
+unseeded row's key comes from the engine's own seeded stream.
+
+``gumbel_noise`` is the definition (numpy on the host, the CPU path); the CUDA kernel
+computes the same integers and is tested against it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+_M64 = 0xFFFF_FFFF_FFFF_FFFF
+# Chris Wellons' "lowbias32" multipliers: a 32-bit mixer with low avalanche bias.
+MIX_A = 0x7FEB352D
+MIX_B = 0x846CA68B
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E37_79B9_7F4A_7C15) & _M64
+    x = ((x ^ (x >> 30)) * 0xBF58_476D_1CE4_E5B9) & _M64
+    x = ((x ^ (x >> 27)) * 0x94D0_49BB_1331_11EB) & _M64
+    return x ^ (x >> 31)
+
+
+def seeded_key(seed: int, draw: int) -> int:
+    """The key of a seeded request's ``draw``-th sampled token, as a signed int64 value."""
+    return to_int64(_splitmix64(_splitmix64(seed & _M64) ^ (draw & _M64)))
+
+
+def to_int64(key: int) -> int:
+    """A 64-bit pattern as the signed value an int64 tensor holds."""
+    key &= _M64
+    return key - (1 << 64) if key >> 63 else key
+
+
+def _mix32_(h: np.ndarray) -> None:
+    """lowbias32, in place on uint32 (numpy's uint32 products wrap, its shifts are logical;
+    numpy rather than torch: fewer passes and far less per-call overhead on small rows)."""
+    h ^= h >> 16
+    h *= np.uint32(MIX_A)
+    h ^= h >> 15
+    h *= np.uint32(MIX_B)
+    h ^= h >> 16
+
+
+def uniform_from_hash(keys: torch.Tensor, vocab: int) -> torch.Tensor:
+    """``[B, vocab]`` float32 uniforms in (0, 1) for int64 CPU ``keys`` ``[B]``: odd
+    multiples of 2^-24, never 0 or 1, so both logarithms of the Gumbel transform stay
+    finite."""
+    k = keys.numpy().view(np.uint64)
+    k0 = (k & 0xFFFF_FFFF).astype(np.uint32)[:, None]
+    k1 = (k >> 32).astype(np.uint32)[:, None]
+    h = np.arange(vocab, dtype=np.uint32)[None, :] ^ k0
+    _mix32_(h)
+    h ^= k1
+    _mix32_(h)
+    h >>= 9
+    u = h.astype(np.float32)
+    u *= 2
+    u += 1
+    u *= np.float32(2.0 ** -24)
+    return torch.from_numpy(u)
+
+
+def gumbel_noise(keys: torch.Tensor, vocab: int) -> torch.Tensor:
+    """``[B, vocab]`` float32 standard Gumbel noise for int64 CPU ``keys`` ``[B]``."""
+    return uniform_from_hash(keys, vocab).log_().neg_().log_().neg_()
+
+
+def gumbel_argmax(x: torch.Tensor, temperature: torch.Tensor, keys: torch.Tensor
+                  ) -> torch.Tensor:
+    """Row-wise ``argmax(x / T + g)`` → int64 ``[B]``; a row whose temperature is 0 takes
+    ``argmax(x)`` (no noise). ``x``: ``[B, V]`` scores (logits, or log-probabilities after
+    filtering; ``-inf`` marks a banned token); ``temperature`` float32 ``[B]``; ``keys``
+    int64 ``[B]``. Ties resolve to the lowest index."""
+    if x.is_cuda:
+        from vserve.ops import use_kernels
+
+        if use_kernels(x):
+            from vserve.ops.sampling import gumbel_argmax as kernel
+
+            return kernel(x, temperature, keys)
+    t = temperature.to(x.device, torch.float32).unsqueeze(1)
+    noisy = t > 0
+    scores = x.float() / torch.where(noisy, t, 1.0)
+    scores += gumbel_noise(keys.cpu(), x.shape[1]).to(x.device) * noisy
+    return scores.argmax(dim=-1)
