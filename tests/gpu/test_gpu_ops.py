@@ -198,3 +198,26 @@ def test_gumbel_argmax_matches_the_reference(rows, vocab, fresh_seed: int):
     from vserve.worker.gumbel import gumbel_argmax as entry
 
     assert torch.equal(entry(x.to(DEVICE), temps.to(DEVICE), keys.to(DEVICE)).cpu(), got), seed
+    # Grammar bitmasks for every other row (one allowing a single token), read in the kernel.
+    width = (vocab + 31) // 32
+    masked = list(range(0, rows, 2))
+    words = torch.randint(-(1 << 31), 1 << 31, (len(masked), width), generator=g,
+                          dtype=torch.int64).to(torch.int32)
+    words[0] = 0
+    bit = 1 << ((vocab - 1) % 32)
+    words[0, (vocab - 1) // 32] = bit - (1 << 32) if bit >> 31 else bit  # as int32
+    mask_row = torch.full((rows,), -1, dtype=torch.int32)
+    mask_row[masked] = torch.arange(len(masked), dtype=torch.int32)
+    got = gumbel_argmax(x.to(DEVICE), temps.to(DEVICE), keys.to(DEVICE),
+                        (words.to(DEVICE), mask_row.to(DEVICE))).cpu()
+    bits = (words.unsqueeze(-1) >> torch.arange(32, dtype=torch.int32)) & 1
+    allowed = torch.ones(rows, vocab, dtype=torch.bool)
+    allowed[masked] = bits.view(len(masked), -1)[:, :vocab] == 1
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    assert got[0] == vocab - 1, seed
+    assert bool(allowed.gather(1, got.unsqueeze(1)).all()), seed
+    best = scores.max(dim=-1).values
+    picked = scores.gather(1, got.unsqueeze(1)).squeeze(1)
+    assert torch.all(picked >= best - 1e-4 * best.abs().clamp(min=1)), seed
+    ref = entry(x, temps, keys, (words, mask_row))  # the CPU path, same noise
+    assert torch.equal(scores.gather(1, ref.unsqueeze(1)).squeeze(1), best), seed

@@ -81,8 +81,9 @@ def _mix32(x):
 
 
 @triton.jit
-def _gumbel_argmax_partial_kernel(x_ptr, s_x, temp_ptr, key_ptr, vals_ptr, idx_ptr, V,
-                                  NUM_BLOCKS, BLOCK: tl.constexpr):
+def _gumbel_argmax_partial_kernel(x_ptr, s_x, temp_ptr, key_ptr, words_ptr, mask_row_ptr,
+                                  vals_ptr, idx_ptr, V, W, NUM_BLOCKS, BLOCK: tl.constexpr,
+                                  MASKED: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     b = tl.program_id(1)
     cols = b * BLOCK + tl.arange(0, BLOCK)
@@ -95,14 +96,20 @@ def _gumbel_argmax_partial_kernel(x_ptr, s_x, temp_ptr, key_ptr, vals_ptr, idx_p
     u = ((h >> 9).to(tl.float32) * 2.0 + 1.0) * 5.9604644775390625e-08  # 2^-24
     g = -tl.log(-tl.log(u))
     s = tl.where(t > 0, x / tl.where(t > 0, t, 1.0) + g, x)
+    if MASKED:
+        # A row without a bitmask (-1) reads no word: all bits set, every token allowed.
+        mrow = tl.load(mask_row_ptr + row).to(tl.int64)
+        words = tl.load(words_ptr + mrow * W + cols // 32, mask=(cols < V) & (mrow >= 0),
+                        other=-1)
+        s = tl.where(((words >> (cols % 32)) & 1) != 0, s, float("-inf"))
     m = tl.max(s, 0)
     i = tl.min(tl.where(s == m, cols, 2147483647), 0)
     tl.store(vals_ptr + row * NUM_BLOCKS + b, m)
     tl.store(idx_ptr + row * NUM_BLOCKS + b, i)
 
 
-def gumbel_argmax(x: torch.Tensor, temperature: torch.Tensor, keys: torch.Tensor
-                  ) -> torch.Tensor:
+def gumbel_argmax(x: torch.Tensor, temperature: torch.Tensor, keys: torch.Tensor,
+                  masks: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """``vserve.worker.gumbel.gumbel_argmax`` in two launches: the noise is computed in
     registers from the row's key and the token id, never stored."""
     rows, vocab = x.shape
@@ -114,8 +121,14 @@ def gumbel_argmax(x: torch.Tensor, temperature: torch.Tensor, keys: torch.Tensor
     nb = triton.cdiv(vocab, _BLOCK)
     vals = torch.empty((rows, nb), dtype=torch.float32, device=x.device)
     idx = torch.empty((rows, nb), dtype=torch.int32, device=x.device)
-    _gumbel_argmax_partial_kernel[(rows, nb)](x, x.stride(0), temperature, keys, vals, idx,
-                                              vocab, nb, BLOCK=_BLOCK, num_warps=8)
+    words, mask_row = masks if masks is not None else (keys, keys)  # unread when unmasked
+    if masks is not None:
+        assert words.dtype == torch.int32 and words.is_contiguous()
+        assert mask_row.dtype == torch.int32
+    _gumbel_argmax_partial_kernel[(rows, nb)](
+        x, x.stride(0), temperature, keys, words, mask_row, vals, idx, vocab,
+        words.shape[1] if masks is not None else 0, nb, BLOCK=_BLOCK,
+        MASKED=masks is not None, num_warps=8)
     _argmax_final_kernel[(rows,)](vals, idx, out, nb, BLOCK=triton.next_power_of_2(nb),
                                   PDL=False, num_warps=4)
     return out

@@ -79,21 +79,36 @@ def gumbel_noise(keys: torch.Tensor, vocab: int) -> torch.Tensor:
     return uniform_from_hash(keys, vocab).log_().neg_().log_().neg_()
 
 
-def gumbel_argmax(x: torch.Tensor, temperature: torch.Tensor, keys: torch.Tensor
-                  ) -> torch.Tensor:
+def banned_tokens(words: torch.Tensor, vocab: int) -> torch.Tensor:
+    """bool ``[R, vocab]``: True where bit ``t % 32`` of word ``t // 32`` of a row of the
+    int32 bitmask ``words`` ``[R, width]`` is clear (the grammar forbids token ``t``)."""
+    shifts = torch.arange(32, device=words.device, dtype=torch.int32)
+    bits = (words.unsqueeze(-1) >> shifts) & 1
+    return bits.view(words.shape[0], -1)[:, :vocab] == 0
+
+
+def gumbel_argmax(x: torch.Tensor, temperature: torch.Tensor, keys: torch.Tensor,
+                  masks: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Row-wise ``argmax(x / T + g)`` → int64 ``[B]``; a row whose temperature is 0 takes
     ``argmax(x)`` (no noise). ``x``: ``[B, V]`` scores (logits, or log-probabilities after
     filtering; ``-inf`` marks a banned token); ``temperature`` float32 ``[B]``; ``keys``
-    int64 ``[B]``. Ties resolve to the lowest index."""
+    int64 ``[B]``. ``masks``: ``(words, mask_row)``, int32 token bitmasks ``[R, ceil(V /
+    32)]`` (bit ``t % 32`` of word ``t // 32`` set: token ``t`` allowed) and for each row of
+    ``x`` the bitmask row that applies to it, or -1. Ties resolve to the lowest index."""
     if x.is_cuda:
         from vserve.ops import use_kernels
 
         if use_kernels(x):
             from vserve.ops.sampling import gumbel_argmax as kernel
 
-            return kernel(x, temperature, keys)
+            return kernel(x, temperature, keys, masks)
     t = temperature.to(x.device, torch.float32).unsqueeze(1)
     noisy = t > 0
     scores = x.float() / torch.where(noisy, t, 1.0)
     scores += gumbel_noise(keys.cpu(), x.shape[1]).to(x.device) * noisy
+    if masks is not None:
+        words, mask_row = masks
+        rows = (mask_row >= 0).nonzero()[:, 0]
+        banned = banned_tokens(words[mask_row[rows].long()], x.shape[1])
+        scores[rows] = scores[rows].masked_fill(banned, float("-inf"))
     return scores.argmax(dim=-1)

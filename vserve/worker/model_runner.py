@@ -26,6 +26,7 @@ import torch
 
 from vserve.attention.backend import AttentionBackend, AttentionMetadata
 from vserve.config import EngineConfig
+from vserve.core.request import Request
 from vserve.core.sched_output import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
 from vserve.models.arch import ModelArchConfig, load_arch_config
 from vserve.models.fp8 import check_fp8_device
@@ -39,7 +40,7 @@ from vserve.worker.cuda_graphs import DecodeGraphs, table_offset
 from vserve.worker.cuda_inputs import DEVICE_TOKEN, CudaInputs, input_token, mixed_order
 from vserve.worker.mixed_graphs import MAX_MIXED_GRAPH_TOKENS, MixedGraphs, MixedLayout
 from vserve.worker.pending import PendingOutput
-from vserve.worker.sampler import Sampler, _argmax, gather_logprobs
+from vserve.worker.sampler import Sampler, gather_logprobs
 
 if TYPE_CHECKING:  # torch.distributed is imported only by tensor-parallel engines
     from vserve.worker.tensor_parallel import TensorParallel
@@ -398,11 +399,15 @@ class ModelRunner:
                 host, event = inputs.read_back(graphs.sampled_ids(n))
                 return PendingOutput.on_device([r.request_id for r in requests], host, event,
                                                lambda: inputs.completed(upload))
+            sampling = [r for r, x in zip(requests, samples, strict=True) if x]
+            step_rows = graphs.small[4, :n]
             if all(samples):
                 logits = all_logits[:n]
             elif any(samples):
-                idx = [i for i, x in enumerate(samples) if x]
-                logits = all_logits[torch.tensor(idx, device=self.device)]
+                idx = torch.tensor([i for i, x in enumerate(samples) if x], device=self.device)
+                logits, step_rows = all_logits[idx], step_rows[idx]
+            if logits is not None and Sampler.host_free(sampling):
+                return self._sample_on_device(sampling, logits, step_rows, upload)
             row0 = list(range(n + 1))
         elif (mixed := self._mixed_size(scheduled)) is not None:
             assert self.mixed_graphs is not None
@@ -421,6 +426,9 @@ class ModelRunner:
                     return PendingOutput.on_device(
                         [r.request_id for r in sampling], host, event,
                         lambda: inputs.completed(upload))
+                if Sampler.host_free(sampling):
+                    return self._sample_on_device(sampling, sampled_logits,
+                                                  mg.sample_rows[:n_sample], upload)
                 logits = sampled_logits
             row0 = []  # no prompt logprobs in a graphed step
         else:
@@ -432,20 +440,38 @@ class ModelRunner:
             if eager.sample_rows is not None:
                 logits = self.model.compute_logits(hidden[eager.sample_rows])
                 sampling = [r for r, x in zip(requests, samples, strict=True) if x]
-                if (Sampler.plain_greedy(sampling)
+                if (Sampler.host_free(sampling)
                         and not any(r.sampling_params.prompt_logprobs is not None
                                     for r in requests)):
                     assert eager.sample_row_ids is not None
-                    tokens = _argmax(logits).to(torch.int32)
-                    inputs.scatter_last_tokens(eager.sample_row_ids, tokens)
-                    host, event = inputs.read_back(tokens)
-                    return PendingOutput.on_device(
-                        [r.request_id for r in sampling], host, event,
-                        lambda: inputs.completed(upload))
+                    return self._sample_on_device(sampling, logits, eager.sample_row_ids,
+                                                  upload)
             row0 = eager.metadata.query_start_loc_cpu
         # Once sampled, the host holds this step's tokens: a chained step takes them from
         # here.
         return self._finish(scheduled, hidden, logits, row0, upload)
+
+    def _sample_on_device(self, sampling: list[Request], logits: torch.Tensor,
+                          row_ids: torch.Tensor, upload: int) -> PendingOutput:
+        """Tokens of ``sampling`` (whose rows of ``last_tokens`` are ``row_ids``, int32 on
+        the device, valid until the next step's upload) drawn from ``logits`` on the device:
+        recorded in ``last_tokens`` for a chained step and read back without waiting. Now
+        when no request's sampling reads its output history, else deferred
+        (``PendingOutput.deferred``) until the step before is applied; either way queued
+        before the next step's upload, as ``row_ids`` requires."""
+        inputs = self.inputs
+        assert inputs is not None
+
+        def launch() -> PendingOutput:
+            tokens = self.sampler.sample_on_device(logits, sampling)
+            inputs.scatter_last_tokens(row_ids, tokens)
+            host, event = inputs.read_back(tokens)
+            return PendingOutput.on_device([r.request_id for r in sampling], host, event,
+                                           lambda: inputs.completed(upload))
+
+        if Sampler.history_free(sampling):
+            return launch()
+        return PendingOutput.deferred(launch)
 
     def _fake_step(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         """Benchmark mode: a deterministic token per sampling request, never an EOS or

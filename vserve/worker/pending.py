@@ -19,13 +19,16 @@ class PendingOutput:
     from its result).
 
     A step whose sampling reads the output history (grammars, penalties, a pending
-    ``min_tokens``; on CUDA, any step sampled on the host, whose sampling would otherwise
+    ``min_tokens``; on CUDA also any step with logprobs, whose sampling would otherwise
     wait for its forward pass before the engine applies the step before) is *deferred*:
     its forward pass is launched, its sampling waits in
     ``sample()`` until the engine has applied the step before it — so that the bitmasks and
     penalties see every earlier token — and the engine calls ``sample()`` before it chains
     the next step onto this one. The host's work for the step before (reading its tokens,
     advancing grammars, computing the next masks) then overlaps this step's forward pass.
+    On CUDA a deferred step without logprobs samples on the device: ``sample()`` only
+    queues the sampling and its read-back, and the step becomes one whose tokens are on the
+    device (the next step chains onto it without waiting, as onto a greedy one).
     """
 
     __slots__ = ("_output", "_host", "_event", "_on_done", "_deferred", "device_request_ids",
@@ -39,7 +42,7 @@ class PendingOutput:
         self._host = host
         self._event = event
         self._on_done = on_done
-        self._deferred: Callable[[], ModelRunnerOutput] | None = None
+        self._deferred: Callable[[], ModelRunnerOutput | PendingOutput] | None = None
         self.device_request_ids = device_request_ids
         self.chainable = chainable
 
@@ -52,10 +55,11 @@ class PendingOutput:
                    event=event, on_done=on_done)
 
     @classmethod
-    def deferred(cls, sample: Callable[[], ModelRunnerOutput]) -> PendingOutput:
+    def deferred(cls, sample: Callable[[], ModelRunnerOutput | PendingOutput]
+                 ) -> PendingOutput:
         """A launched forward pass whose tokens ``sample`` draws once called (``sample()``):
-        it reads the requests' state as of then. Chainable once sampled: the output is
-        then on the host."""
+        it reads the requests' state as of then, and returns the output, or an
+        ``on_device`` pending output whose read-back it queued. Chainable once sampled."""
         out = cls(None, chainable=True)
         out._deferred = sample
         return out
@@ -70,7 +74,12 @@ class PendingOutput:
         earlier step's output has been applied to the requests."""
         if self._deferred is not None:
             sample, self._deferred = self._deferred, None
-            self._output = sample()
+            out = sample()
+            if isinstance(out, PendingOutput):
+                self._output, self._host, self._event = out._output, out._host, out._event
+                self._on_done, self.device_request_ids = out._on_done, out.device_request_ids
+            else:
+                self._output = out
 
     @property
     def ready(self) -> bool:

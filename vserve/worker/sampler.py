@@ -24,7 +24,8 @@ import torch
 from vserve.core.request import Request
 from vserve.protocol.outputs import Logprobs
 from vserve.structured.matcher import bitmask_width, fill_bitmask
-from vserve.worker.gumbel import gumbel_argmax, seeded_key, to_int64
+from vserve.worker.gumbel import banned_tokens, gumbel_argmax, seeded_key, to_int64
+from vserve.worker.staging import Staging
 
 
 @dataclass
@@ -41,6 +42,7 @@ class Sampler:
         self.device = device
         self._draws: dict[str, int] = {}
         self._unseeded = random.Random(base_seed)
+        self._staging = Staging(device)
 
     def forget(self, request_ids: set[str] | list[str]) -> None:
         for rid in request_ids:
@@ -66,88 +68,130 @@ class Sampler:
     def history_free(requests: list[Request]) -> bool:
         """Whether no request's sampling reads its output so far (grammars, penalties, a
         pending ``min_tokens`` ban): then a step may sample before the previous token is
-        known to the host; otherwise its sampling is deferred (``PendingOutput.deferred``;
-        on CUDA every step sampled on the host is).
+        known to the host; otherwise its sampling is deferred (``PendingOutput.deferred``).
         Stays true for later steps of the same requests."""
         return not any(_constrained(r) for r in requests)
+
+    @staticmethod
+    def host_free(requests: list[Request]) -> bool:
+        """Whether no request wants logprobs: its tokens can then stay on the device
+        (``sample_on_device``) and be read back like greedy ones."""
+        return all(r.sampling_params.logprobs is None for r in requests)
 
     @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
         assert logits.dim() == 2 and logits.shape[0] == len(requests)
-        logits = logits.float()
         params = [r.sampling_params for r in requests]
         want_logprobs = [p.logprobs is not None for p in params]
-        raw_logprobs = torch.log_softmax(logits, dim=-1) if any(want_logprobs) else None
-
-        if any(_constrained(r) for r in requests):
-            logits = self._apply_constraints(logits.clone(), requests)
-        sampled = self._sample(logits, requests)
+        raw_logprobs = (torch.log_softmax(logits.float(), dim=-1) if any(want_logprobs)
+                        else None)
+        sampled = self.sample_on_device(logits, requests)
         sampled_list = sampled.tolist()
 
         logprob_rows: list[Logprobs | None] = [None] * len(requests)
         if raw_logprobs is not None:
-            logprob_rows = _gather_logprobs(raw_logprobs, sampled, [p.logprobs for p in params])
+            logprob_rows = _gather_logprobs(raw_logprobs, sampled.long(),
+                                            [p.logprobs for p in params])
         return SamplerOutput(sampled=sampled_list, logprobs=logprob_rows)
 
-    def _apply_constraints(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
-        vocab = logits.shape[1]
+    @torch.inference_mode()
+    def sample_on_device(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+        """int32 ``[B]`` tokens on ``logits``' device, drawn without waiting for the device:
+        every per-row input goes up in one non-blocking copy. Reads the requests' state
+        (grammar matchers, output so far, draw counts) as of this call, and advances the
+        seeded rows' draw counts."""
+        n, vocab = logits.shape
+        params = [r.sampling_params for r in requests]
         # A stopped grammar belongs to a request that finished while this (chained) row was
         # in flight: its token is dropped, and a stopped matcher has no mask to give.
-        rows = [i for i, r in enumerate(requests)
-                if r.grammar is not None and not r.grammar.is_stopped()]
-        if rows:
-            apply_grammar_bitmask(logits, rows, [requests[i].grammar for i in rows])
-        for i, req in enumerate(requests):
-            p = req.sampling_params
-            if p.logit_bias:
-                ids = [t for t in p.logit_bias if t < vocab]
-                if ids:
-                    bias = torch.tensor([p.logit_bias[t] for t in ids], device=logits.device)
-                    logits[i, ids] += bias
-            if req.num_output_tokens < p.min_tokens:
-                banned = set(p.stop_token_ids or ())
-                if not p.ignore_eos:
-                    banned |= req.eos_token_ids
-                ids = [t for t in banned if t < vocab]
-                if ids:
-                    logits[i, ids] = float("-inf")
-            if p.repetition_penalty != 1.0 and req.all_token_ids:
-                seen = torch.tensor(sorted(set(req.all_token_ids)), device=logits.device)
-                seen = seen[seen < vocab]
-                vals = logits[i, seen]
-                pen = p.repetition_penalty
-                logits[i, seen] = torch.where(vals > 0, vals / pen, vals * pen)
-            if (p.presence_penalty or p.frequency_penalty) and req.output_token_ids:
-                out = torch.tensor(req.output_token_ids, device=logits.device)
-                out = out[out < vocab]
-                counts = torch.zeros(vocab, device=logits.device)
-                counts.scatter_add_(0, out, torch.ones_like(out, dtype=counts.dtype))
-                logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)
-        return logits
+        grammar_rows = [i for i, r in enumerate(requests)
+                        if r.grammar is not None and not r.grammar.is_stopped()]
+        modified = any(_modifies(r) for r in requests)
+        if not grammar_rows and not modified and all(p.greedy for p in params):
+            return _argmax(logits).to(torch.int32)
+        filtered = _filtered(params, vocab)
+        specs: list[tuple[type, tuple[int, ...]]] = [(np.int64, (n,)), (np.float32, (n,))]
+        if grammar_rows:
+            r = len(grammar_rows)
+            specs += [(np.int32, (r, bitmask_width(vocab))), (np.int32, (n,)), (np.int64, (r,))]
+        if filtered:
+            specs.append((np.float32, (3, n)))
+        host = self._staging.stage(*specs)
+        host[0][:] = [0 if p.greedy else self._key(r) for p, r in zip(params, requests)]
+        host[1][:] = [0.0 if p.greedy else p.temperature for p in params]
+        if grammar_rows:
+            fill_bitmask([requests[i].grammar for i in grammar_rows], host[2])
+            host[3][:] = -1
+            host[3][grammar_rows] = np.arange(len(grammar_rows), dtype=np.int32)
+            host[4][:] = grammar_rows
+        if filtered:
+            host[-1][0] = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
+            host[-1][1] = [p.top_p for p in params]
+            host[-1][2] = [p.min_p for p in params]
+        dev = self._staging.upload()
+        keys, temps = dev[0], dev[1]
+        x = logits
+        if modified:
+            x = _apply_penalties(logits.to(torch.float32, copy=True), requests)
+        if not filtered:
+            # argmax(x / T + Gumbel) draws from softmax(x / T): no softmax needed; greedy
+            # rows (T = 0) and the grammar masks are in the same launch.
+            masks = (dev[2], dev[3]) if grammar_rows else None
+            return gumbel_argmax(x, temps, keys, masks).to(torch.int32)
+        if grammar_rows:
+            # The grammar's mask comes before the filters (top-p is over allowed tokens).
+            x = x if modified else logits.to(torch.float32, copy=True)
+            index = dev[4]
+            x[index] = x[index].masked_fill(banned_tokens(dev[2], vocab), float("-inf"))
+        greedy = temps == 0
+        unit = torch.where(greedy, 1.0, temps).unsqueeze(1)
+        table = dev[-1]
+        scores = _filtered_probs(x.float() / unit, table[0], table[1], table[2],
+                                 any(0 < p.top_k < vocab for p in params),
+                                 any(p.top_p < 1.0 for p in params),
+                                 any(p.min_p > 0.0 for p in params)).log()
+        drawn = gumbel_argmax(scores, (~greedy).float(), keys)
+        # A greedy row's filtered log-probabilities may round near-ties differently from
+        # its logits: its token stays the plain argmax.
+        return torch.where(greedy, _argmax(x), drawn).to(torch.int32)
 
-    def _sample(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
-        params = [r.sampling_params for r in requests]
-        greedy_list = [p.greedy for p in params]
-        if all(greedy_list):
-            return _argmax(logits)
-        dev = logits.device
-        keys = torch.tensor([0 if p.greedy else self._key(r) for p, r in zip(params, requests)],
-                            dtype=torch.int64).to(dev, non_blocking=True)
-        temps = torch.tensor([0.0 if p.greedy else p.temperature for p in params],
-                             dtype=torch.float32).to(dev, non_blocking=True)
-        if not _filtered(params, logits.shape[1]):
-            # argmax(x / T + Gumbel) draws from softmax(x / T): no softmax needed, and
-            # greedy rows (T = 0) take the plain argmax in the same launch.
-            return gumbel_argmax(logits, temps, keys)
-        unit = torch.where(temps > 0, temps, 1.0)
-        scores = _filtered_probs(logits / unit.unsqueeze(1), params).log()
-        drawn = gumbel_argmax(scores, torch.where(temps > 0, 1.0, 0.0), keys)
-        if not any(greedy_list):
-            return drawn
-        # A greedy row's filtered log-probabilities may round near-ties differently from its
-        # raw logits: its token stays the raw argmax.
-        greedy = torch.tensor(greedy_list).to(dev, non_blocking=True)
-        return torch.where(greedy, _argmax(logits), drawn)
+
+def _apply_penalties(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+    """Logit bias, a pending ``min_tokens`` ban and the repetition/presence/frequency
+    penalties, in place on a float32 copy of the logits (row by row: these are rare)."""
+    vocab = logits.shape[1]
+    dev = logits.device
+    for i, req in enumerate(requests):
+        p = req.sampling_params
+        if p.logit_bias:
+            ids = [t for t in p.logit_bias if t < vocab]
+            if ids:
+                bias = _to(torch.tensor([p.logit_bias[t] for t in ids]), dev)
+                logits[i, _to(torch.tensor(ids), dev)] += bias
+        if req.num_output_tokens < p.min_tokens:
+            banned = set(p.stop_token_ids or ())
+            if not p.ignore_eos:
+                banned |= req.eos_token_ids
+            ids = [t for t in banned if t < vocab]
+            if ids:
+                logits[i, _to(torch.tensor(ids), dev)] = float("-inf")
+        if p.repetition_penalty != 1.0 and req.all_token_ids:
+            seen = _to(torch.tensor(sorted({t for t in req.all_token_ids if t < vocab})), dev)
+            vals = logits[i, seen]
+            pen = p.repetition_penalty
+            logits[i, seen] = torch.where(vals > 0, vals / pen, vals * pen)
+        if (p.presence_penalty or p.frequency_penalty) and req.output_token_ids:
+            out = _to(torch.tensor([t for t in req.output_token_ids if t < vocab]), dev)
+            counts = torch.zeros(vocab, device=dev)
+            counts.scatter_add_(0, out, torch.ones_like(out, dtype=counts.dtype))
+            logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)
+    return logits
+
+
+def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host tensor on ``device`` without a stream sync (``torch.tensor(...,
+    device="cuda")`` would wait for the forward pass still running)."""
+    return t.to(device, non_blocking=True) if device.type == "cuda" else t
 
 
 def _argmax(logits: torch.Tensor) -> torch.Tensor:
@@ -161,35 +205,16 @@ def _argmax(logits: torch.Tensor) -> torch.Tensor:
     return logits.argmax(dim=-1)
 
 
-def apply_grammar_bitmask(logits: torch.Tensor, rows: list[int], matchers: list) -> None:
-    """Set to -inf, in ``logits[rows]``, every token the rows' grammars do not allow next.
-
-    The bitmask is computed on the host (llguidance). On CUDA it goes up as bits (4 bytes
-    per 32 tokens) and is expanded on the device; on CPU it is unpacked with numpy."""
-    vocab = logits.shape[1]
-    width = bitmask_width(vocab)
-    host = np.empty((len(rows), width), dtype=np.int32)
-    fill_bitmask(matchers, host)
-    if logits.is_cuda:
-        words = torch.from_numpy(host).to(logits.device, non_blocking=True)
-        shifts = torch.arange(32, device=logits.device, dtype=torch.int32)
-        banned = ((words.unsqueeze(-1) >> shifts) & 1).view(len(rows), width * 32)[:, :vocab] == 0
-    else:
-        bits = np.unpackbits(host.view(np.uint8), axis=1, bitorder="little")[:, :vocab]
-        banned = torch.from_numpy(bits == 0)
-    if len(rows) == logits.shape[0]:
-        logits.masked_fill_(banned, float("-inf"))
-    else:
-        index = torch.tensor(rows, device=logits.device)
-        logits[index] = logits[index].masked_fill(banned, float("-inf"))
-
-
 def _constrained(req: Request) -> bool:
-    """Whether ``_apply_constraints`` would change this request's row."""
+    """Whether a grammar or ``_apply_penalties`` constrains this request's row."""
+    return req.grammar is not None or _modifies(req)
+
+
+def _modifies(req: Request) -> bool:
+    """Whether ``_apply_penalties`` would change this request's row."""
     p = req.sampling_params
     return bool(
-        req.grammar is not None
-        or p.logit_bias
+        p.logit_bias
         or req.num_output_tokens < p.min_tokens
         or p.repetition_penalty != 1.0
         or p.presence_penalty
@@ -202,26 +227,24 @@ def _filtered(params: list, vocab: int) -> bool:
     return any((0 < p.top_k < vocab) or p.top_p < 1.0 or p.min_p > 0.0 for p in params)
 
 
-def _filtered_probs(logits: torch.Tensor, params: list) -> torch.Tensor:
-    """Softmax after top-k, top-p and min-p; rows without filters skip the sort."""
+def _filtered_probs(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                    min_p: torch.Tensor, any_k: bool, any_p: bool, any_min_p: bool
+                    ) -> torch.Tensor:
+    """Softmax after top-k, top-p and min-p (per-row float32 ``[B]`` on the device; a
+    top-k of the vocabulary size, a top-p of 1 and a min-p of 0 filter nothing). The
+    ``any_*`` flags, known on the host, skip the stages no row uses."""
     vocab = logits.shape[1]
-    top_k = [p.top_k if 0 < p.top_k < vocab else 0 for p in params]
-    top_p = [p.top_p for p in params]
-    min_p = [p.min_p for p in params]
-    if any(top_k) or any(tp < 1.0 for tp in top_p):
+    if any_k or any_p:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         ranks = torch.arange(vocab, device=logits.device).unsqueeze(0)
-        k = torch.tensor([k or vocab for k in top_k], device=logits.device).unsqueeze(1)
-        sorted_logits = sorted_logits.masked_fill(ranks >= k, float("-inf"))
+        sorted_logits = sorted_logits.masked_fill(ranks >= top_k.unsqueeze(1), float("-inf"))
         sorted_probs = sorted_logits.softmax(dim=-1)
         before = sorted_probs.cumsum(dim=-1) - sorted_probs  # mass strictly before each rank
-        tp = torch.tensor(top_p, device=logits.device).unsqueeze(1)
-        sorted_logits = sorted_logits.masked_fill(before >= tp, float("-inf"))
+        sorted_logits = sorted_logits.masked_fill(before >= top_p.unsqueeze(1), float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
     probs = logits.softmax(dim=-1)
-    if any(mp > 0.0 for mp in min_p):
-        mp = torch.tensor(min_p, device=logits.device).unsqueeze(1)
-        keep = probs >= mp * probs.max(dim=-1, keepdim=True).values
+    if any_min_p:
+        keep = probs >= min_p.unsqueeze(1) * probs.max(dim=-1, keepdim=True).values
         probs = probs * keep
         probs = probs / probs.sum(dim=-1, keepdim=True)
     return probs
