@@ -55,11 +55,8 @@ def _mix32_(h: np.ndarray) -> None:
     h ^= h >> 16
 
 
-def uniform_from_hash(keys: torch.Tensor, vocab: int) -> torch.Tensor:
-    """``[B, vocab]`` float32 uniforms in (0, 1) for int64 CPU ``keys`` ``[B]``: odd
-    multiples of 2^-24, never 0 or 1, so both logarithms of the Gumbel transform stay
-    finite."""
-    k = keys.numpy().view(np.uint64)
+def _uniform(keys: np.ndarray, vocab: int) -> np.ndarray:
+    k = keys.view(np.uint64)
     k0 = (k & 0xFFFF_FFFF).astype(np.uint32)[:, None]
     k1 = (k >> 32).astype(np.uint32)[:, None]
     h = np.arange(vocab, dtype=np.uint32)[None, :] ^ k0
@@ -71,12 +68,27 @@ def uniform_from_hash(keys: torch.Tensor, vocab: int) -> torch.Tensor:
     u *= 2
     u += 1
     u *= np.float32(2.0 ** -24)
-    return torch.from_numpy(u)
+    return u
+
+
+def _gumbel(keys: np.ndarray, vocab: int) -> np.ndarray:
+    g = _uniform(keys, vocab)
+    np.log(g, out=g)
+    np.negative(g, out=g)
+    np.log(g, out=g)
+    return np.negative(g, out=g)
+
+
+def uniform_from_hash(keys: torch.Tensor, vocab: int) -> torch.Tensor:
+    """``[B, vocab]`` float32 uniforms in (0, 1) for int64 CPU ``keys`` ``[B]``: odd
+    multiples of 2^-24, never 0 or 1, so both logarithms of the Gumbel transform stay
+    finite."""
+    return torch.from_numpy(_uniform(keys.numpy(), vocab))
 
 
 def gumbel_noise(keys: torch.Tensor, vocab: int) -> torch.Tensor:
     """``[B, vocab]`` float32 standard Gumbel noise for int64 CPU ``keys`` ``[B]``."""
-    return uniform_from_hash(keys, vocab).log_().neg_().log_().neg_()
+    return torch.from_numpy(_gumbel(keys.numpy(), vocab))
 
 
 def banned_tokens(words: torch.Tensor, vocab: int) -> torch.Tensor:
@@ -102,13 +114,29 @@ def gumbel_argmax(x: torch.Tensor, temperature: torch.Tensor, keys: torch.Tensor
             from vserve.ops.sampling import gumbel_argmax as kernel
 
             return kernel(x, temperature, keys, masks)
-    t = temperature.to(x.device, torch.float32).unsqueeze(1)
-    noisy = t > 0
-    scores = x.float() / torch.where(noisy, t, 1.0)
-    scores += gumbel_noise(keys.cpu(), x.shape[1]).to(x.device) * noisy
+    return torch.from_numpy(_host_gumbel_argmax(
+        x.detach().to("cpu", torch.float32).numpy(), temperature.cpu().numpy(),
+        keys.cpu().numpy(), None if masks is None else (masks[0].cpu().numpy(),
+                                                       masks[1].cpu().numpy()))).to(x.device)
+
+
+def _host_gumbel_argmax(x: np.ndarray, t: np.ndarray, keys: np.ndarray,
+                        masks: tuple[np.ndarray, np.ndarray] | None) -> np.ndarray:
+    """The CPU path, in numpy: a row costs a few microseconds of calls at a small
+    vocabulary (torch's per-operator overhead is several times that)."""
+    vocab = x.shape[1]
+    noisy = np.flatnonzero(t > 0)
+    if noisy.size == x.shape[0]:
+        scores = x / t[:, None]
+        scores += _gumbel(keys, vocab)
+    else:
+        scores = x.copy()
+        if noisy.size:
+            scores[noisy] = x[noisy] / t[noisy, None] + _gumbel(keys[noisy], vocab)
     if masks is not None:
         words, mask_row = masks
-        rows = (mask_row >= 0).nonzero()[:, 0]
-        banned = banned_tokens(words[mask_row[rows].long()], x.shape[1])
-        scores[rows] = scores[rows].masked_fill(banned, float("-inf"))
-    return scores.argmax(dim=-1)
+        rows = np.flatnonzero(mask_row >= 0)
+        bits = np.unpackbits(np.ascontiguousarray(words[mask_row[rows]]).view(np.uint8),
+                             axis=1, bitorder="little")[:, :vocab]
+        scores[rows] = np.where(bits != 0, scores[rows], np.float32(-np.inf))
+    return scores.argmax(axis=1)

@@ -14,6 +14,8 @@ kernels enqueued before the next-but-one ``upload``. On CPU the arrays are used 
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -39,7 +41,7 @@ class Staging:
         for dtype, shape in specs:
             dt = np.dtype(dtype)
             layout.append((offset, dt, shape))
-            nbytes = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+            nbytes = math.prod(shape) * dt.itemsize
             offset += -(-nbytes // _ALIGN) * _ALIGN
         self._layout = layout
         if not self._cuda:
@@ -50,7 +52,7 @@ class Staging:
         i = self._next
         self._events[i].synchronize()
         raw = self._host[i].numpy()
-        self._views = [raw[o:o + int(np.prod(s, dtype=np.int64)) * dt.itemsize].view(dt)
+        self._views = [raw[o:o + math.prod(s) * dt.itemsize].view(dt)
                        .reshape(s) for o, dt, s in layout]
         self._used = offset
         return self._views
