@@ -210,7 +210,12 @@ class EngineCore:
             chained = self.scheduler.schedule_chained(sched)
             if chained is not None:
                 self._in_flight = (chained, self.runner.execute_model_async(chained, pending))
-        return self.scheduler.update_from_output(sched, pending.result())
+        outputs = self.scheduler.update_from_output(sched, pending.result())
+        if self._in_flight is not None:
+            # Its grammars have now seen every earlier token: its bitmasks can be filled
+            # while the caller sends these outputs and the next step() begins.
+            self._in_flight[1].prepare()
+        return outputs
 
     def stats(self) -> SchedulerStats:
         return self.scheduler.get_stats()

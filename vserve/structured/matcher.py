@@ -109,10 +109,13 @@ def accept_token(matcher: LLMatcher, token: int) -> bool:
 
 
 _EXECUTOR: LLExecutor | None = None
+_CPUS = len(os.sched_getaffinity(0))
 # Above this many rows, and with cores to spare, masks are computed on llguidance's
 # threads; on a 2-core machine those threads only compete with torch's (measured: 16 rows
 # of the demo model, 15.9% decode loss in parallel, 5.5% serially).
-_SERIAL_ROWS = 8 if len(os.sched_getaffinity(0)) >= 4 else 1 << 30
+_SERIAL_ROWS = 8 if _CPUS >= 4 else 1 << 30
+_BACKGROUND: ThreadPoolExecutor | None = None
+_BACKGROUND_EXECUTOR: LLExecutor | None = None
 
 
 def fill_bitmask(matchers: list[LLMatcher], out: np.ndarray) -> None:
@@ -133,3 +136,22 @@ def fill_bitmask(matchers: list[LLMatcher], out: np.ndarray) -> None:
         _EXECUTOR = LLExecutor()
     _EXECUTOR.unsafe_compute_mask_ptr([(m, i) for i, m in enumerate(matchers)],
                                       out.ctypes.data, out.shape[1] * 4, len(matchers))
+
+
+def fill_bitmask_async(matchers: list[LLMatcher], out: np.ndarray) -> Future[None]:
+    """``fill_bitmask`` on a helper thread, through llguidance's executor, which computes
+    off the GIL: the caller's Python work goes on meanwhile (``LLMatcher``'s own
+    ``unsafe_compute_mask_ptr`` holds the GIL). ``out`` must stay alive, and the matchers
+    unchanged, until the future is done."""
+    global _BACKGROUND, _BACKGROUND_EXECUTOR
+    assert out.dtype == np.int32 and out.flags["C_CONTIGUOUS"]
+    assert out.shape[0] >= len(matchers)
+    if _BACKGROUND is None or _BACKGROUND_EXECUTOR is None:
+        _BACKGROUND = ThreadPoolExecutor(1, thread_name_prefix="grammar-mask")
+        # A few threads: on the 16-core GPU host, llguidance's default (12) was slower than
+        # one thread for 64 and 256 cheap masks (thread wake-ups), and here the fill only
+        # needs to finish within the host's other work for the step.
+        _BACKGROUND_EXECUTOR = LLExecutor(num_threads=max(1, min(4, _CPUS // 4)))
+    pairs = [(m, i) for i, m in enumerate(matchers)]
+    return _BACKGROUND.submit(_BACKGROUND_EXECUTOR.unsafe_compute_mask_ptr, pairs,
+                              out.ctypes.data, out.shape[1] * 4, len(matchers))

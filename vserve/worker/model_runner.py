@@ -40,7 +40,7 @@ from vserve.worker.cuda_graphs import DecodeGraphs, table_offset
 from vserve.worker.cuda_inputs import DEVICE_TOKEN, CudaInputs, input_token, mixed_order
 from vserve.worker.mixed_graphs import MAX_MIXED_GRAPH_TOKENS, MixedGraphs, MixedLayout
 from vserve.worker.pending import PendingOutput
-from vserve.worker.sampler import Sampler, gather_logprobs
+from vserve.worker.sampler import Sampler, SamplingInputs, gather_logprobs
 
 if TYPE_CHECKING:  # torch.distributed is imported only by tensor-parallel engines
     from vserve.worker.tensor_parallel import TensorParallel
@@ -457,13 +457,21 @@ class ModelRunner:
         the device, valid until the next step's upload) drawn from ``logits`` on the device:
         recorded in ``last_tokens`` for a chained step and read back without waiting. Now
         when no request's sampling reads its output history, else deferred
-        (``PendingOutput.deferred``) until the step before is applied; either way queued
-        before the next step's upload, as ``row_ids`` requires."""
+        (``PendingOutput.deferred``) until the step before is applied — its host side
+        (``Sampler.prepare``: grammar bitmasks filled off the GIL) may start then, through
+        ``PendingOutput.prepare`` — either way queued before the next step's upload, as
+        ``row_ids`` requires."""
         inputs = self.inputs
         assert inputs is not None
 
+        prepared: list[SamplingInputs] = []
+
+        def prepare() -> None:
+            prepared.append(self.sampler.prepare(sampling, logits.shape[1], background=True))
+
         def launch() -> PendingOutput:
-            tokens = self.sampler.sample_on_device(logits, sampling)
+            tokens = self.sampler.sample_on_device(logits, sampling,
+                                                   prepared[0] if prepared else None)
             inputs.scatter_last_tokens(row_ids, tokens)
             host, event = inputs.read_back(tokens)
             return PendingOutput.on_device([r.request_id for r in sampling], host, event,
@@ -471,7 +479,7 @@ class ModelRunner:
 
         if Sampler.history_free(sampling):
             return launch()
-        return PendingOutput.deferred(launch)
+        return PendingOutput.deferred(launch, prepare)
 
     def _fake_step(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         """Benchmark mode: a deterministic token per sampling request, never an EOS or

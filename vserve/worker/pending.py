@@ -31,8 +31,8 @@ class PendingOutput:
     device (the next step chains onto it without waiting, as onto a greedy one).
     """
 
-    __slots__ = ("_output", "_host", "_event", "_on_done", "_deferred", "device_request_ids",
-                 "chainable")
+    __slots__ = ("_output", "_host", "_event", "_on_done", "_deferred", "_prepare",
+                 "device_request_ids", "chainable")
 
     def __init__(self, output: ModelRunnerOutput | None = None, *, chainable: bool = False,
                  device_request_ids: list[str] | None = None, host: torch.Tensor | None = None,
@@ -43,6 +43,7 @@ class PendingOutput:
         self._event = event
         self._on_done = on_done
         self._deferred: Callable[[], ModelRunnerOutput | PendingOutput] | None = None
+        self._prepare: Callable[[], None] | None = None
         self.device_request_ids = device_request_ids
         self.chainable = chainable
 
@@ -55,14 +56,24 @@ class PendingOutput:
                    event=event, on_done=on_done)
 
     @classmethod
-    def deferred(cls, sample: Callable[[], ModelRunnerOutput | PendingOutput]
-                 ) -> PendingOutput:
+    def deferred(cls, sample: Callable[[], ModelRunnerOutput | PendingOutput],
+                 prepare: Callable[[], None] | None = None) -> PendingOutput:
         """A launched forward pass whose tokens ``sample`` draws once called (``sample()``):
         it reads the requests' state as of then, and returns the output, or an
-        ``on_device`` pending output whose read-back it queued. Chainable once sampled."""
+        ``on_device`` pending output whose read-back it queued. Chainable once sampled.
+        ``prepare``: the host work of ``sample`` that may start early (``prepare()``)."""
         out = cls(None, chainable=True)
         out._deferred = sample
+        out._prepare = prepare
         return out
+
+    def prepare(self) -> None:
+        """Start a deferred step's host work for sampling (grammar bitmasks filled in the
+        background) now; nothing for any other step. Call it once every earlier step's
+        output has been applied, and change no request of this step until ``sample()``."""
+        if self._prepare is not None and self._deferred is not None:
+            prepare, self._prepare = self._prepare, None
+            prepare()
 
     @property
     def is_deferred(self) -> bool:

@@ -16,6 +16,7 @@ or ``min_tokens`` ban will modify them. Rows without top-k/top-p/min-p need no s
 from __future__ import annotations
 
 import random
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,7 +24,7 @@ import torch
 
 from vserve.core.request import Request
 from vserve.protocol.outputs import Logprobs
-from vserve.structured.matcher import bitmask_width, fill_bitmask
+from vserve.structured.matcher import bitmask_width, fill_bitmask, fill_bitmask_async
 from vserve.worker.gumbel import banned_tokens, gumbel_argmax, seeded_key, to_int64
 from vserve.worker.staging import Staging
 
@@ -94,66 +95,108 @@ class Sampler:
                                             [p.logprobs for p in params])
         return SamplerOutput(sampled=sampled_list, logprobs=logprob_rows)
 
-    @torch.inference_mode()
-    def sample_on_device(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
-        """int32 ``[B]`` tokens on ``logits``' device, drawn without waiting for the device:
-        every per-row input goes up in one non-blocking copy. Reads the requests' state
-        (grammar matchers, output so far, draw counts) as of this call, and advances the
-        seeded rows' draw counts."""
-        n, vocab = logits.shape
+    def prepare(self, requests: list[Request], vocab: int, background: bool = False
+                ) -> SamplingInputs:
+        """The host side of ``sample_on_device``: per-row keys, temperatures, filters and
+        grammar bitmasks written into the staging buffer. Reads the requests' state (grammar
+        matchers, draw counts) as of this call and advances the seeded rows' draw counts, so
+        the result must be sampled with exactly once. ``background``: fill the bitmasks on
+        the grammar thread (off the GIL) while the caller goes on; until
+        ``sample_on_device`` has run, nothing may advance these requests' grammars or
+        stage other inputs."""
+        n = len(requests)
         params = [r.sampling_params for r in requests]
         # A stopped grammar belongs to a request that finished while this (chained) row was
         # in flight: its token is dropped, and a stopped matcher has no mask to give.
         grammar_rows = [i for i, r in enumerate(requests)
                         if r.grammar is not None and not r.grammar.is_stopped()]
-        modified = any(_modifies(r) for r in requests)
-        if not grammar_rows and not modified and all(p.greedy for p in params):
-            return _argmax(logits).to(torch.int32)
-        filtered = _filtered(params, vocab)
+        inputs = SamplingInputs(grammar_rows, any(_modifies(r) for r in requests),
+                                _filtered(params, vocab), all(p.greedy for p in params))
+        if inputs.plain_greedy:
+            return inputs
         specs: list[tuple[type, tuple[int, ...]]] = [(np.int64, (n,)), (np.float32, (n,))]
         if grammar_rows:
             r = len(grammar_rows)
             specs += [(np.int32, (r, bitmask_width(vocab))), (np.int32, (n,)), (np.int64, (r,))]
-        if filtered:
+        if inputs.filtered:
             specs.append((np.float32, (3, n)))
         host = self._staging.stage(*specs)
         host[0][:] = [0 if p.greedy else self._key(r) for p, r in zip(params, requests)]
         host[1][:] = [0.0 if p.greedy else p.temperature for p in params]
         if grammar_rows:
-            fill_bitmask([requests[i].grammar for i in grammar_rows], host[2])
+            matchers = [requests[i].grammar for i in grammar_rows]
+            if background:
+                inputs.filling = fill_bitmask_async(matchers, host[2])
+            else:
+                fill_bitmask(matchers, host[2])
             host[3][:] = -1
             host[3][grammar_rows] = np.arange(len(grammar_rows), dtype=np.int32)
             host[4][:] = grammar_rows
-        if filtered:
+        if inputs.filtered:
             host[-1][0] = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
             host[-1][1] = [p.top_p for p in params]
             host[-1][2] = [p.min_p for p in params]
+        inputs.any_top_k = any(0 < p.top_k < vocab for p in params)
+        inputs.any_top_p = any(p.top_p < 1.0 for p in params)
+        inputs.any_min_p = any(p.min_p > 0.0 for p in params)
+        return inputs
+
+    @torch.inference_mode()
+    def sample_on_device(self, logits: torch.Tensor, requests: list[Request],
+                         inputs: SamplingInputs | None = None) -> torch.Tensor:
+        """int32 ``[B]`` tokens on ``logits``' device, drawn without waiting for the device:
+        every per-row input goes up in one non-blocking copy. ``inputs``: from ``prepare``
+        for the same requests, else prepared now."""
+        vocab = logits.shape[1]
+        if inputs is None:
+            inputs = self.prepare(requests, vocab)
+        if inputs.plain_greedy:
+            return _argmax(logits).to(torch.int32)
+        if inputs.filling is not None:
+            inputs.filling.result()
         dev = self._staging.upload()
         keys, temps = dev[0], dev[1]
+        grammar = bool(inputs.grammar_rows)
         x = logits
-        if modified:
+        if inputs.modified:
             x = _apply_penalties(logits.to(torch.float32, copy=True), requests)
-        if not filtered:
+        if not inputs.filtered:
             # argmax(x / T + Gumbel) draws from softmax(x / T): no softmax needed; greedy
             # rows (T = 0) and the grammar masks are in the same launch.
-            masks = (dev[2], dev[3]) if grammar_rows else None
+            masks = (dev[2], dev[3]) if grammar else None
             return gumbel_argmax(x, temps, keys, masks).to(torch.int32)
-        if grammar_rows:
+        if grammar:
             # The grammar's mask comes before the filters (top-p is over allowed tokens).
-            x = x if modified else logits.to(torch.float32, copy=True)
+            x = x if inputs.modified else logits.to(torch.float32, copy=True)
             index = dev[4]
             x[index] = x[index].masked_fill(banned_tokens(dev[2], vocab), float("-inf"))
         greedy = temps == 0
         unit = torch.where(greedy, 1.0, temps).unsqueeze(1)
         table = dev[-1]
         scores = _filtered_probs(x.float() / unit, table[0], table[1], table[2],
-                                 any(0 < p.top_k < vocab for p in params),
-                                 any(p.top_p < 1.0 for p in params),
-                                 any(p.min_p > 0.0 for p in params)).log()
+                                 inputs.any_top_k, inputs.any_top_p, inputs.any_min_p).log()
         drawn = gumbel_argmax(scores, (~greedy).float(), keys)
         # A greedy row's filtered log-probabilities may round near-ties differently from
         # its logits: its token stays the plain argmax.
         return torch.where(greedy, _argmax(x), drawn).to(torch.int32)
+
+
+@dataclass
+class SamplingInputs:
+    """What ``Sampler.prepare`` staged for one step's sampling rows."""
+
+    grammar_rows: list[int]  # rows whose (unstopped) grammar masks them
+    modified: bool  # a penalty, bias or min_tokens ban changes some row
+    filtered: bool  # some row has top-k, top-p or min-p
+    greedy: bool  # every row is greedy
+    any_top_k: bool = False
+    any_top_p: bool = False
+    any_min_p: bool = False
+    filling: Future[None] | None = None  # the bitmask fill, when in the background
+
+    @property
+    def plain_greedy(self) -> bool:
+        return self.greedy and not self.grammar_rows and not self.modified
 
 
 def _apply_penalties(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
