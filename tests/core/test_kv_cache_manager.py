@@ -191,6 +191,9 @@ def test_growing_a_running_request_and_stable_block_id_list() -> None:
     for tok in range(10, 16):  # decode 6 tokens
         a.append_output_token(tok)
         assert mgr.allocate_slots(a, 1) is not None
+        # A block is findable from the step that fills it.
+        probe = make_request("probe", a.all_token_ids + [9])
+        assert len(mgr.get_computed_blocks(probe)[0]) == len(a.all_token_ids) // BS
         run_step(a, 1)
     assert mgr.get_block_ids("a") is ids
     assert len(ids) == 3  # 9 computed tokens

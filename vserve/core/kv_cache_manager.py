@@ -120,6 +120,14 @@ class KVCacheManager:
         held = self._req_blocks.get(rid)
         num_held = len(held) if held is not None else 0
         total = request.num_computed_tokens + num_new_computed_tokens + num_new_tokens
+        if (held is not None and not new_computed_blocks and num_lookahead_tokens >= 0
+                and -(-(total + num_lookahead_tokens) // bs) <= num_held
+                and total <= len(request.all_token_ids)
+                and total + num_lookahead_tokens <= self.max_model_len
+                and (not self.enable_prefix_caching
+                     or total // bs <= self._num_cached_blocks[rid])):
+            # Most decode steps: the held blocks have room and no block fills up.
+            return []
         if (total > request.num_tokens or num_lookahead_tokens < 0
                 or total + num_lookahead_tokens > self.max_model_len):
             raise ValueError(
