@@ -8,12 +8,13 @@ that ignores the temperature, a filter or the noise fails them by orders of magn
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from vserve.core.request import Request
 from vserve.protocol.sampling import SamplingParams
-from vserve.worker.gumbel import MIX_A, MIX_B, seeded_key, uniform_from_hash
+from vserve.worker.gumbel import MIX_A, MIX_B, seeded_key, seeded_keys, uniform_from_hash
 from vserve.worker.sampler import Sampler
 
 LOGITS = torch.tensor([2.0, 1.0, 0.5, 0.0, -0.5, -1.0, -3.0, float("-inf")])
@@ -53,6 +54,10 @@ def test_noise_integers_match_their_definition():
         for t in (0, 1, 31, 65_535, 65_536, 128_255, 199_999):
             assert u[r, t].item() == _python_hash(key, t), (key, t)
     assert 0 < u.min().item() and u.max().item() < 1
+    # The sampler's vectorized keys are the scalar definition's.
+    seeds, draws = [0, 1, 7, 2**64 - 1, 2**63 + 5, 12345], [0, 3, 12, 99, 1, 2**40]
+    assert seeded_keys(np.array(seeds, dtype=np.uint64), np.array(draws, dtype=np.uint64)
+                       ).tolist() == [seeded_key(s, d) for s, d in zip(seeds, draws)]
     # Uniform in mean and spread (1.6M draws).
     assert abs(u.mean().item() - 0.5) < 2e-3 and abs(u.var().item() - 1 / 12) < 2e-3
 
@@ -74,12 +79,13 @@ def test_draws_follow_the_requested_distribution(params, probs):
 
 
 def test_seeded_draws_do_not_depend_on_the_batch():
-    logits = torch.randn(6, 1000, generator=torch.Generator().manual_seed(0)) * 2
+    logits = torch.randn(12, 1000, generator=torch.Generator().manual_seed(0)) * 2
     alone = Sampler(torch.device("cpu"))
     first = [alone(logits[2:3], [Request("x", [1], SamplingParams(seed=42), [0])]).sampled[0]
              for _ in range(20)]
     mixed = Sampler(torch.device("cpu"), base_seed=9)
-    batch = _requests(6, temperature=0.8)
+    # Eleven seeded rows: their keys take the vectorized path, the lone row's the scalar one.
+    batch = _requests(12, temperature=0.8, seed=5)
     batch[2] = Request("y", [1], SamplingParams(seed=42), [0])
     batch[4] = Request("g", [1], SamplingParams(temperature=0.0), [0])
     got = [mixed(logits, batch).sampled for _ in range(20)]

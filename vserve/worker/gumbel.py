@@ -39,6 +39,20 @@ def seeded_key(seed: int, draw: int) -> int:
     return to_int64(_splitmix64(_splitmix64(seed & _M64) ^ (draw & _M64)))
 
 
+def _splitmix64_array(x: np.ndarray) -> np.ndarray:
+    """``_splitmix64`` over a uint64 array (numpy's uint64 arithmetic wraps)."""
+    x = x + np.uint64(0x9E37_79B9_7F4A_7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58_476D_1CE4_E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D0_49BB_1331_11EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def seeded_keys(seeds: np.ndarray, draws: np.ndarray) -> np.ndarray:
+    """``seeded_key`` for uint64 arrays of seeds (taken modulo 2^64) and draw numbers, as
+    int64."""
+    return (_splitmix64_array(_splitmix64_array(seeds) ^ draws)).view(np.int64)
+
+
 def to_int64(key: int) -> int:
     """A 64-bit pattern as the signed value an int64 tensor holds."""
     key &= _M64
@@ -114,10 +128,11 @@ def gumbel_argmax(x: torch.Tensor, temperature: torch.Tensor, keys: torch.Tensor
             from vserve.ops.sampling import gumbel_argmax as kernel
 
             return kernel(x, temperature, keys, masks)
-    return torch.from_numpy(_host_gumbel_argmax(
-        x.detach().to("cpu", torch.float32).numpy(), temperature.cpu().numpy(),
-        keys.cpu().numpy(), None if masks is None else (masks[0].cpu().numpy(),
-                                                       masks[1].cpu().numpy()))).to(x.device)
+    xs = x if x.device.type == "cpu" and x.dtype == torch.float32 else x.to("cpu", torch.float32)
+    chosen = torch.from_numpy(_host_gumbel_argmax(
+        xs.numpy(), temperature.cpu().numpy(), keys.cpu().numpy(),
+        None if masks is None else (masks[0].cpu().numpy(), masks[1].cpu().numpy())))
+    return chosen if x.device.type == "cpu" else chosen.to(x.device)
 
 
 def _host_gumbel_argmax(x: np.ndarray, t: np.ndarray, keys: np.ndarray,

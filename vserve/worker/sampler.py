@@ -15,7 +15,6 @@ or ``min_tokens`` ban will modify them. Rows without top-k/top-p/min-p need no s
 
 from __future__ import annotations
 
-import random
 from concurrent.futures import Future
 from dataclasses import dataclass
 
@@ -25,8 +24,10 @@ import torch
 from vserve.core.request import Request
 from vserve.protocol.outputs import Logprobs
 from vserve.structured.matcher import bitmask_width, fill_bitmask, fill_bitmask_async
-from vserve.worker.gumbel import banned_tokens, gumbel_argmax, seeded_key, to_int64
+from vserve.worker.gumbel import banned_tokens, gumbel_argmax, seeded_key, seeded_keys
 from vserve.worker.staging import Staging
+
+_M64 = 0xFFFF_FFFF_FFFF_FFFF
 
 
 @dataclass
@@ -42,21 +43,35 @@ class Sampler:
     def __init__(self, device: torch.device, base_seed: int = 0) -> None:
         self.device = device
         self._draws: dict[str, int] = {}
-        self._unseeded = random.Random(base_seed)
+        self._unseeded = np.random.PCG64(base_seed)
         self._staging = Staging(device)
 
     def forget(self, request_ids: set[str] | list[str]) -> None:
         for rid in request_ids:
             self._draws.pop(rid, None)
 
-    def _key(self, request: Request) -> int:
-        """The noise key of this request's next sampled token (advances its draw count)."""
-        seed = request.sampling_params.seed
-        if seed is None:
-            return to_int64(self._unseeded.getrandbits(64))
-        draw = self._draws.get(request.request_id, 0)
-        self._draws[request.request_id] = draw + 1
-        return seeded_key(seed, draw)
+    def _keys(self, requests: list[Request], out: np.ndarray) -> None:
+        """``out`` (int64 ``[B]``) ← the noise key of each request's next sampled token;
+        advances the seeded requests' draw counts. A greedy row's key is never read."""
+        n = len(requests)
+        out[:] = self._unseeded.random_raw(n).view(np.int64)
+        seeded = [(i, r.sampling_params.seed, r.request_id) for i, r in enumerate(requests)
+                  if r.sampling_params.seed is not None and not r.sampling_params.greedy]
+        if not seeded:
+            return
+        counts = self._draws
+        draws = []
+        for _, _, rid in seeded:
+            draw = counts.get(rid, 0)
+            counts[rid] = draw + 1
+            draws.append(draw)
+        if len(seeded) <= 8:  # Python integers beat numpy's per-call cost here
+            for (i, seed, _), draw in zip(seeded, draws, strict=True):
+                out[i] = seeded_key(seed, draw)
+            return
+        rows = [i for i, _, _ in seeded]
+        out[rows] = seeded_keys(np.array([seed & _M64 for _, seed, _ in seeded], np.uint64),
+                                np.array(draws, dtype=np.uint64))
 
     @staticmethod
     def plain_greedy(requests: list[Request]) -> bool:
@@ -121,7 +136,7 @@ class Sampler:
         if inputs.filtered:
             specs.append((np.float32, (3, n)))
         host = self._staging.stage(*specs)
-        host[0][:] = [0 if p.greedy else self._key(r) for p, r in zip(params, requests)]
+        self._keys(requests, host[0])
         host[1][:] = [0.0 if p.greedy else p.temperature for p in params]
         if grammar_rows:
             matchers = [requests[i].grammar for i in grammar_rows]
