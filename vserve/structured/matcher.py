@@ -152,6 +152,17 @@ def fill_bitmask_async(matchers: list[LLMatcher], out: np.ndarray) -> Future[Non
         # one thread for 64 and 256 cheap masks (thread wake-ups), and here the fill only
         # needs to finish within the host's other work for the step.
         _BACKGROUND_EXECUTOR = LLExecutor(num_threads=max(1, min(4, _CPUS // 4)))
+    executor = _BACKGROUND_EXECUTOR
     pairs = [(m, i) for i, m in enumerate(matchers)]
-    return _BACKGROUND.submit(_BACKGROUND_EXECUTOR.unsafe_compute_mask_ptr, pairs,
-                              out.ctypes.data, out.shape[1] * 4, len(matchers))
+    ptr, row_bytes = out.ctypes.data, out.shape[1] * 4
+    started = threading.Event()
+
+    def fill() -> None:
+        started.set()
+        executor.unsafe_compute_mask_ptr(pairs, ptr, row_bytes, len(pairs))
+
+    future = _BACKGROUND.submit(fill)
+    # The helper needs the GIL to enter llguidance (which then drops it); waiting here hands
+    # it over now, instead of after the interpreter's 5 ms switch interval of a busy caller.
+    started.wait()
+    return future
