@@ -95,6 +95,21 @@ class KVCacheManager:
             hits.append(block)
         return hits, len(hits) * self.block_size
 
+    def has_room(self, request: Request, total: int, num_lookahead_tokens: int = 0) -> bool:
+        """Whether ``allocate_slots`` for ``total`` tokens (computed ones included) and
+        ``num_lookahead_tokens`` more would change nothing: the held blocks have room and
+        no block becomes full (to register). Most decode steps; cheap enough to call per
+        row per step."""
+        held = self._req_block_ids.get(request.request_id)
+        if held is None or num_lookahead_tokens < 0:
+            return False
+        bs = self.block_size
+        return (total + num_lookahead_tokens <= len(held) * bs
+                and total <= len(request.all_token_ids)
+                and total + num_lookahead_tokens <= self.max_model_len
+                and (not self.enable_prefix_caching
+                     or total // bs <= self._num_cached_blocks[request.request_id]))
+
     def allocate_slots(
         self,
         request: Request,
@@ -120,13 +135,7 @@ class KVCacheManager:
         held = self._req_blocks.get(rid)
         num_held = len(held) if held is not None else 0
         total = request.num_computed_tokens + num_new_computed_tokens + num_new_tokens
-        if (held is not None and not new_computed_blocks and num_lookahead_tokens >= 0
-                and -(-(total + num_lookahead_tokens) // bs) <= num_held
-                and total <= len(request.all_token_ids)
-                and total + num_lookahead_tokens <= self.max_model_len
-                and (not self.enable_prefix_caching
-                     or total // bs <= self._num_cached_blocks[rid])):
-            # Most decode steps: the held blocks have room and no block fills up.
+        if not new_computed_blocks and self.has_room(request, total, num_lookahead_tokens):
             return []
         if (total > request.num_tokens or num_lookahead_tokens < 0
                 or total + num_lookahead_tokens > self.max_model_len):
