@@ -18,6 +18,8 @@ computes the same integers and is tested against it.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 
@@ -73,16 +75,23 @@ def _uniform(keys: np.ndarray, vocab: int) -> np.ndarray:
     k = keys.view(np.uint64)
     k0 = (k & 0xFFFF_FFFF).astype(np.uint32)[:, None]
     k1 = (k >> 32).astype(np.uint32)[:, None]
-    h = np.arange(vocab, dtype=np.uint32)[None, :] ^ k0
+    h = _token_ids(vocab) ^ k0
     _mix32_(h)
     h ^= k1
     _mix32_(h)
     h >>= 9
+    # (2 * (h >> 9) + 1) * 2^-24, exact in float32, in one multiply-add.
     u = h.astype(np.float32)
-    u *= 2
-    u += 1
-    u *= np.float32(2.0 ** -24)
+    u *= np.float32(2.0 ** -23)
+    u += np.float32(2.0 ** -24)
     return u
+
+
+@functools.lru_cache(maxsize=8)
+def _token_ids(vocab: int) -> np.ndarray:
+    ids = np.arange(vocab, dtype=np.uint32)[None, :]
+    ids.flags.writeable = False
+    return ids
 
 
 def _gumbel(keys: np.ndarray, vocab: int) -> np.ndarray:

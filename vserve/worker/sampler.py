@@ -24,7 +24,13 @@ import torch
 from vserve.core.request import Request
 from vserve.protocol.outputs import Logprobs
 from vserve.structured.matcher import bitmask_width, fill_bitmask, fill_bitmask_async
-from vserve.worker.gumbel import banned_tokens, gumbel_argmax, seeded_key, seeded_keys
+from vserve.worker.gumbel import (
+    banned_tokens,
+    gumbel_argmax,
+    seeded_key,
+    seeded_keys,
+    to_int64,
+)
 from vserve.worker.staging import Staging
 
 _M64 = 0xFFFF_FFFF_FFFF_FFFF
@@ -54,21 +60,27 @@ class Sampler:
         """``out`` (int64 ``[B]``) ← the noise key of each request's next sampled token;
         advances the seeded requests' draw counts. A greedy row's key is never read."""
         n = len(requests)
+        counts = self._draws
+        if n <= 8:  # Python integers beat numpy's per-call cost here
+            for i, r in enumerate(requests):
+                p = r.sampling_params
+                if p.seed is None or p.greedy:
+                    out[i] = to_int64(self._unseeded.random_raw())
+                else:
+                    draw = counts.get(r.request_id, 0)
+                    counts[r.request_id] = draw + 1
+                    out[i] = seeded_key(p.seed, draw)
+            return
         out[:] = self._unseeded.random_raw(n).view(np.int64)
         seeded = [(i, r.sampling_params.seed, r.request_id) for i, r in enumerate(requests)
                   if r.sampling_params.seed is not None and not r.sampling_params.greedy]
         if not seeded:
             return
-        counts = self._draws
         draws = []
         for _, _, rid in seeded:
             draw = counts.get(rid, 0)
             counts[rid] = draw + 1
             draws.append(draw)
-        if len(seeded) <= 8:  # Python integers beat numpy's per-call cost here
-            for (i, seed, _), draw in zip(seeded, draws, strict=True):
-                out[i] = seeded_key(seed, draw)
-            return
         rows = [i for i, _, _ in seeded]
         out[rows] = seeded_keys(np.array([seed & _M64 for _, seed, _ in seeded], np.uint64),
                                 np.array(draws, dtype=np.uint64))
@@ -94,7 +106,6 @@ class Sampler:
         (``sample_on_device``) and be read back like greedy ones."""
         return all(r.sampling_params.logprobs is None for r in requests)
 
-    @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
         assert logits.dim() == 2 and logits.shape[0] == len(requests)
         params = [r.sampling_params for r in requests]
@@ -156,7 +167,6 @@ class Sampler:
         inputs.any_min_p = any(p.min_p > 0.0 for p in params)
         return inputs
 
-    @torch.inference_mode()
     def sample_on_device(self, logits: torch.Tensor, requests: list[Request],
                          inputs: SamplingInputs | None = None) -> torch.Tensor:
         """int32 ``[B]`` tokens on ``logits``' device, drawn without waiting for the device:
