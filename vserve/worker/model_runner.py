@@ -332,10 +332,12 @@ class ModelRunner:
         """The step's output: prompt logprobs now, tokens sampled from ``logits`` (the
         sampling rows', in order) now — or deferred until the engine has applied the step
         before this one (``PendingOutput.deferred``) when sampling reads the output history
-        (grammars, penalties, ``min_tokens``), and on CUDA always: sampling there waits for
-        the forward pass, and deferred, that wait comes after the host has applied the
-        step before (while this step runs) rather than before. ``upload``: the step's
-        input upload, known complete once its tokens are on the host."""
+        (grammars, penalties, ``min_tokens``), and on CUDA always (steps reach this host
+        sampler there only for logprobs; the others sample on the device,
+        ``_sample_on_device``): sampling waits for the forward pass, and deferred, that wait
+        comes after the host has applied the step before (while this step runs) rather than
+        before. ``upload``: the step's input upload, known complete once its tokens are on
+        the host."""
         out = ModelRunnerOutput()
         for i, s in enumerate(scheduled):
             if s.request.sampling_params.prompt_logprobs is not None:
