@@ -333,7 +333,7 @@ class ModelRunner:
         sampling rows', in order) now — or deferred until the engine has applied the step
         before this one (``PendingOutput.deferred``) when sampling reads the output history
         (grammars, penalties, ``min_tokens``), and on CUDA always (steps reach this host
-        sampler there only for logprobs; the others sample on the device,
+        sampler there only for logprobs or prompt logprobs; the others sample on the device,
         ``_sample_on_device``): sampling waits for the forward pass, and deferred, that wait
         comes after the host has applied the step before (while this step runs) rather than
         before. ``upload``: the step's input upload, known complete once its tokens are on
