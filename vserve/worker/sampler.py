@@ -137,7 +137,10 @@ class Sampler:
         grammar_rows = [i for i, r in enumerate(requests)
                         if r.grammar is not None and not r.grammar.is_stopped()]
         inputs = SamplingInputs(grammar_rows, any(_modifies(r) for r in requests),
-                                _filtered(params, vocab), all(p.greedy for p in params))
+                                all(p.greedy for p in params),
+                                any(0 < p.top_k < vocab for p in params),
+                                any(p.top_p < 1.0 for p in params),
+                                any(p.min_p > 0.0 for p in params))
         if inputs.plain_greedy:
             return inputs
         specs: list[tuple[type, tuple[int, ...]]] = [(np.int64, (n,)), (np.float32, (n,))]
@@ -162,9 +165,6 @@ class Sampler:
             host[-1][0] = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
             host[-1][1] = [p.top_p for p in params]
             host[-1][2] = [p.min_p for p in params]
-        inputs.any_top_k = any(0 < p.top_k < vocab for p in params)
-        inputs.any_top_p = any(p.top_p < 1.0 for p in params)
-        inputs.any_min_p = any(p.min_p > 0.0 for p in params)
         return inputs
 
     def sample_on_device(self, logits: torch.Tensor, requests: list[Request],
@@ -212,12 +212,15 @@ class SamplingInputs:
 
     grammar_rows: list[int]  # rows whose (unstopped) grammar masks them
     modified: bool  # a penalty, bias or min_tokens ban changes some row
-    filtered: bool  # some row has top-k, top-p or min-p
     greedy: bool  # every row is greedy
-    any_top_k: bool = False
-    any_top_p: bool = False
-    any_min_p: bool = False
+    any_top_k: bool  # some row filters with top-k, top-p, min-p
+    any_top_p: bool
+    any_min_p: bool
     filling: Future[None] | None = None  # the bitmask fill, when in the background
+
+    @property
+    def filtered(self) -> bool:
+        return self.any_top_k or self.any_top_p or self.any_min_p
 
     @property
     def plain_greedy(self) -> bool:
@@ -288,11 +291,6 @@ def _modifies(req: Request) -> bool:
         or p.presence_penalty
         or p.frequency_penalty
     )
-
-
-def _filtered(params: list, vocab: int) -> bool:
-    """Whether any row has a top-k, top-p or min-p filter."""
-    return any((0 < p.top_k < vocab) or p.top_p < 1.0 or p.min_p > 0.0 for p in params)
 
 
 def _filtered_probs(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
