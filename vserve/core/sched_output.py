@@ -48,7 +48,7 @@ class SchedulerOutput:
     # Requests preempted while building this step (their blocks are already freed).
     preempted_request_ids: list[str] = field(default_factory=list)
     # Requests that finished or were aborted since the previous step; runners drop any
-    # per-request state (sampler generators, …) they keep for these.
+    # per-request state (the sampler's draw counts, persistent rows, …) they keep for these.
     finished_request_ids: set[str] = field(default_factory=set)
     # Built by ``Scheduler.schedule_chained``: every row is a decode whose input token is the
     # previous step's sampled token, still on the device when this step is launched.
