@@ -114,9 +114,19 @@ def gumbel_noise(keys: torch.Tensor, vocab: int) -> torch.Tensor:
     return torch.from_numpy(_gumbel(keys.numpy(), vocab))
 
 
+def _allowed(words: np.ndarray, vocab: int) -> np.ndarray:
+    """bool ``[R, vocab]``: bit ``t % 32`` of word ``t // 32`` of each row of the int32
+    bitmask ``words`` ``[R, width]`` (the grammar allows token ``t``)."""
+    bits = np.unpackbits(np.ascontiguousarray(words).view(np.uint8), axis=1,
+                         bitorder="little")[:, :vocab]
+    return bits != 0
+
+
 def banned_tokens(words: torch.Tensor, vocab: int) -> torch.Tensor:
     """bool ``[R, vocab]``: True where bit ``t % 32`` of word ``t // 32`` of a row of the
     int32 bitmask ``words`` ``[R, width]`` is clear (the grammar forbids token ``t``)."""
+    if words.device.type == "cpu":
+        return torch.from_numpy(~_allowed(words.numpy(), vocab))
     shifts = torch.arange(32, device=words.device, dtype=torch.int32)
     bits = (words.unsqueeze(-1) >> shifts) & 1
     return bits.view(words.shape[0], -1)[:, :vocab] == 0
@@ -160,7 +170,6 @@ def _host_gumbel_argmax(x: np.ndarray, t: np.ndarray, keys: np.ndarray,
     if masks is not None:
         words, mask_row = masks
         rows = np.flatnonzero(mask_row >= 0)
-        bits = np.unpackbits(np.ascontiguousarray(words[mask_row[rows]]).view(np.uint8),
-                             axis=1, bitorder="little")[:, :vocab]
-        scores[rows] = np.where(bits != 0, scores[rows], np.float32(-np.inf))
+        scores[rows] = np.where(_allowed(words[mask_row[rows]], vocab), scores[rows],
+                                np.float32(-np.inf))
     return scores.argmax(axis=1)
