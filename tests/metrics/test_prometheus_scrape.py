@@ -12,28 +12,22 @@ import os
 import shutil
 import signal
 import subprocess
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import pytest
-from helpers.serve import free_port, serve, stream_completion
+from helpers.serve import free_port, serve, stream_completion, wait_started
+from prometheus_client.parser import text_string_to_metric_families
 
 SCRAPE_S = 0.5
 STREAMS = 4
-# Long enough that the engines are still busy when Prometheus has scraped them: the demo
-# model decodes ~1,000 tokens/s per stream on the 2-core machine (a 1,500-token stream could
-# end before the kill).
+# Long enough that a stream is still running when its engine is killed: the demo model
+# decodes 2,000-3,000 tokens/s per stream on the 2-core machine (the context is 4,096).
 STREAM_TOKENS = 3500
 SCRAPE_MS = int(SCRAPE_S * 1000)
-# Engines with a running request in the last 3 s, per engine label (a replaced API server
-# may leave a series of its own).
-BUSY_ENGINES = ('count(max by (engine) (max_over_time(vserve_num_requests_running[3s])) > 0)'
-                ' or vector(0)')
-# Engines running a request at the last scrape (no window: one that just finished is not
-# a victim whose death the streams would see).
-RUNNING_BY_ENGINE = 'max by (engine) (vserve_num_requests_running) > 0'
 COUNTERS = ("vserve_request_success_total", "vserve_generation_tokens_total",
             "vserve_prompt_tokens_total", "vserve_http_requests_total",
             "vserve_prefix_cache_queries_total", "vserve_iteration_tokens_count")
@@ -110,6 +104,19 @@ def _load(base: str, count: int, tag: str) -> tuple[int, int, int]:
     return ok, prompt, completion
 
 
+def _busy_engine(base: str) -> str:
+    """The index of an engine with a running request, read from /metrics directly."""
+    deadline = time.monotonic() + 10
+    while True:
+        text = httpx.get(base + "/metrics", timeout=10).text
+        busy = [s.labels["engine"] for f in text_string_to_metric_families(text)
+                for s in f.samples if s.name == "vserve_num_requests_running" and s.value > 0]
+        if busy:
+            return max(busy)
+        assert time.monotonic() < deadline, "no engine reports a running request"
+        time.sleep(0.02)
+
+
 def _wait_for(pred, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout
     while not pred():
@@ -144,17 +151,15 @@ def test_counters_survive_process_replacement_without_reset_or_double_count(
             by_index = srv.pids("engine")
             engines = list(by_index.values())
             assert len(engines) == 2
-            # The window must first forget the load above, or it would call the engines busy
-            # before the streams reach them (and the kill would find nothing to cut).
-            _wait_for(lambda: prom.value(BUSY_ENGINES) == 0, 30, "the window to show idle")
             with ThreadPoolExecutor(STREAMS) as pool:
-                streams = [pool.submit(stream_completion, base, STREAM_TOKENS, 90, f"stream {i}")
-                           for i in range(STREAMS)]
-                # Kill an engine Prometheus saw running requests (the router may have put
-                # every stream on one engine when the machine is loaded).
-                _wait_for(lambda: prom.query(RUNNING_BY_ENGINE), 30, "an engine busy")
-                busy = [r["metric"]["engine"] for r in prom.query(RUNNING_BY_ENGINE)]
-                victim = by_index[max(busy)]
+                started = threading.Semaphore(0)
+                streams = [pool.submit(stream_completion, base, STREAM_TOKENS, 90, f"stream {i}",
+                                       started) for i in range(STREAMS)]
+                # Kill an engine running a stream (the router may have put every stream on one
+                # engine), named by the server's own /metrics as soon as every stream has its
+                # first token: waiting for Prometheus's next scrape can outlast a stream.
+                wait_started(started, STREAMS)
+                victim = by_index[_busy_engine(base)]
                 os.kill(victim, signal.SIGKILL)
                 results = [f.result() for f in streams]
             assert all(r.done for r in results), results
