@@ -16,6 +16,9 @@ Phases (wall time on this thread, summed over the run, reported per step and per
 * ``read_back`` ``PendingOutput.sample`` and ``.result``: waiting for the device, sampling
                 on the host where the step needs it, and reading tokens back
 * ``update``    ``Scheduler.update_from_output`` and the step's output structs
+* ``prepare``   ``PendingOutput.prepare``: a deferred step's sampling inputs staged, its
+                grammar bitmasks' fill started (in the background; ``read_back`` waits
+                for it)
 * ``serialize`` encoding each step's outputs to frames
 
     python benchmarks/engine_host.py --fake-compute --batch 1,64,256     # CPU, no model work
@@ -32,6 +35,7 @@ import json
 import pstats
 import random
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -48,9 +52,12 @@ from vserve.launch.lifetime import freeze_startup_heap  # noqa: E402
 from vserve.protocol import encode  # noqa: E402
 from vserve.protocol.requests import AddRequests, EngineCoreRequest, EngineInput  # noqa: E402
 from vserve.protocol.sampling import SamplingParams  # noqa: E402
+from vserve.structured.grammar import json_schema  # noqa: E402
 from vserve.worker.pending import PendingOutput  # noqa: E402
 
-PHASES = ("receive", "schedule", "execute", "read_back", "update", "serialize")
+# Free text inside a JSON string: a mask per token that allows almost every token.
+FREE_TEXT = {"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]}
+PHASES = ("receive", "schedule", "execute", "read_back", "update", "prepare", "serialize")
 
 
 class Timers:
@@ -70,13 +77,33 @@ class Timers:
         return timed
 
 
-def make_core(a: argparse.Namespace, batch: int) -> EngineCore:
+def benchmark_model_dir(a: argparse.Namespace) -> Path:
+    """``--model-dir``, else the demo model — or, for ``--rows constrained``, a directory with
+    the Llama-3.2-1B shape's config and a synthetic 128k-id tokenizer (no weights: only
+    ``--fake-compute`` can run it), since a mask's cost grows with the vocabulary."""
     from vserve.models.source import resolve_model_dir
 
-    model_dir = Path(a.model_dir) if a.model_dir else resolve_model_dir("demo")
+    if a.model_dir:
+        return Path(a.model_dir)
+    if a.rows != "constrained":
+        return resolve_model_dir("demo")
+    if not a.fake_compute:
+        raise SystemExit("--rows constrained without --model-dir needs --fake-compute")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from gpu_serving import LLAMA_3_2_1B
+    from structured_overhead import synthetic_tokenizer
+
+    directory = Path(tempfile.mkdtemp(prefix="vserve-host-"))
+    cfg = dict(LLAMA_3_2_1B, eos_token_id=LLAMA_3_2_1B["vocab_size"] - 1)
+    (directory / "config.json").write_text(json.dumps(cfg))
+    synthetic_tokenizer(directory, LLAMA_3_2_1B["vocab_size"])
+    return directory
+
+
+def make_core(a: argparse.Namespace, batch: int, directory: Path) -> EngineCore:
     max_len = a.prompt_len + a.output_len + 16
     config = EngineConfig(
-        model=ModelConfig(model=str(model_dir), max_model_len=max_len),
+        model=ModelConfig(model=str(directory), max_model_len=max_len),
         cache=CacheConfig(num_kv_blocks=batch * (-(-max_len // 16) + 1) + 64,
                           enable_prefix_caching=True),
         scheduler=SchedulerConfig(max_num_seqs=max(batch, 1),
@@ -84,11 +111,11 @@ def make_core(a: argparse.Namespace, batch: int) -> EngineCore:
                                   async_scheduling=a.async_scheduling),
         device=DeviceConfig(device=a.device, benchmark_skip_compute=a.fake_compute),
     )
-    return EngineCore(config, model_dir)
+    return EngineCore(config, directory)
 
 
-def run(a: argparse.Namespace, batch: int, profile: bool) -> dict[str, Any]:
-    core = make_core(a, batch)
+def run(a: argparse.Namespace, batch: int, profile: bool, directory: Path) -> dict[str, Any]:
+    core = make_core(a, batch, directory)
     freeze_startup_heap()  # as the engine process does once it is ready
     timers = Timers()
     sched, runner = core.scheduler, core.runner
@@ -105,14 +132,25 @@ def run(a: argparse.Namespace, batch: int, profile: bool) -> dict[str, Any]:
     # step() calls before result(); result()'s own call is then a no-op.
     original_sample = PendingOutput.sample
     PendingOutput.sample = timers.wrap("read_back", original_sample)  # type: ignore[method-assign]
+    original_prepare = PendingOutput.prepare
+    PendingOutput.prepare = timers.wrap("prepare", original_prepare)  # type: ignore[method-assign]
     decoder = msgspec.msgpack.Decoder(EngineInput)
     rng = random.Random(0)
     vocab = min(core.vocab_size, 256)
-    params = SamplingParams(temperature=0.0, max_tokens=a.output_len, ignore_eos=True)
     eos = [core.vocab_size + 1]  # never sampled
+    structured = json_schema(FREE_TEXT) if a.rows == "constrained" else None
+    if structured is not None:
+        eos = [core.vocab_size - 1]  # the grammar's own EOS (ends a completed document)
+
+    def params(i: int) -> SamplingParams:
+        if a.rows == "greedy":
+            return SamplingParams(temperature=0.0, max_tokens=a.output_len, ignore_eos=True)
+        return SamplingParams(temperature=1.0, seed=i, max_tokens=a.output_len,
+                              ignore_eos=True, structured=structured)
+
     frames = [encode(AddRequests([EngineCoreRequest(
-        f"r{i}", [rng.randrange(1, vocab) for _ in range(a.prompt_len)], params, eos, 0.0)]))
-        for i in range(a.num_requests + batch)]
+        f"r{i}", [rng.randrange(1, vocab) for _ in range(a.prompt_len)], params(i), eos,
+        0.0)])) for i in range(a.num_requests + batch)]
     next_frame = 0
     in_flight = 0
     done = 0
@@ -156,6 +194,7 @@ def run(a: argparse.Namespace, batch: int, profile: bool) -> dict[str, Any]:
         profiler.disable()
     PendingOutput.result = original_result  # type: ignore[method-assign]
     PendingOutput.sample = original_sample  # type: ignore[method-assign]
+    PendingOutput.prepare = original_prepare  # type: ignore[method-assign]
     measured = a.num_requests - warm
     res: dict[str, Any] = {
         "batch": batch, "requests": measured, "steps": steps, "tokens": tokens,
@@ -179,6 +218,9 @@ def main() -> None:
     p.add_argument("--output-len", type=int, default=16)
     p.add_argument("--fake-compute", action="store_true",
                    help="engines skip the model (benchmark_skip_compute)")
+    p.add_argument("--rows", default="greedy", choices=["greedy", "sampled", "constrained"],
+                   help="every request greedy, sampled (temperature 1, seeded), or sampled "
+                        "under a JSON schema ({\"text\": string})")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--model-dir", default=None, help="default: the demo model")
     p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None)
@@ -186,7 +228,8 @@ def main() -> None:
     p.add_argument("--out", default=None, help="write the results as JSON here")
     a = p.parse_args()
     batches = [int(b) for b in a.batch.split(",")]
-    rows = [run(a, b, a.profile and b == max(batches)) for b in batches]
+    directory = benchmark_model_dir(a)
+    rows = [run(a, b, a.profile and b == max(batches), directory) for b in batches]
     print(f"{'batch':>5} {'req/s':>8} {'tok/s':>9} {'cpu ms/req':>10}  "
           + " ".join(f"{k:>9}" for k in (*PHASES, "total")) + "   (us per step)")
     for r in rows:

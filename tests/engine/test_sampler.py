@@ -112,14 +112,20 @@ def test_unseeded_rows_differ_and_follow_the_engine_seed():
     assert len(set(a)) > 50  # 64 uniform draws from 1,000 tokens: ~62 distinct
 
 
-def test_grammar_masks_filled_in_the_background_give_the_same_tokens():
+def test_grammar_masks_filled_in_the_background_give_the_same_tokens(
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """``prepare(background=True)`` fills the bitmasks on the grammar thread (the CUDA
-    engine's path); the tokens equal a synchronous fill's, and every token obeys its
-    grammar, over 40 steps of 12 constrained rows among 16, some filtered, some greedy."""
+    engine's path) and ``consume_tokens`` advances the grammars on llguidance's threads
+    (forced here: a 2-core machine would do it serially); the tokens equal those of a
+    synchronous fill and row-by-row consumption, and every token obeys its grammar, over
+    40 steps of 48 constrained rows among 64, some filtered, some greedy."""
     from vserve.models.source import resolve_model_dir
     from vserve.protocol.sampling import StructuredOutput
+    from vserve.structured import matcher
     from vserve.structured.grammar import json_schema
-    from vserve.structured.matcher import StructuredOutputs
+    from vserve.structured.matcher import StructuredOutputs, consume_tokens
+
+    monkeypatch.setattr(matcher, "_SERIAL_ROWS", 0)
 
     so = StructuredOutputs(resolve_model_dir("demo"), 320, [296])
     grammars = [json_schema({"type": "object", "properties": {"a": {"type": "string"}}}),
@@ -128,7 +134,7 @@ def test_grammar_masks_filled_in_the_background_give_the_same_tokens():
 
     def batch(tag: str) -> list[Request]:
         reqs = []
-        for i in range(16):
+        for i in range(64):
             kw: dict[str, object] = {"temperature": 0.0 if i % 5 == 0 else 1.0, "seed": i}
             if i % 4 == 1:
                 kw["top_p"] = 0.9
@@ -140,14 +146,21 @@ def test_grammar_masks_filled_in_the_background_give_the_same_tokens():
 
     background, sync = batch("b"), batch("s")
     sb, ss = Sampler(torch.device("cpu")), Sampler(torch.device("cpu"))
+    backgrounds = 0
     for step in range(40):
-        logits = torch.randn(16, 320, generator=logits_gen) * 3
+        logits = torch.randn(64, 320, generator=logits_gen) * 3
         prepared = sb.prepare(background, 320, background=True)
-        assert prepared.filling is not None
+        # Filled in the background above 8 rows (some grammars complete on the way).
+        assert (prepared.filling is not None) == (len(prepared.grammar_rows) > 8), step
+        backgrounds += prepared.filling is not None
         got = sb.sample_on_device(logits, background, prepared).tolist()
         assert got == ss.sample_on_device(logits, sync).tolist(), step
-        for reqs in (background, sync):
-            for req, tok in zip(reqs, got):
-                if req.grammar is not None and not req.grammar.is_stopped():
-                    assert req.grammar.consume_token(tok), (step, req.request_id, tok)
+        live = [(b, s, tok) for b, s, tok in zip(background, sync, got)
+                if b.grammar is not None and not b.grammar.is_stopped()]
+        consume_tokens([(b.grammar, tok) for b, _, tok in live])
+        for b, s, tok in live:
+            assert s.grammar.consume_token(tok), (step, s.request_id, tok)
+            assert not b.grammar.is_error(), (step, b.request_id, tok)
+            assert b.grammar.is_stopped() == s.grammar.is_stopped()
+    assert backgrounds >= 10, backgrounds
     so.shutdown()

@@ -156,3 +156,39 @@ def test_abort_while_compiling(demo: tuple[EngineCore, Tokenizer]) -> None:
         is not None  # a duplicate id is refused while the first compiles
     while core.has_unfinished_requests():
         core.step()
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_benchmark_mode_draws_tokens_the_grammar_allows(async_scheduling: bool) -> None:
+    """With ``benchmark_skip_compute`` a constrained row's fake token comes from its real
+    bitmask (filled as in a real step), so the host's share of constrained decoding can be
+    measured without a model (``benchmarks/engine_host.py --rows constrained``): every
+    output follows its grammar, varied across rows, and a completed grammar stops its row."""
+    d = resolve_model_dir("demo")
+    core = EngineCore(EngineConfig(
+        model=ModelConfig(model=str(d)),
+        device=DeviceConfig(device="cpu", benchmark_skip_compute=True),
+        scheduler=SchedulerConfig(async_scheduling=async_scheduling)), d)
+    tok = Tokenizer.from_file(str(d / "tokenizer.json"))
+    choice = StructuredOutput("regex", r"(yes|no|maybe)")
+    reqs = {f"json-{i}": SamplingParams(temperature=1.0, seed=i, max_tokens=60,
+                                        structured=json_schema(SCHEMA)) for i in range(8)}
+    reqs |= {f"choice-{i}": SamplingParams(max_tokens=10, structured=choice) for i in range(4)}
+    reqs["free"] = SamplingParams(max_tokens=12, ignore_eos=True)
+    out = _run(core, reqs)
+    assert set(out) == set(reqs)
+    texts = {rid: tok.decode(toks) for rid, (toks, _) in out.items()}
+    for i in range(4):
+        assert texts[f"choice-{i}"] in ("yes", "no", "maybe")
+        assert out[f"choice-{i}"][1] == FinishReason.STOP
+    finished = 0
+    for i in range(8):
+        text, finish = texts[f"json-{i}"], out[f"json-{i}"][1]
+        if finish == FinishReason.STOP:
+            jsonschema.validate(json.loads(text), SCHEMA)
+            finished += 1
+        else:  # cut by max_tokens: still a prefix of a valid document
+            assert finish == FinishReason.LENGTH and text.startswith("{"), text
+    assert finished, texts
+    assert len({texts[f"json-{i}"] for i in range(8)}) > 4, texts
+    assert len(out["free"][0]) == 12

@@ -30,7 +30,7 @@ from vserve.protocol.outputs import (
     RequestTiming,
     SchedulerStats,
 )
-from vserve.structured.matcher import accept_token
+from vserve.structured.matcher import consume_tokens
 
 _STOPPED = RequestStatus.FINISHED_STOPPED
 _LENGTH = RequestStatus.FINISHED_LENGTH
@@ -92,6 +92,7 @@ class Scheduler:
             max_model_len,
         )
         self.requests: dict[str, Request] = {}
+        self._num_constrained = 0  # of ``requests``, those with a grammar
         self.running: list[Request] = []
         self.waiting = WaitingQueue(scheduler_config.scheduling_policy)
         # Finished/aborted since the last non-empty step; kept until a step the runner sees.
@@ -115,6 +116,8 @@ class Scheduler:
                 f"must be between 1 and max_model_len ({self.max_model_len})"
             )
         self.requests[request.request_id] = request
+        if request.grammar is not None:
+            self._num_constrained += 1
         self.waiting.push(request)
 
     def abort_requests(self, request_ids: Iterable[str]) -> list[Request]:
@@ -387,6 +390,10 @@ class Scheduler:
         prompt_logprobs = runner_output.prompt_logprobs
         prompt_total = generated = 0
         now = 0.0
+        # The grammars see the step's tokens in one batch (in parallel, off the GIL, where
+        # there are cores for it); the loop below reads which completed.
+        completed = (self._consume_grammar_tokens(scheduler_output, sampled)
+                     if self._num_constrained else None)
         for sched in scheduler_output.scheduled:
             request = sched.request
             if request.status >= FINISHED:  # aborted after the step was built
@@ -413,8 +420,7 @@ class Scheduler:
                 client.request_ids.append(rid)
                 client.token_ids.append(token)
                 status = self._check_stop(request, token, len(request.output_token_ids))
-                if request.grammar is not None and accept_token(request.grammar, token) \
-                        and status is None:
+                if completed is not None and rid in completed and status is None:
                     # The grammar is complete: nothing but EOS could follow.
                     request.stop_reason = None
                     status = _STOPPED
@@ -445,9 +451,29 @@ class Scheduler:
                                          c.logprobs, c.finished)
                 for index, c in clients.items()}
 
+    @staticmethod
+    def _consume_grammar_tokens(scheduler_output: SchedulerOutput,
+                                sampled: dict[str, int]) -> set[str]:
+        """Advance the grammar of every constrained row that sampled this step by its token
+        (as ``update_from_output`` will append it); returns the ids of the requests whose
+        grammar is now complete (nothing but EOS could follow: the request stops there)."""
+        rows = []
+        for sched in scheduler_output.scheduled:
+            request = sched.request
+            if (request.grammar is not None and request.status < FINISHED
+                    and request.num_computed_tokens + sched.num_new_tokens
+                    == len(request.all_token_ids)):
+                rows.append(request)
+        if not rows:
+            return set()
+        consume_tokens([(r.grammar, sampled[r.request_id]) for r in rows])
+        return {r.request_id for r in rows if r.grammar.is_stopped()}
+
     def _finish(self, request: Request, status: RequestStatus) -> None:
         """Mark finished and free; the caller drops it from ``running``."""
         request.status = status
         self.kv_cache_manager.free(request)
         del self.requests[request.request_id]
+        if request.grammar is not None:
+            self._num_constrained -= 1
         self._finished_req_ids.add(request.request_id)

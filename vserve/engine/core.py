@@ -118,9 +118,6 @@ class EngineCore:
                 if so is None:
                     self.scheduler.add_request(request)
                     return None
-                if self.runner.skip_compute:
-                    raise ValueError("structured outputs are not available with "
-                                     "--benchmark-skip-compute (its tokens are fake)")
                 if request.request_id in self.scheduler.requests or any(
                         r.request_id == request.request_id for r, _ in self._compiling):
                     raise ValueError(f"request id {request.request_id!r} is already in use")

@@ -38,6 +38,23 @@ def bitmask_width(vocab_size: int) -> int:
     return (vocab_size + 31) // 32
 
 
+def allowed_token(mask: np.ndarray, salt: int) -> int | None:
+    """A token the int32 bitmask row ``mask`` allows, chosen by ``salt`` (any int >= 0): a
+    word (the salt's, or where that allows nothing, one of those that allow some), then one
+    of that word's tokens. None when the row allows nothing."""
+    word = salt % len(mask)
+    bits = int(mask[word]) & 0xFFFF_FFFF
+    if not bits:  # a sparse mask: choose among the words with a token
+        words = np.flatnonzero(mask)
+        if not len(words):
+            return None
+        word = int(words[salt % len(words)])
+        bits = int(mask[word]) & 0xFFFF_FFFF
+    for _ in range((salt // len(mask)) % bits.bit_count()):
+        bits &= bits - 1  # drop the lowest allowed token
+    return word * 32 + (bits & -bits).bit_length() - 1
+
+
 class StructuredOutputs:
     """Compiles grammars for one model's tokenizer. ``vocab_size``: the logits' width (may
     exceed the tokenizer's: padded embeddings), so bitmasks cover every logit."""
@@ -101,11 +118,6 @@ class StructuredOutputs:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
-def accept_token(matcher: LLMatcher, token: int) -> bool:
-    """Advance ``matcher`` by the sampled ``token``; True when the grammar is complete (no
-    token but EOS could follow), so the request stops there."""
-    matcher.consume_token(token)
-    return matcher.is_stopped()
 
 
 _EXECUTOR: LLExecutor | None = None
@@ -115,7 +127,29 @@ _CPUS = len(os.sched_getaffinity(0))
 # of the demo model, 15.9% decode loss in parallel, 5.5% serially).
 _SERIAL_ROWS = 8 if _CPUS >= 4 else 1 << 30
 _BACKGROUND: ThreadPoolExecutor | None = None
-_BACKGROUND_EXECUTOR: LLExecutor | None = None
+_SMALL_EXECUTOR: LLExecutor | None = None
+
+
+def _small_executor() -> LLExecutor:
+    """llguidance's threads for the per-step work (token consumption, background masks).
+    A few: on the 16-core GPU host, llguidance's default (12) was slower than one thread
+    for 64 and 256 cheap masks (thread wake-ups), and here a fill only needs to finish
+    within the host's other work for the step."""
+    global _SMALL_EXECUTOR
+    if _SMALL_EXECUTOR is None:
+        _SMALL_EXECUTOR = LLExecutor(num_threads=max(1, min(4, _CPUS // 4)))
+    return _SMALL_EXECUTOR
+
+
+def consume_tokens(pairs: list[tuple[LLMatcher, int]]) -> None:
+    """Advance each matcher by its sampled token: in this thread for a few rows, else on
+    llguidance's threads, off the GIL. A token the grammar rejects leaves its matcher in
+    the error state (``is_stopped()``), as ``consume_token`` does."""
+    if len(pairs) <= _SERIAL_ROWS:
+        for matcher, token in pairs:
+            matcher.consume_token(token)
+        return
+    _small_executor().consume_token_par(pairs)
 
 
 def fill_bitmask(matchers: list[LLMatcher], out: np.ndarray) -> None:
@@ -143,16 +177,12 @@ def fill_bitmask_async(matchers: list[LLMatcher], out: np.ndarray) -> Future[Non
     off the GIL: the caller's Python work goes on meanwhile (``LLMatcher``'s own
     ``unsafe_compute_mask_ptr`` holds the GIL). ``out`` must stay alive, and the matchers
     unchanged, until the future is done."""
-    global _BACKGROUND, _BACKGROUND_EXECUTOR
+    global _BACKGROUND
     assert out.dtype == np.int32 and out.flags["C_CONTIGUOUS"]
     assert out.shape[0] >= len(matchers)
-    if _BACKGROUND is None or _BACKGROUND_EXECUTOR is None:
+    if _BACKGROUND is None:
         _BACKGROUND = ThreadPoolExecutor(1, thread_name_prefix="grammar-mask")
-        # A few threads: on the 16-core GPU host, llguidance's default (12) was slower than
-        # one thread for 64 and 256 cheap masks (thread wake-ups), and here the fill only
-        # needs to finish within the host's other work for the step.
-        _BACKGROUND_EXECUTOR = LLExecutor(num_threads=max(1, min(4, _CPUS // 4)))
-    executor = _BACKGROUND_EXECUTOR
+    executor = _small_executor()
     pairs = [(m, i) for i, m in enumerate(matchers)]
     ptr, row_bytes = out.ctypes.data, out.shape[1] * 4
     started = threading.Event()

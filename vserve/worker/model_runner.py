@@ -38,6 +38,7 @@ from vserve.worker import kv_sizing
 from vserve.worker.block_table import BatchRows
 from vserve.worker.cuda_graphs import DecodeGraphs, table_offset
 from vserve.worker.cuda_inputs import DEVICE_TOKEN, CudaInputs, input_token, mixed_order
+from vserve.worker.fake_compute import fake_step
 from vserve.worker.mixed_graphs import MAX_MIXED_GRAPH_TOKENS, MixedGraphs, MixedLayout
 from vserve.worker.pending import PendingOutput
 from vserve.worker.sampler import Sampler, SamplingInputs, gather_logprobs
@@ -292,7 +293,7 @@ class ModelRunner:
         if sched.is_empty:
             return PendingOutput(ModelRunnerOutput())
         if self.skip_compute:
-            return PendingOutput(self._fake_step(sched), chainable=True)
+            return fake_step(sched, self.arch.vocab_size, self.sampler)
         scheduled = sched.scheduled
         overrides: dict[str, int] | None = None
         if sched.chained:
@@ -482,30 +483,6 @@ class ModelRunner:
         if Sampler.history_free(sampling):
             return launch()
         return PendingOutput.deferred(launch, prepare)
-
-    def _fake_step(self, sched: SchedulerOutput) -> ModelRunnerOutput:
-        """Benchmark mode: a deterministic token per sampling request, never an EOS or
-        special id below 32, and logprob rows of 0.0 where asked, with no arithmetic."""
-        out = ModelRunnerOutput()
-        sampled = out.sampled_token_ids
-        top = self.arch.vocab_size - 1
-        for s in sched.scheduled:
-            if not s.sample:
-                continue
-            req = s.request
-            # The position after the row's last one: the length the sequence will have.
-            n = req.num_computed_tokens + s.num_ahead + s.num_new_tokens
-            tok = 32 + (n * 7) % 64
-            if tok > top:
-                tok = top
-            while tok in req.eos_token_ids and tok > 0:
-                tok -= 1
-            sampled[req.request_id] = tok
-            if req.wants_logprobs:
-                k = req.sampling_params.logprobs or 0
-                out.logprobs[req.request_id] = Logprobs([[tok] * (k + 1)], [[0.0] * (k + 1)],
-                                                        [1])
-        return out
 
     def _prompt_logprobs(
         self, s: ScheduledRequest, hidden: torch.Tensor | None, row0: int
