@@ -81,8 +81,9 @@ def test_draws_follow_the_requested_distribution(params, probs):
 def test_seeded_draws_do_not_depend_on_the_batch():
     logits = torch.randn(12, 1000, generator=torch.Generator().manual_seed(0)) * 2
     alone = Sampler(torch.device("cpu"))
-    first = [alone(logits[2:3], [Request("x", [1], SamplingParams(seed=42), [0])]).sampled[0]
-             for _ in range(20)]
+    x = Request("x", [1], SamplingParams(seed=42), [0])
+    first = [alone(logits[2:3], [x]).sampled[0] for _ in range(20)]
+    assert x.num_draws == 20
     mixed = Sampler(torch.device("cpu"), base_seed=9)
     # Eleven seeded rows: their keys take the vectorized path, the lone row's the scalar one.
     batch = _requests(12, temperature=0.8, seed=5)
@@ -95,11 +96,10 @@ def test_seeded_draws_do_not_depend_on_the_batch():
     # The greedy row is the argmax every time, next to sampled rows.
     assert {row[4] for row in got} == {int(logits[4].argmax())}
     other = Sampler(torch.device("cpu"))
-    assert [other(logits[2:3], [Request("z", [1], SamplingParams(seed=43), [0])]).sampled[0]
-            for _ in range(20)] != first
-    # Forgetting a request restarts its draws.
-    alone.forget(["x"])
-    assert alone(logits[2:3], [Request("x", [1], SamplingParams(seed=42), [0])]
+    z = Request("z", [1], SamplingParams(seed=43), [0])
+    assert [other(logits[2:3], [z]).sampled[0] for _ in range(20)] != first
+    # A new request with the same seed starts from the first draw, in any sampler.
+    assert other(logits[2:3], [Request("x", [1], SamplingParams(seed=42), [0])]
                  ).sampled[0] == first[0]
 
 

@@ -44,6 +44,18 @@ class Request:
     request; a request is decoding once ``num_computed_tokens == num_tokens - 1`` or more.
     """
 
+    # Slots: the scheduler and sampler read these attributes for every row of every step
+    # (an instance dict of this many keys is slower to read).
+    __slots__ = ("all_token_ids", "arrival_time", "block_hashes", "block_ids",
+                 "client_index", "eos_ids_active", "eos_token_ids", "filters",
+                 "first_scheduled_time", "first_token_time", "grammar", "history_free",
+                 "max_tokens", "min_tokens", "num_cached_tokens", "num_computed_tokens",
+                 "num_draws", "num_preemptions", "num_prompt_logprobs_done",
+                 "num_prompt_tokens", "output_token_ids", "penalized", "plain_greedy",
+                 "priority", "prompt_token_ids", "received_time", "request_id",
+                 "sampling_params", "seed", "status", "stop_reason", "stop_token_ids",
+                 "temperature", "wants_logprobs")
+
     def __init__(
         self,
         request_id: str,
@@ -82,6 +94,21 @@ class Request:
         self.stop_token_ids = frozenset(sampling_params.stop_token_ids or ())
         self.eos_ids_active = frozenset() if sampling_params.ignore_eos else self.eos_token_ids
         self.wants_logprobs = sampling_params.logprobs is not None
+        # What the sampler reads every step, likewise (``vserve.worker.sampler``).
+        p = sampling_params
+        self.temperature = 0.0 if p.greedy else p.temperature  # 0.0: greedy
+        self.seed = None if p.greedy else p.seed  # the seed of a sampled row's noise
+        self.num_draws = 0  # tokens drawn so far (a chained step draws before it is applied)
+        #: bit 1: top-k, 2: top-p, 4: min-p (top-k at or above the vocabulary filters nothing)
+        self.filters = (p.top_k > 0) | (p.top_p < 1.0) << 1 | (p.min_p > 0.0) << 2
+        #: a logit bias or penalty changes the row's logits (``min_tokens`` counts apart)
+        self.penalized = bool(p.logit_bias or p.repetition_penalty != 1.0
+                              or p.presence_penalty or p.frequency_penalty)
+        #: nothing of the row's sampling reads its output so far, and it has no grammar —
+        #: unless ``grammar`` is set (tests set it without ``structured``)
+        self.history_free = not self.penalized and p.min_tokens == 0 and p.structured is None
+        #: its token is the argmax of its raw logits (greedy, nothing above, no logprobs)
+        self.plain_greedy = self.history_free and p.greedy and p.logprobs is None
         # The live list of block ids the KV cache manager holds for this request (empty when
         # it holds none); the manager appends to it in place.
         self.block_ids: list[int] = []

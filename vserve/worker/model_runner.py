@@ -286,7 +286,6 @@ class ModelRunner:
         nothing waits for the step in flight.
         """
         if sched.finished_request_ids:
-            self.sampler.forget(sched.finished_request_ids)
             self._release_rows(sched.finished_request_ids)
         if sched.preempted_request_ids:
             self._release_rows(sched.preempted_request_ids)

@@ -47,54 +47,44 @@ class SamplerOutput:
 
 
 class Sampler:
-    """Stateless but for how many tokens each seeded request has drawn, and the engine's own
-    random stream for unseeded rows."""
+    """Stateless but for the engine's own random stream for unseeded rows (a seeded
+    request counts its own draws: ``Request.num_draws``)."""
 
     def __init__(self, device: torch.device, base_seed: int = 0) -> None:
         self.device = device
-        self._draws: dict[str, int] = {}
         self._unseeded = np.random.PCG64(base_seed)
         self._staging = Staging(device)
-
-    def forget(self, request_ids: set[str] | list[str]) -> None:
-        for rid in request_ids:
-            self._draws.pop(rid, None)
 
     def _keys(self, requests: list[Request], out: np.ndarray) -> None:
         """``out`` (int64 ``[B]``) ← the noise key of each request's next sampled token;
         advances the seeded requests' draw counts. A greedy row's key is never read."""
         n = len(requests)
-        counts = self._draws
         if n <= 8:  # Python integers beat numpy's per-call cost here
             for i, r in enumerate(requests):
-                p = r.sampling_params
-                if p.seed is None or p.greedy:
+                if r.seed is None:
                     out[i] = to_int64(self._unseeded.random_raw())
                 else:
-                    draw = counts.get(r.request_id, 0)
-                    counts[r.request_id] = draw + 1
-                    out[i] = seeded_key(p.seed, draw)
+                    out[i] = seeded_key(r.seed, r.num_draws)
+                    r.num_draws += 1
             return
         out[:] = self._unseeded.random_raw(n).view(np.int64)
-        seeded = [(i, r.sampling_params.seed, r.request_id) for i, r in enumerate(requests)
-                  if r.sampling_params.seed is not None and not r.sampling_params.greedy]
-        if not seeded:
-            return
-        draws = []
-        for _, _, rid in seeded:
-            draw = counts.get(rid, 0)
-            counts[rid] = draw + 1
-            draws.append(draw)
-        rows = [i for i, _, _ in seeded]
-        out[rows] = seeded_keys(np.array([seed & _M64 for _, seed, _ in seeded], np.uint64),
-                                np.array(draws, dtype=np.uint64))
+        rows, seeds, draws = [], [], []
+        for i, r in enumerate(requests):
+            if r.seed is not None:
+                rows.append(i)
+                seeds.append(r.seed & _M64)
+                draws.append(r.num_draws)
+                r.num_draws += 1
+        if rows:
+            out[rows] = seeded_keys(np.array(seeds, np.uint64), np.array(draws, np.uint64))
 
     @staticmethod
     def plain_greedy(requests: list[Request]) -> bool:
         """Whether every request's token is the argmax of its raw logits (greedy, no
         penalty/bias/min_tokens ban, no logprobs): then a precomputed argmax will do."""
-        return all(r.sampling_params.greedy and r.sampling_params.logprobs is None
-                   and not _constrained(r) for r in requests)
+        return all(r.plain_greedy and r.grammar is None for r in requests) or all(
+            r.temperature == 0.0 and not r.wants_logprobs and not _constrained(r)
+            for r in requests)
 
     @staticmethod
     def history_free(requests: list[Request]) -> bool:
@@ -102,13 +92,14 @@ class Sampler:
         pending ``min_tokens`` ban): then a step may sample before the previous token is
         known to the host; otherwise its sampling is deferred (``PendingOutput.deferred``).
         Stays true for later steps of the same requests."""
-        return not any(_constrained(r) for r in requests)
+        return all(r.history_free and r.grammar is None for r in requests) or not any(
+            _constrained(r) for r in requests)
 
     @staticmethod
     def host_free(requests: list[Request]) -> bool:
         """Whether no request wants logprobs: its tokens can then stay on the device
         (``sample_on_device``) and be read back like greedy ones."""
-        return all(r.sampling_params.logprobs is None for r in requests)
+        return not any(r.wants_logprobs for r in requests)
 
     def __call__(self, logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
         assert logits.dim() == 2 and logits.shape[0] == len(requests)
@@ -135,16 +126,21 @@ class Sampler:
         ``sample_on_device`` has run, nothing may advance these requests' grammars or
         stage other inputs."""
         n = len(requests)
-        params = [r.sampling_params for r in requests]
         # A stopped grammar belongs to a request that finished while this (chained) row was
         # in flight: its token is dropped, and a stopped matcher has no mask to give.
         grammar_rows = [i for i, r in enumerate(requests)
                         if r.grammar is not None and not r.grammar.is_stopped()]
-        inputs = SamplingInputs(grammar_rows, any(_modifies(r) for r in requests),
-                                all(p.greedy for p in params),
-                                any(0 < p.top_k < vocab for p in params),
-                                any(p.top_p < 1.0 for p in params),
-                                any(p.min_p > 0.0 for p in params))
+        temps = [r.temperature for r in requests]
+        filters = [r.filters for r in requests]
+        flags = 0
+        for f in set(filters):
+            flags |= f
+        inputs = SamplingInputs(
+            grammar_rows,
+            not all(r.history_free for r in requests) and any(_modifies(r) for r in requests),
+            not any(temps),
+            bool(flags & 1) and any(0 < r.sampling_params.top_k < vocab for r in requests),
+            bool(flags & 2), bool(flags & 4))
         if inputs.plain_greedy:
             return inputs
         specs: list[tuple[type, tuple[int, ...]]] = [(np.int64, (n,)), (np.float32, (n,))]
@@ -155,7 +151,7 @@ class Sampler:
             specs.append((np.float32, (3, n)))
         host = self._staging.stage(*specs)
         self._keys(requests, host[0])
-        host[1][:] = [0.0 if p.greedy else p.temperature for p in params]
+        host[1][:] = temps
         if grammar_rows:
             matchers = [requests[i].grammar for i in grammar_rows]
             inputs.host_masks = host[2]
@@ -167,6 +163,7 @@ class Sampler:
             host[3][grammar_rows] = np.arange(len(grammar_rows), dtype=np.int32)
             host[4][:] = grammar_rows
         if inputs.filtered:
+            params = [r.sampling_params for r in requests]
             host[-1][0] = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
             host[-1][1] = [p.top_p for p in params]
             host[-1][2] = [p.min_p for p in params]
@@ -291,14 +288,7 @@ def _constrained(req: Request) -> bool:
 
 def _modifies(req: Request) -> bool:
     """Whether ``_apply_penalties`` would change this request's row."""
-    p = req.sampling_params
-    return bool(
-        p.logit_bias
-        or req.num_output_tokens < p.min_tokens
-        or p.repetition_penalty != 1.0
-        or p.presence_penalty
-        or p.frequency_penalty
-    )
+    return req.penalized or len(req.output_token_ids) < req.min_tokens
 
 
 def _filtered_probs(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
