@@ -179,7 +179,8 @@ class DeviceConfig:
                    "2048 tokens), not only for pure decode steps")
     benchmark_skip_compute: bool = option(
         False, help="BENCHMARKING ONLY: engines skip the model's arithmetic and emit fake "
-                    "tokens, so that the front end is what gets measured")
+                    "tokens (under a grammar: tokens its mask allows), so that the front end "
+                    "and the engine's host work are what gets measured")
 
     def __post_init__(self) -> None:
         _check_choice(self, "device")
