@@ -61,18 +61,25 @@ PHASES = ("receive", "schedule", "execute", "read_back", "update", "prepare", "s
 
 
 class Timers:
+    """Wall time per phase; a phase timed inside another (``prepare`` within ``update``)
+    counts only as itself."""
+
     def __init__(self) -> None:
         self.total = dict.fromkeys(PHASES, 0.0)
+        self._inner = 0.0  # time of the timed calls nested in the one running
 
     def wrap(self, phase: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         total = self.total
 
         def timed(*args: Any, **kwargs: Any) -> Any:
+            outer, self._inner = self._inner, 0.0
             t = time.perf_counter()
             try:
                 return fn(*args, **kwargs)
             finally:
-                total[phase] += time.perf_counter() - t
+                dt = time.perf_counter() - t
+                total[phase] += dt - self._inner
+                self._inner = outer + dt
 
         return timed
 

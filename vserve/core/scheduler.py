@@ -15,7 +15,7 @@ Invariants between steps:
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from vserve.config import CacheConfig, SchedulerConfig
 from vserve.core.kv_cache_manager import KVCacheManager
@@ -375,9 +375,16 @@ class Scheduler:
         return None
 
     def update_from_output(self, scheduler_output: SchedulerOutput,
-                           runner_output: ModelRunnerOutput) -> dict[int, EngineCoreOutputs]:
+                           runner_output: ModelRunnerOutput,
+                           grammars_advanced: Callable[[], None] | None = None
+                           ) -> dict[int, EngineCoreOutputs]:
         """Apply a step's results; returns the step's packed outputs, one per front end
         (client index) that has any.
+
+        ``grammars_advanced``: called once the step's tokens are in the grammars, before the
+        rest of the step is applied (only when some request has a grammar), so that the
+        next step's bitmasks can be filled meanwhile. Tokens are not yet appended to the
+        requests' outputs then.
 
         Finished requests are freed here and announced in the next step's
         ``finished_request_ids``. Hot path: per row, only list appends and integer checks;
@@ -392,8 +399,11 @@ class Scheduler:
         now = 0.0
         # The grammars see the step's tokens in one batch (in parallel, off the GIL, where
         # there are cores for it); the loop below reads which completed.
-        completed = (self._consume_grammar_tokens(scheduler_output, sampled)
-                     if self._num_constrained else None)
+        completed = None
+        if self._num_constrained:
+            completed = self._consume_grammar_tokens(scheduler_output, sampled)
+            if grammars_advanced is not None:
+                grammars_advanced()
         for sched in scheduler_output.scheduled:
             request = sched.request
             if request.status >= FINISHED:  # aborted after the step was built

@@ -207,11 +207,12 @@ class EngineCore:
             chained = self.scheduler.schedule_chained(sched)
             if chained is not None:
                 self._in_flight = (chained, self.runner.execute_model_async(chained, pending))
-        outputs = self.scheduler.update_from_output(sched, pending.result())
-        if self._in_flight is not None:
-            # Its grammars have now seen every earlier token: its bitmasks can be filled
-            # while the caller sends these outputs and the next step() begins.
-            self._in_flight[1].prepare()
+        # Once its grammars have seen this step's tokens, the chained step's bitmasks can
+        # be filled while this step is applied, its outputs sent and the next step() begins.
+        chained_prepare = self._in_flight[1].prepare if self._in_flight is not None else None
+        outputs = self.scheduler.update_from_output(sched, pending.result(), chained_prepare)
+        if chained_prepare is not None:
+            chained_prepare()  # no-op if the scheduler has called it (a grammar in the batch)
         return outputs
 
     def stats(self) -> SchedulerStats:

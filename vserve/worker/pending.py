@@ -70,7 +70,10 @@ class PendingOutput:
     def prepare(self) -> None:
         """Start a deferred step's host work for sampling (grammar bitmasks filled in the
         background) now; nothing for any other step. Call it once every earlier step's
-        output has been applied, and change no request of this step until ``sample()``."""
+        tokens are in the grammars (the rest of the step before may still be being applied:
+        of the history, only the grammars are read here, and an output still one token
+        short only makes a ``min_tokens`` row look pending — ``sample()`` checks again),
+        and advance no grammar of this step until ``sample()``."""
         if self._prepare is not None and self._deferred is not None:
             prepare, self._prepare = self._prepare, None
             prepare()
