@@ -37,13 +37,15 @@ def fake_step(sched: SchedulerOutput, vocab_size: int, sampler: Sampler) -> Pend
         inputs = prepared[0] if prepared else sampler.prepare(sampling, vocab_size)
         if inputs.filling is not None:
             inputs.filling.result()
-        masks = inputs.host_masks
+        if not inputs.grammar_rows:  # every grammar completed while this step was in flight
+            return out
+        masks, keys = inputs.host_masks, inputs.host_keys
+        assert masks is not None and keys is not None
         for row, i in enumerate(inputs.grammar_rows):
-            assert masks is not None
             req = sampling[i]
-            # Varied over rows and steps, as a random model's tokens are.
-            salt = (len(req.all_token_ids) * 2654435761 + i * 40503) & 0x7FFF_FFFF
-            token = allowed_token(masks[row], salt)
+            # The row's noise key (a seed's n-th draw, else random): varied over rows and
+            # steps as a random model's tokens are, and reproducible under a seed.
+            token = allowed_token(masks[row], int(keys[i]) >> 1 & 0x7FFF_FFFF_FFFF)
             if token is not None:
                 out.sampled_token_ids[req.request_id] = token
         return out

@@ -151,6 +151,7 @@ class Sampler:
             specs.append((np.float32, (3, n)))
         host = self._staging.stage(*specs)
         self._keys(requests, host[0])
+        inputs.host_keys = host[0]
         host[1][:] = temps
         if grammar_rows:
             matchers = [requests[i].grammar for i in grammar_rows]
@@ -222,6 +223,7 @@ class SamplingInputs:
     # int32 [len(grammar_rows), bitmask words]: the staged masks on the host (complete once
     # ``filling`` is), valid until the next ``prepare``.
     host_masks: np.ndarray | None = None
+    host_keys: np.ndarray | None = None  # int64 [rows]: each row's noise key, likewise
 
     @property
     def filtered(self) -> bool:
