@@ -23,6 +23,8 @@ Phases (wall time on this thread, summed over the run, reported per step and per
 
     python benchmarks/engine_host.py --fake-compute --batch 1,64,256     # CPU, no model work
     python benchmarks/engine_host.py --batch 1,64,256 --model-dir DIR    # GPU, a real model
+    python benchmarks/engine_host.py --fake-compute --step-ms 1.5 --async-scheduling \
+        --rows constrained --batch 64     # does the host keep a 1.5 ms-per-step device busy?
 
 With ``--profile`` a cProfile of the busiest batch size is printed as well.
 """
@@ -116,7 +118,8 @@ def make_core(a: argparse.Namespace, batch: int, directory: Path) -> EngineCore:
         scheduler=SchedulerConfig(max_num_seqs=max(batch, 1),
                                   max_num_batched_tokens=max(2048, batch * a.prompt_len),
                                   async_scheduling=a.async_scheduling),
-        device=DeviceConfig(device=a.device, benchmark_skip_compute=a.fake_compute),
+        device=DeviceConfig(device=a.device, benchmark_skip_compute=a.fake_compute,
+                            benchmark_step_ms=a.step_ms),
     )
     return EngineCore(config, directory)
 
@@ -211,6 +214,8 @@ def run(a: argparse.Namespace, batch: int, profile: bool, directory: Path) -> di
         "us_per_request": {k: 1e6 * v / measured for k, v in timers.total.items()},
     }
     res["us_per_step"]["total"] = 1e6 * wall / steps
+    # With a simulated device: the share of the run it was busy (1.0: the host kept up).
+    res["device_busy"] = steps * a.step_ms / 1e3 / wall if a.step_ms else None
     if profiler is not None:
         stats = pstats.Stats(profiler)
         stats.sort_stats("tottime").print_stats(25)
@@ -228,6 +233,9 @@ def main() -> None:
     p.add_argument("--rows", default="greedy", choices=["greedy", "sampled", "constrained"],
                    help="every request greedy, sampled (temperature 1, seeded), or sampled "
                         "under a JSON schema ({\"text\": string})")
+    p.add_argument("--step-ms", type=float, default=0.0,
+                   help="with --fake-compute: each step holds a simulated device this long "
+                        "(a GPU's step time); reports how busy the host kept it")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--model-dir", default=None, help="default: the demo model")
     p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None)
@@ -242,7 +250,8 @@ def main() -> None:
     for r in rows:
         print(f"{r['batch']:>5} {r['requests_per_s']:>8.0f} {r['tokens_per_s']:>9.0f} "
               f"{r['cpu_ms_per_request']:>10.3f}  "
-              + " ".join(f"{r['us_per_step'][k]:>9.1f}" for k in (*PHASES, "total")))
+              + " ".join(f"{r['us_per_step'][k]:>9.1f}" for k in (*PHASES, "total"))
+              + (f"   device busy {r['device_busy']:.1%}" if r["device_busy"] else ""))
     if a.out:
         Path(a.out).write_text(json.dumps(rows, indent=1))
 

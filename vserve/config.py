@@ -181,9 +181,18 @@ class DeviceConfig:
         False, help="BENCHMARKING ONLY: engines skip the model's arithmetic and emit fake "
                     "tokens (under a grammar: tokens its mask allows), so that the front end "
                     "and the engine's host work are what gets measured")
+    benchmark_step_ms: float = option(
+        0.0, help="BENCHMARKING ONLY, with --benchmark-skip-compute: each fake step holds a "
+                  "simulated device for this many milliseconds (a GPU's step time), its "
+                  "tokens ready only then, so that what the host fails to overlap with the "
+                  "device shows")
 
     def __post_init__(self) -> None:
         _check_choice(self, "device")
+        if self.benchmark_step_ms < 0:
+            raise ValueError("benchmark_step_ms must not be negative")
+        if self.benchmark_step_ms and not self.benchmark_skip_compute:
+            raise ValueError("benchmark_step_ms needs benchmark_skip_compute")
         if self.cpu_threads is not None and self.cpu_threads < 1:
             raise ValueError("cpu_threads must be at least 1")
         if self.tensor_parallel_size < 1:

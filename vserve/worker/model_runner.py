@@ -38,7 +38,7 @@ from vserve.worker import kv_sizing
 from vserve.worker.block_table import BatchRows
 from vserve.worker.cuda_graphs import DecodeGraphs, table_offset
 from vserve.worker.cuda_inputs import DEVICE_TOKEN, CudaInputs, input_token, mixed_order
-from vserve.worker.fake_compute import fake_step
+from vserve.worker.fake_compute import SimulatedDevice, fake_step
 from vserve.worker.mixed_graphs import MAX_MIXED_GRAPH_TOKENS, MixedGraphs, MixedLayout
 from vserve.worker.pending import PendingOutput
 from vserve.worker.sampler import Sampler, SamplingInputs, gather_logprobs
@@ -93,6 +93,8 @@ class ModelRunner:
         self.max_model_len = self._max_model_len()
         self.attn_backend = select_attention_backend(self.device)
         self.skip_compute = config.device.benchmark_skip_compute
+        self.fake_device = (SimulatedDevice(config.device.benchmark_step_ms / 1e3)
+                            if self.skip_compute and config.device.benchmark_step_ms else None)
         self.model: Any = None
         if self.skip_compute:
             logger.warning("BENCHMARK MODE: the model is not loaded and outputs are fake "
@@ -292,7 +294,7 @@ class ModelRunner:
         if sched.is_empty:
             return PendingOutput(ModelRunnerOutput())
         if self.skip_compute:
-            return fake_step(sched, self.arch.vocab_size, self.sampler)
+            return fake_step(sched, self.arch.vocab_size, self.sampler, self.fake_device)
         scheduled = sched.scheduled
         overrides: dict[str, int] | None = None
         if sched.chained:

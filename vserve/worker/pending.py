@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 
 from vserve.core.sched_output import ModelRunnerOutput
+
+if TYPE_CHECKING:
+    from vserve.worker.fake_compute import ReadyAt
 
 
 class PendingOutput:
@@ -36,8 +40,10 @@ class PendingOutput:
 
     def __init__(self, output: ModelRunnerOutput | None = None, *, chainable: bool = False,
                  device_request_ids: list[str] | None = None, host: torch.Tensor | None = None,
-                 event: torch.cuda.Event | None = None,
+                 event: torch.cuda.Event | ReadyAt | None = None,
                  on_done: Callable[[], None] | None = None) -> None:
+        """``output`` with ``event``: an output known ahead that is complete only once the
+        event is (a simulated device's step, ``vserve.worker.fake_compute``)."""
         self._output = output
         self._host = host
         self._event = event
@@ -98,11 +104,15 @@ class PendingOutput:
     @property
     def ready(self) -> bool:
         """The output is on the host already (``result()`` will not wait)."""
-        return self._output is not None
+        return self._output is not None and (self._event is None or self._event.query())
 
     def result(self) -> ModelRunnerOutput:
         self.sample()
-        if self._output is None:
+        if self._output is not None:
+            if self._event is not None:  # an output known ahead, complete with the event
+                self._event.synchronize()
+                self._event = None
+        else:
             assert self._event is not None and self._host is not None
             assert self.device_request_ids is not None
             self._event.synchronize()
@@ -112,5 +122,5 @@ class PendingOutput:
             if self._on_done is not None:
                 self._on_done()
             self._output = out
-            self._host = None
+            self._host = self._event = None
         return self._output
