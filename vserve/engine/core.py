@@ -200,13 +200,15 @@ class EngineCore:
         else:
             sched, pending = self._in_flight
             self._in_flight = None
+        # The next step is built before this one samples: it does not depend on the draw,
+        # and a deferred step's sampling may first wait for its grammar bitmasks.
+        chained = (self.scheduler.schedule_chained(sched)
+                   if self.async_scheduling and pending.chainable else None)
         # A deferred step samples now that the step before it is applied (its grammars and
         # penalties see that step's tokens); its forward ran meanwhile.
         pending.sample()
-        if self.async_scheduling and pending.chainable:
-            chained = self.scheduler.schedule_chained(sched)
-            if chained is not None:
-                self._in_flight = (chained, self.runner.execute_model_async(chained, pending))
+        if chained is not None:
+            self._in_flight = (chained, self.runner.execute_model_async(chained, pending))
         # Once its grammars have seen this step's tokens, the chained step's bitmasks can
         # be filled while this step is applied, its outputs sent and the next step() begins.
         chained_prepare = self._in_flight[1].prepare if self._in_flight is not None else None
