@@ -122,11 +122,14 @@ class StructuredOutputs:
 
 
 # Rollouts of a fresh grammar before it is cached (see ``warm_up``); measured on the 128k
-# synthetic vocabulary, 64 rows from the cache: without, a mask in the first dozen steps
-# cost up to 0.3-2 ms per row — 12.5 ms of one engine step — and 2-30 us with.
-_WARM_ROLLOUTS = 4
-_WARM_TOKENS = 48
-_WARM_SECONDS = 0.05
+# synthetic vocabulary: 64 rows of {"text": string} from the cache, a mask in the first
+# dozen steps cost up to 0.3-2 ms per row without (a 12.5 ms engine step), 2-30 us with; one
+# rollout of 16 tokens already gave most of it. A 20-property schema's costly masks are
+# costly in any state (bounded strings, formats): warming does not help it, and its cold
+# compile grows from ~4 to ~10-20 ms (on the compile thread).
+_WARM_ROLLOUTS = 2
+_WARM_TOKENS = 24
+_WARM_SECONDS = 0.02
 
 
 def warm_up(matcher: LLMatcher, vocab_size: int) -> bool:
