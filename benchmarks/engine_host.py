@@ -4,8 +4,9 @@ Drives ``EngineCore`` in this process the way the engine process does — each r
 from its wire frame and added, ``step()`` called in a loop, each step's outputs encoded to
 their frames — under steady churn: ``--batch`` requests are kept in flight, every one with a
 ``--prompt-len``-token prompt of its own (no prefix-cache hits) and ``--output-len`` output
-tokens (``ignore_eos``), and a finished request is replaced by a new one before the next
-step, as under production traffic.
+tokens (``ignore_eos``; ``--stagger``: 0.5x to 1.5x that, so that they do not all end on
+the same step), and a finished request is replaced by a new one before the next step, as
+under production traffic.
 
 Phases (wall time on this thread, summed over the run, reported per step and per request):
 
@@ -110,7 +111,8 @@ def benchmark_model_dir(a: argparse.Namespace) -> Path:
 
 
 def make_core(a: argparse.Namespace, batch: int, directory: Path) -> EngineCore:
-    max_len = a.prompt_len + a.output_len + 16
+    longest = (3 * a.output_len + 1) // 2 if a.stagger else a.output_len
+    max_len = a.prompt_len + longest + 16
     config = EngineConfig(
         model=ModelConfig(model=str(directory), max_model_len=max_len),
         cache=CacheConfig(num_kv_blocks=batch * (-(-max_len // 16) + 1) + 64,
@@ -152,10 +154,16 @@ def run(a: argparse.Namespace, batch: int, profile: bool, directory: Path) -> di
     if structured is not None:
         eos = [core.vocab_size - 1]  # the grammar's own EOS (ends a completed document)
 
+    def output_len(i: int) -> int:
+        if not a.stagger:
+            return int(a.output_len)
+        # 0.5x to 1.5x, spread evenly over each batch's worth of requests.
+        return max(1, round(a.output_len * (0.5 + (i * 37 % batch) / max(batch, 1))))
+
     def params(i: int) -> SamplingParams:
         if a.rows == "greedy":
-            return SamplingParams(temperature=0.0, max_tokens=a.output_len, ignore_eos=True)
-        return SamplingParams(temperature=1.0, seed=i, max_tokens=a.output_len,
+            return SamplingParams(temperature=0.0, max_tokens=output_len(i), ignore_eos=True)
+        return SamplingParams(temperature=1.0, seed=i, max_tokens=output_len(i),
                               ignore_eos=True, structured=structured)
 
     frames = [encode(AddRequests([EngineCoreRequest(
@@ -233,6 +241,9 @@ def main() -> None:
     p.add_argument("--rows", default="greedy", choices=["greedy", "sampled", "constrained"],
                    help="every request greedy, sampled (temperature 1, seeded), or sampled "
                         "under a JSON schema ({\"text\": string})")
+    p.add_argument("--stagger", action="store_true",
+                   help="output lengths from 0.5x to 1.5x --output-len, so that the requests "
+                        "in flight do not all end on the same step")
     p.add_argument("--step-ms", type=float, default=0.0,
                    help="with --fake-compute: each step holds a simulated device this long "
                         "(a GPU's step time); reports how busy the host kept it")
