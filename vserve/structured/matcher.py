@@ -4,7 +4,8 @@
 ``tokenizer.json``), a one-thread compile pool and a cache of compiled grammars keyed by
 their text. A request's matcher is a copy of the cached pristine one, so it compiles once
 per distinct schema, on the pool's thread: llguidance drops the GIL while it compiles, so
-the busy loop keeps stepping meanwhile.
+the busy loop keeps stepping meanwhile. The pristine matcher is warmed first (``warm_up``)
+so that its copies do not build lexer states inside engine steps.
 
 Invariants the engine keeps: a constrained request enters the scheduler only once its
 matcher exists (``EngineCore`` holds it until then); every token appended to its output has
@@ -157,12 +158,10 @@ def warm_up(matcher: LLMatcher, vocab_size: int) -> bool:
     return not matcher.is_error()
 
 
-
-
 _EXECUTOR: LLExecutor | None = None
 _CPUS = len(os.sched_getaffinity(0))
-# Above this many rows, and with cores to spare, masks are computed on llguidance's
-# threads; on a 2-core machine those threads only compete with torch's (measured: 16 rows
+# Above this many rows, and with cores to spare, masks are computed (and tokens consumed) on
+# llguidance's threads; on a 2-core machine those threads only compete with torch's (measured: 16 rows
 # of the demo model, 15.9% decode loss in parallel, 5.5% serially).
 _SERIAL_ROWS = 8 if _CPUS >= 4 else 1 << 30
 _BACKGROUND: ThreadPoolExecutor | None = None
