@@ -382,9 +382,8 @@ class Scheduler:
         (client index) that has any.
 
         ``grammars_advanced``: called once the step's tokens are in the grammars, before the
-        rest of the step is applied (only when some request has a grammar), so that the
-        next step's bitmasks can be filled meanwhile. Tokens are not yet appended to the
-        requests' outputs then.
+        rest of the step is applied, so that the next step's bitmasks can be filled
+        meanwhile. Tokens are not yet appended to the requests' outputs then.
 
         Finished requests are freed here and announced in the next step's
         ``finished_request_ids``. Hot path: per row, only list appends and integer checks;
@@ -399,11 +398,10 @@ class Scheduler:
         now = 0.0
         # The grammars see the step's tokens in one batch (in parallel, off the GIL, where
         # there are cores for it); the loop below reads which completed.
-        completed = None
-        if self._num_constrained:
-            completed = self._consume_grammar_tokens(scheduler_output, sampled)
-            if grammars_advanced is not None:
-                grammars_advanced()
+        completed = (self._consume_grammar_tokens(scheduler_output, sampled)
+                     if self._num_constrained else None)
+        if grammars_advanced is not None:
+            grammars_advanced()
         for sched in scheduler_output.scheduled:
             request = sched.request
             if request.status >= FINISHED:  # aborted after the step was built

@@ -212,10 +212,7 @@ class EngineCore:
         # Once its grammars have seen this step's tokens, the chained step's bitmasks can
         # be filled while this step is applied, its outputs sent and the next step() begins.
         chained_prepare = self._in_flight[1].prepare if self._in_flight is not None else None
-        outputs = self.scheduler.update_from_output(sched, pending.result(), chained_prepare)
-        if chained_prepare is not None:
-            chained_prepare()  # no-op if the scheduler has called it (a grammar in the batch)
-        return outputs
+        return self.scheduler.update_from_output(sched, pending.result(), chained_prepare)
 
     def stats(self) -> SchedulerStats:
         return self.scheduler.get_stats()
