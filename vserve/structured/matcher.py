@@ -158,43 +158,41 @@ def warm_up(matcher: LLMatcher, vocab_size: int) -> bool:
     return not matcher.is_error()
 
 
-_EXECUTOR: LLExecutor | None = None
 _CPUS = len(os.sched_getaffinity(0))
-# Above this many rows, and with cores to spare, masks are computed (and tokens consumed) on
-# llguidance's threads; on a 2-core machine those threads only compete with torch's (measured: 16 rows
+# Above this many rows, and with cores to spare, a synchronous fill runs on llguidance's
+# threads; on a 2-core machine those threads only compete with torch's (measured: 16 rows
 # of the demo model, 15.9% decode loss in parallel, 5.5% serially).
 _SERIAL_ROWS = 8 if _CPUS >= 4 else 1 << 30
+# llguidance's threads for masks. Few: on the 16-core H100 host (synthetic 128k vocabulary,
+# {"text": string} mid-string, median per step), 64 masks took 232/208/316/392 us on
+# 1/2/4/8 threads, 256 took 1,218/889/1,405/1,432 us: waking more threads costs more than
+# the masks (2-30 us each) they share.
+_MASK_THREADS = 2 if _CPUS >= 8 else 1
 _BACKGROUND: ThreadPoolExecutor | None = None
-_SMALL_EXECUTOR: LLExecutor | None = None
+_EXECUTOR: LLExecutor | None = None
 
 
-def _small_executor() -> LLExecutor:
-    """llguidance's threads for the per-step work (token consumption, background masks).
-    A few: on the 16-core GPU host, llguidance's default (12) was slower than one thread
-    for 64 and 256 cheap masks (thread wake-ups), and here a fill only needs to finish
-    within the host's other work for the step."""
-    global _SMALL_EXECUTOR
-    if _SMALL_EXECUTOR is None:
-        _SMALL_EXECUTOR = LLExecutor(num_threads=max(1, min(4, _CPUS // 4)))
-    return _SMALL_EXECUTOR
+def _executor() -> LLExecutor:
+    global _EXECUTOR
+    if _EXECUTOR is None:
+        _EXECUTOR = LLExecutor(num_threads=_MASK_THREADS)
+    return _EXECUTOR
 
 
 def consume_tokens(pairs: list[tuple[LLMatcher, int]]) -> None:
-    """Advance each matcher by its sampled token: in this thread for a few rows, else on
-    llguidance's threads, off the GIL. A token the grammar rejects leaves its matcher in
-    the error state (``is_stopped()``), as ``consume_token`` does."""
-    if len(pairs) <= _SERIAL_ROWS:
-        for matcher, token in pairs:
-            matcher.consume_token(token)
-        return
-    _small_executor().consume_token_par(pairs)
+    """Advance each matcher by its sampled token, in this thread. A token the grammar
+    rejects leaves its matcher in the error state (``is_stopped()``), as ``consume_token``
+    does. Serial on purpose: llguidance's ``consume_token_par`` was slower at every batch
+    and thread count measured (16-core H100 host, 1-3 us per token: 64 rows 127 us serially,
+    145/171/258/335 us on 1/2/4/8 threads; 256 rows 332 us against 562-1,178 us)."""
+    for matcher, token in pairs:
+        matcher.consume_token(token)
 
 
 def fill_bitmask(matchers: list[LLMatcher], out: np.ndarray) -> None:
     """Row i of ``out`` (int32 ``[len(matchers), bitmask_width]``) ← the tokens
     ``matchers[i]`` allows next (bit ``t % 32`` of word ``t // 32``). Rows are computed in
-    parallel, off the GIL."""
-    global _EXECUTOR
+    parallel, off the GIL, above a few rows on a machine with cores to spare."""
     assert out.dtype == np.int32 and out.flags["C_CONTIGUOUS"]
     assert out.shape[0] >= len(matchers)
     row_bytes = out.shape[1] * 4
@@ -204,10 +202,8 @@ def fill_bitmask(matchers: list[LLMatcher], out: np.ndarray) -> None:
         for i, m in enumerate(matchers):
             m.unsafe_compute_mask_ptr(out.ctypes.data + i * row_bytes, row_bytes)
         return
-    if _EXECUTOR is None:
-        _EXECUTOR = LLExecutor()
-    _EXECUTOR.unsafe_compute_mask_ptr([(m, i) for i, m in enumerate(matchers)],
-                                      out.ctypes.data, out.shape[1] * 4, len(matchers))
+    _executor().unsafe_compute_mask_ptr([(m, i) for i, m in enumerate(matchers)],
+                                        out.ctypes.data, row_bytes, len(matchers))
 
 
 def fill_bitmask_async(matchers: list[LLMatcher], out: np.ndarray) -> Future[None]:
@@ -220,7 +216,7 @@ def fill_bitmask_async(matchers: list[LLMatcher], out: np.ndarray) -> Future[Non
     assert out.shape[0] >= len(matchers)
     if _BACKGROUND is None:
         _BACKGROUND = ThreadPoolExecutor(1, thread_name_prefix="grammar-mask")
-    executor = _small_executor()
+    executor = _executor()
     pairs = [(m, i) for i, m in enumerate(matchers)]
     ptr, row_bytes = out.ctypes.data, out.shape[1] * 4
     started = threading.Event()
