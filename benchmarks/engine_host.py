@@ -26,6 +26,8 @@ Phases (wall time on this thread, summed over the run, reported per step and per
     python benchmarks/engine_host.py --batch 1,64,256 --model-dir DIR    # GPU, a real model
     python benchmarks/engine_host.py --fake-compute --step-ms 1.5 --async-scheduling \
         --rows constrained --batch 64     # does the host keep a 1.5 ms-per-step device busy?
+    python benchmarks/engine_host.py --device cuda --async-scheduling --rows constrained \
+        --batch 64,256 --output-len 64 --num-requests 1280   # the same on a GPU, 1B shape
 
 With ``--profile`` a cProfile of the busiest batch size is printed as well.
 """
@@ -89,22 +91,24 @@ class Timers:
 
 
 def benchmark_model_dir(a: argparse.Namespace) -> Path:
-    """``--model-dir``, else the demo model — or, for ``--rows constrained``, a directory with
-    the Llama-3.2-1B shape's config and a synthetic 128k-id tokenizer (no weights: only
-    ``--fake-compute`` can run it), since a mask's cost grows with the vocabulary."""
+    """``--model-dir``, else the demo model — or, for ``--rows constrained``, the
+    Llama-3.2-1B shape with a synthetic 128k-id tokenizer, since a mask's cost grows with
+    the vocabulary: its config alone under ``--fake-compute``, else a checkpoint of random
+    weights (as ``structured_overhead.py`` writes; for a GPU)."""
     from vserve.models.source import resolve_model_dir
 
     if a.model_dir:
         return Path(a.model_dir)
     if a.rows != "constrained":
         return resolve_model_dir("demo")
-    if not a.fake_compute:
-        raise SystemExit("--rows constrained without --model-dir needs --fake-compute")
-    from gpu_serving import LLAMA_3_2_1B
+    from gpu_serving import LLAMA_3_2_1B, SHAPES, make_model
 
     directory = Path(tempfile.mkdtemp(prefix="vserve-host-"))
-    cfg = dict(LLAMA_3_2_1B, eos_token_id=LLAMA_3_2_1B["vocab_size"] - 1)
-    (directory / "config.json").write_text(json.dumps(cfg))
+    if a.fake_compute:
+        cfg = dict(LLAMA_3_2_1B, eos_token_id=LLAMA_3_2_1B["vocab_size"] - 1)
+        (directory / "config.json").write_text(json.dumps(cfg))
+    else:
+        directory = make_model(directory / "llama1b", SHAPES["1b"])
     synthetic_tokenizer(directory, LLAMA_3_2_1B["vocab_size"])
     return directory
 
