@@ -3,6 +3,8 @@ constrained against the same batch unconstrained, side by side in one process.
 
     python benchmarks/structured_overhead.py --batch 1,64,256            # GPU: 1B shape
     python benchmarks/structured_overhead.py --model demo --batch 1,16   # CPU: demo model
+    python benchmarks/structured_overhead.py --batch 64,256 --grammar-threads 0,1,2,4
+        # the grammar's own host work per step by llguidance thread count, no model
 
 The token mask's cost grows with the vocabulary, so the GPU run pairs the Llama-3.2-1B-shaped
 checkpoint of ``gpu_serving.py`` with a synthetic byte-level BPE tokenizer of the same size
@@ -109,6 +111,58 @@ def compile_times(model_dir: Path, vocab: int, eos: int) -> dict[str, float]:
             "compile_cached_ms_median": sorted(cached)[len(cached) // 2] * 1e3}
 
 
+def grammar_work(model_dir: Path, vocab: int, eos: int, batch: int, threads: int,
+                 steps: int = 60) -> dict[str, float]:
+    """The grammar's own host work per step for ``batch`` rows of ``LONG_TEXT`` mid-string,
+    no model: fill every row's mask, pick an allowed token per row, consume them. ``threads``
+    0: row by row in this thread; else on an llguidance executor of that many threads
+    (``consume_token_par`` for the consume). Medians over ``steps`` less the first 10, µs."""
+    import numpy as np
+    from llguidance import LLExecutor
+
+    from vserve.structured.grammar import json_schema
+    from vserve.structured.matcher import StructuredOutputs, allowed_token, bitmask_width
+
+    so = StructuredOutputs(model_dir, vocab, [eos])
+    spec = json_schema(LONG_TEXT)
+    matchers = [so.submit(spec).result() for _ in range(batch)]
+    width = bitmask_width(vocab)
+    out = np.zeros((batch, width), dtype=np.int32)
+    executor = LLExecutor(num_threads=threads) if threads else None
+    rng = random.Random(batch)
+    fill, consume = [], []
+    for step in range(steps):
+        t0 = time.perf_counter()
+        if executor is None:
+            for i, m in enumerate(matchers):
+                m.unsafe_compute_mask_ptr(out.ctypes.data + i * width * 4, width * 4)
+        else:
+            executor.unsafe_compute_mask_ptr([(m, i) for i, m in enumerate(matchers)],
+                                             out.ctypes.data, width * 4, batch)
+        t1 = time.perf_counter()
+        pairs = []
+        for i, m in enumerate(matchers):
+            token = allowed_token(out[i], rng.getrandbits(62))
+            pairs.append((m, token if token is not None else eos))
+        t2 = time.perf_counter()
+        if executor is None:
+            for m, token in pairs:
+                m.consume_token(token)
+        else:
+            executor.consume_token_par(pairs)
+        t3 = time.perf_counter()
+        if step >= 10:
+            fill.append(t1 - t0)
+            consume.append(t3 - t2)
+        # A row whose token closed the document starts a new one (rare: few tokens hold a
+        # quote), so every step measures the same number of live rows.
+        matchers = [so.submit(spec).result() if m.is_stopped() else m for m in matchers]
+    so.shutdown()
+    return {"batch": batch, "threads": threads,
+            "fill_us": sorted(fill)[len(fill) // 2] * 1e6,
+            "consume_us": sorted(consume)[len(consume) // 2] * 1e6}
+
+
 def decode_rate(core: Any, batch: int, tokens: int, constrained: bool, greedy: bool,
                 eos: int) -> float:
     from vserve.protocol.requests import EngineCoreRequest
@@ -152,6 +206,10 @@ def main() -> None:
     p.add_argument("--out", default=None)
     p.add_argument("--profile", action="store_true",
                    help="cProfile the constrained run of the largest batch (top 25 printed)")
+    p.add_argument("--grammar-threads", default=None, metavar="LIST",
+                   help="only the grammar's host work per step (no model, any machine): "
+                        "mask fill and token consumption at each --batch, row by row (0) "
+                        "and on llguidance executors of these thread counts, e.g. 0,1,2,4")
     p.add_argument("--cpu-threads", type=int, default=None,
                    help="torch CPU threads of the engine (default: sized as a served engine's)")
     args = p.parse_args()
@@ -180,7 +238,8 @@ def main() -> None:
         from gpu_serving import SHAPES, make_model
 
         tmp = Path(tempfile.mkdtemp(prefix="vserve-so-"))
-        model_dir = make_model(tmp / "llama1b", SHAPES["1b"])
+        # The grammar's work needs only the tokenizer: no 2.5 GB of weights for it.
+        model_dir = tmp if args.grammar_threads else make_model(tmp / "llama1b", SHAPES["1b"])
         vocab = 128256
         synthetic_tokenizer(model_dir, vocab)
         eos = vocab - 1
@@ -190,6 +249,16 @@ def main() -> None:
     result["compile"] = compile_times(model_dir, vocab, eos)
     print(json.dumps(result["compile"]), flush=True)
     batches = [int(b) for b in args.batch.split(",") if b]
+    if args.grammar_threads is not None:
+        result["grammar_work"] = []
+        for b in batches:
+            for t in (int(x) for x in args.grammar_threads.split(",") if x):
+                row = grammar_work(model_dir, vocab, eos, b, t)
+                result["grammar_work"].append(row)
+                print(json.dumps({k: round(v, 1) for k, v in row.items()}), flush=True)
+        if args.out:
+            Path(args.out).write_text(json.dumps(result, indent=2))
+        return
     core = EngineCore(EngineConfig(
         model=ModelConfig(model=str(model_dir), max_model_len=1024),
         cache=CacheConfig(gpu_memory_utilization=0.85),
