@@ -396,8 +396,8 @@ class Scheduler:
         prompt_logprobs = runner_output.prompt_logprobs
         prompt_total = generated = 0
         now = 0.0
-        # The grammars see the step's tokens in one batch (in parallel, off the GIL, where
-        # there are cores for it); the loop below reads which completed.
+        # The grammars see the step's tokens first, so that the next step's masks can start
+        # filling (``grammars_advanced``) while the loop below applies the rest.
         completed = (self._consume_grammar_tokens(scheduler_output, sampled)
                      if self._num_constrained else None)
         if grammars_advanced is not None:
