@@ -149,17 +149,25 @@ def test_backpressure_is_server_wide(srv: ServeProcess) -> None:
         time.sleep(0.05)
     time.sleep(0.5)  # the coordinator's next snapshot reaches every API server
     rejected_by: set[str] = set()
-    with httpx.Client(timeout=10) as fresh:
-        for _ in range(40):  # new connections until both API servers have answered
+    # New connections, each kept open (its own client) so that the acceptors' balance sends
+    # later ones to the other API server: closed ones could all land on whichever server
+    # wakes first (the one not busy streaming the holder), however many were tried.
+    fresh: list[httpx.Client] = []
+    try:
+        for _ in range(12):
+            client = httpx.Client(timeout=10)
+            fresh.append(client)
             start = time.monotonic()
-            r = fresh.post(url, json={"prompt": "hi", "max_tokens": 1},
-                           headers={"Connection": "close"})
+            r = client.post(url, json={"prompt": "hi", "max_tokens": 1})
             assert r.status_code == 503, (r.text, [(w.status_code, w.text[:200]) for w in waiting])
             assert time.monotonic() - start < 5.0  # refused at once, not queued behind FULL
             assert r.headers["retry-after"] == "1" and r.json()["error"]["code"] == 503
             rejected_by.add(r.headers["x-vserve-api-server"])
             if rejected_by == {"0", "1"}:
                 break
+    finally:
+        for client in fresh:
+            client.close()
     assert rejected_by == {"0", "1"}
     # The admitted requests are unaffected: the holder still streams, the queue drains.
     read_events(holder, 20)
