@@ -117,9 +117,8 @@ def test_grammar_masks_filled_in_the_background_give_the_same_tokens(
     """``prepare(background=True)`` fills the bitmasks on the grammar thread (the CUDA
     engine's path) and the synchronous fill runs on llguidance's threads (forced here: a
     2-core machine fills serially); the tokens equal those of the synchronous fill, the
-    grammars advanced by ``consume_tokens`` stay equal to ones advanced row by row, and
-    every token obeys its grammar, over 40 steps of 48 constrained rows among 64, some
-    filtered, some greedy."""
+    two batches' grammars complete together, and every token obeys its grammar, over 40
+    steps of 48 constrained rows among 64, some filtered, some greedy."""
     from vserve.models.source import resolve_model_dir
     from vserve.protocol.sampling import StructuredOutput
     from vserve.structured import matcher
