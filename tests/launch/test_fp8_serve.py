@@ -59,3 +59,31 @@ def test_serve_refuses_an_unsupported_quantization_by_name(tmp_path):
     assert proc.returncode != 0
     assert "Unsupported quantization_config: quant_method 'awq'" in proc.stderr, \
         proc.stderr[-3000:]
+
+
+def test_serve_kv_cache_dtype_fp8(tmp_path):
+    """``--kv-cache-dtype fp8`` through the server: the answer is the offline engine's with
+    the same float8 cache (itself checked against transformers with rounded keys and values
+    in ``tests/offline/test_kv_cache_fp8.py``), the startup log names the cache's dtype, and
+    a float8 format vserve does not store is refused by name before anything starts."""
+    model_dir = make_tiny_model(tmp_path / "m", "llama")
+    prompt = random_prompt(random.Random(5), 20)
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=0)
+    with LLM(str(model_dir), dtype="float32", kv_cache_dtype="fp8") as llm:
+        fp8 = llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)[0]
+    with LLM(str(model_dir), dtype="float32") as llm:
+        wide = llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)[0]
+    with serve(str(model_dir), "--dtype", "float32", "--max-model-len", "256",
+               "--kv-cache-dtype", "fp8") as srv:
+        assert _text(srv.base_url, prompt, 16) == fp8.outputs[0].text
+        assert "float8_e4m3fn" in srv.log()
+    # The float8 run is not the 32-bit one (else the comparison above proves nothing).
+    want_wide, _ = hf_greedy(model_dir, prompt, 16)
+    assert wide.outputs[0].token_ids == want_wide
+    chosen = [[lp[t].logprob for lp, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)]
+              for o in (fp8, wide)]
+    assert max(abs(x - y) for x, y in zip(*chosen)) > 1e-3
+    proc = subprocess.run(VSERVE + [str(model_dir), "--port", "0", "--kv-cache-dtype",
+                                    "fp8_e5m2"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "--kv-cache-dtype" in proc.stderr and "fp8_e5m2" in proc.stderr, proc.stderr[-2000:]

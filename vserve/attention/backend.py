@@ -13,6 +13,11 @@ KV cache layout per layer: ``k_cache`` and ``v_cache`` of shape
 block ``block_table[t // block_size]``, offset ``t % block_size``, i.e. flat slot
 ``block_id * block_size + offset``.
 
+A cache may be stored in a narrower dtype than the activations (``--kv-cache-dtype fp8``):
+keys and values are then rounded to it as they are written (:func:`to_cache_dtype`) and
+widened to the activations' dtype as they are read, so a token's own key and value are the
+rounded ones too, whether a kernel takes them from the cache or from its registers.
+
 Everything the model, the model runner and the CUDA graphs ask of a backend is declared on
 :class:`AttentionBackend`: ``forward``, the fused-RoPE entry ``forward_rope`` (with
 ``fuses_rope`` saying whether to use it) and ``supports_decode_graphs`` (whether pure-decode
@@ -60,6 +65,19 @@ class AttentionMetadata:
     @property
     def is_pure_decode(self) -> bool:
         return self.max_query_len == 1
+
+
+#: float8 e4m3's largest finite value. A float8 cache stores keys and values unscaled (the
+#: scale is 1, vLLM's default for checkpoints without KV scales), clamped to this range.
+FP8_MAX = 448.0
+
+
+def to_cache_dtype(x: torch.Tensor, cache_dtype: torch.dtype) -> torch.Tensor:
+    """``x`` as a cache of ``cache_dtype`` stores it: float8 clamps to ``±FP8_MAX`` first
+    (past it the conversion is not saturating everywhere: NaN on some paths)."""
+    if cache_dtype == torch.float8_e4m3fn:
+        x = x.clamp(-FP8_MAX, FP8_MAX)
+    return x.to(cache_dtype)
 
 
 class AttentionBackend(ABC):

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from vserve.attention.backend import AttentionBackend, AttentionMetadata
+from vserve.attention.backend import AttentionBackend, AttentionMetadata, to_cache_dtype
 
 
 class TorchReferenceBackend(AttentionBackend):
@@ -47,8 +47,8 @@ class TorchReferenceBackend(AttentionBackend):
 
         # Write first: a sequence may read blocks another sequence writes in this same step.
         slots = metadata.slot_mapping.long()
-        k_cache.view(-1, num_kv_heads, head_dim)[slots] = k.to(k_cache.dtype)
-        v_cache.view(-1, num_kv_heads, head_dim)[slots] = v.to(v_cache.dtype)
+        k_cache.view(-1, num_kv_heads, head_dim)[slots] = to_cache_dtype(k, k_cache.dtype)
+        v_cache.view(-1, num_kv_heads, head_dim)[slots] = to_cache_dtype(v, v_cache.dtype)
 
         if out is None:
             out = torch.empty_like(q)

@@ -68,7 +68,8 @@ class TritonAttentionBackend(AttentionBackend):
              cos: torch.Tensor | None, sin: torch.Tensor | None) -> torch.Tensor:
         if out is None:
             out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-        if q.dtype != k_cache.dtype:
+        if q.dtype != k_cache.dtype and k_cache.dtype != torch.float8_e4m3fn:
+            # A 16/32-bit cache sets the arithmetic's dtype; a float8 one is only storage.
             q, k, v = q.to(k_cache.dtype), k.to(k_cache.dtype), v.to(k_cache.dtype)
         if metadata.max_query_len == 1 and q.shape[0] == metadata.seq_lens.shape[0]:
             return ops.decode_attention(

@@ -80,12 +80,12 @@ class EngineCore:
         self.max_concurrency = usable * config.cache.block_size / self.max_model_len
         logger.info(
             "engine %d ready in %.1fs (%s): %s on %s (%s), %d KV blocks of %d tokens "
-            "(%.1f MiB), max_model_len %d, max concurrency %.2fx at that length, "
+            "(%.1f MiB, %s), max_model_len %d, max concurrency %.2fx at that length, "
             "async scheduling %s",
             engine_index, time.perf_counter() - t0, phases, self.runner.arch.architecture,
             self.runner.device, str(self.runner.dtype).removeprefix("torch."), usable,
             config.cache.block_size, usable * self.runner.bytes_per_block() / 2**20,
-            self.max_model_len, self.max_concurrency,
+            str(self.runner.kv_dtype).removeprefix("torch."), self.max_model_len, self.max_concurrency,
             "on" if self.async_scheduling else "off",
         )
 

@@ -116,14 +116,16 @@ class Fp8Linear(nn.Module):
                 f"{self.scheme.activations})")
 
 
-def check_fp8_device(device: torch.device) -> None:
-    """FP8 matmuls run on CPUs (dequantized) and on GPUs with float8 tensor cores (compute
-    capability 8.9: Ada, Hopper and later); refuse older GPUs before any weight loads."""
+def check_fp8_device(device: torch.device,
+                     feature: str = "FP8 weights (quantization fp8)") -> None:
+    """FP8 matmuls (and float8 KV caches) run on CPUs and on GPUs with float8 support
+    (compute capability 8.9: Ada, Hopper and later; Triton's float8 e4m3 type needs it too);
+    refuse older GPUs before any weight loads."""
     if device.type != "cuda":
         return
     major, minor = torch.cuda.get_device_capability(device)
     if (major, minor) < (8, 9):
-        raise ValueError(f"FP8 weights (quantization fp8) need a GPU of compute capability "
+        raise ValueError(f"{feature} needs a GPU of compute capability "
                          f"8.9 or newer; {torch.cuda.get_device_name(device)} is "
                          f"{major}.{minor}")
 

@@ -24,7 +24,8 @@ Three kernels:
 
 Heads are handled as two halves (``x[:D/2]``, ``x[D/2:]``), which is what rotate-half RoPE
 needs and costs nothing for the dot products (``q·k = q1·k1 + q2·k2``). Scores and the
-softmax are float32; ``P @ V`` runs in the cache dtype with float32 accumulation. Float32
+softmax are float32; ``P @ V`` runs in q's dtype with float32 accumulation. A float8 cache
+(``--kv-cache-dtype fp8``) is written clamped and rounded and widened to q's dtype on load. Float32
 inputs use IEEE float32 dot products (no TF32), so the float32 path is float32-accurate.
 """
 
@@ -53,6 +54,15 @@ def _rotate(x1, x2, cos, sin):
 
 
 @triton.jit
+def _cache_value(x, FP8: tl.constexpr):
+    """``x`` ready for a store into the cache: a float8 cache holds values unscaled, so they
+    are clamped to e4m3's range first (``vserve.attention.backend.to_cache_dtype``)."""
+    if FP8:
+        x = tl.minimum(tl.maximum(x.to(tl.float32), -448.0), 448.0)
+    return x
+
+
+@triton.jit
 def _rope_cache_kernel(
     q_ptr, k_ptr, v_ptr,
     sq_t, sq_h, sk_t, sk_h, sv_t, sv_h,
@@ -60,7 +70,7 @@ def _rope_cache_kernel(
     slot_ptr, pos_ptr, cos_ptr, sin_ptr, s_rope,
     NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HALF: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_DH: tl.constexpr,
-    PAGE: tl.constexpr, ROPE: tl.constexpr,
+    PAGE: tl.constexpr, ROPE: tl.constexpr, KV_FP8: tl.constexpr,
     ROW_START_IN_MEM: tl.constexpr, row_start_ptr,
 ):
     t = tl.program_id(0).to(tl.int64)
@@ -96,13 +106,17 @@ def _rope_cache_kernel(
     slot = tl.load(slot_ptr + t).to(tl.int64)
     if slot >= 0:
         c_off = (slot // PAGE) * sc_b + (slot % PAGE) * sc_s + hk[:, None] * sc_h + dh[None, :]
-        tl.store(kc_ptr + c_off, k1.to(kc_ptr.dtype.element_ty), mask=kmask)
-        tl.store(kc_ptr + c_off + HALF, k2.to(kc_ptr.dtype.element_ty), mask=kmask)
+        tl.store(kc_ptr + c_off, _cache_value(k1, KV_FP8).to(kc_ptr.dtype.element_ty),
+                 mask=kmask)
+        tl.store(kc_ptr + c_off + HALF, _cache_value(k2, KV_FP8).to(kc_ptr.dtype.element_ty),
+                 mask=kmask)
         v_off = t * sv_t + hk[:, None] * sv_h + dh[None, :]
         v1 = tl.load(v_ptr + v_off, mask=kmask, other=0.0)
         v2 = tl.load(v_ptr + v_off + HALF, mask=kmask, other=0.0)
-        tl.store(vc_ptr + c_off, v1.to(vc_ptr.dtype.element_ty), mask=kmask)
-        tl.store(vc_ptr + c_off + HALF, v2.to(vc_ptr.dtype.element_ty), mask=kmask)
+        tl.store(vc_ptr + c_off, _cache_value(v1, KV_FP8).to(vc_ptr.dtype.element_ty),
+                 mask=kmask)
+        tl.store(vc_ptr + c_off + HALF, _cache_value(v2, KV_FP8).to(vc_ptr.dtype.element_ty),
+                 mask=kmask)
 
 
 # The block table's row stride changes with the longest sequence of an eager step: not
@@ -119,7 +133,7 @@ def _decode_kernel(
     qk_scale,  # softmax scale * log2(e)
     GROUP: tl.constexpr, HALF: tl.constexpr, NUM_HEADS: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_DH: tl.constexpr, BLOCK_N: tl.constexpr,
-    PAGE: tl.constexpr, ROPE: tl.constexpr, PRECISION: tl.constexpr,
+    PAGE: tl.constexpr, ROPE: tl.constexpr, PRECISION: tl.constexpr, KV_FP8: tl.constexpr,
     NUM_SPLITS: tl.constexpr, BT_STRIDE_IN_MEM: tl.constexpr, PDL: tl.constexpr,
     ROWS_IN_MEM: tl.constexpr, rows_ptr,
 ):
@@ -152,7 +166,8 @@ def _decode_kernel(
     v_off = s * sv_t + kvh * sv_h + dh
     v1 = tl.load(v_ptr + v_off, mask=dmask, other=0.0)
     v2 = tl.load(v_ptr + v_off + HALF, mask=dmask, other=0.0)
-    dtype = kc_ptr.dtype.element_ty
+    dtype = q_ptr.dtype.element_ty  # of the arithmetic; the cache's may be narrower
+    cache_ty = kc_ptr.dtype.element_ty
     if ROPE:
         pos = tl.load(pos_ptr + s).to(tl.int64)
         cos = tl.load(cos_ptr + pos * s_rope + dh, mask=dmask, other=0.0)
@@ -165,12 +180,11 @@ def _decode_kernel(
         r1, r2 = _rotate(k1.to(tl.float32), k2.to(tl.float32), cos, sin)
         k1 = r1.to(k1.dtype)
         k2 = r2.to(k2.dtype)
-    k1 = k1.to(dtype)
-    k2 = k2.to(dtype)
-    v1 = v1.to(dtype)
-    v2 = v2.to(dtype)
-    q1 = q1.to(dtype)
-    q2 = q2.to(dtype)
+    # As stored: the new token's own key and value are the cache's (rounded) ones.
+    k1 = _cache_value(k1, KV_FP8).to(cache_ty)
+    k2 = _cache_value(k2, KV_FP8).to(cache_ty)
+    v1 = _cache_value(v1, KV_FP8).to(cache_ty)
+    v2 = _cache_value(v2, KV_FP8).to(cache_ty)
 
     # The new token (split 0 only): into the cache, and the first term of the online
     # softmax. Other splits start empty; each of them sees at least one valid column in its
@@ -183,6 +197,10 @@ def _decode_kernel(
         tl.store(kc_ptr + c_off + HALF, k2, mask=dmask)
         tl.store(vc_ptr + c_off, v1, mask=dmask)
         tl.store(vc_ptr + c_off + HALF, v2, mask=dmask)
+    k1 = k1.to(dtype)
+    k2 = k2.to(dtype)
+    v1 = v1.to(dtype)
+    v2 = v2.to(dtype)
     s_new = (tl.sum(q1.to(tl.float32) * k1.to(tl.float32)[None, :], 1)
              + tl.sum(q2.to(tl.float32) * k2.to(tl.float32)[None, :], 1)) * qk_scale
     m_i = tl.where(first, s_new, float("-inf"))
@@ -208,12 +226,14 @@ def _decode_kernel(
         blk = tl.load(bt_row + j // PAGE, mask=jmask, other=0).to(tl.int64)
         c_off = blk * sc_b + (j % PAGE) * sc_s + kvh * sc_h
         tmask = jmask[:, None] & dmask[None, :]
-        kt1 = tl.load(kc_ptr + c_off[:, None] + dh[None, :], mask=tmask, other=0.0)
-        kt2 = tl.load(kc_ptr + c_off[:, None] + dh[None, :] + HALF, mask=tmask, other=0.0)
+        kt1 = tl.load(kc_ptr + c_off[:, None] + dh[None, :], mask=tmask, other=0.0).to(dtype)
+        kt2 = tl.load(kc_ptr + c_off[:, None] + dh[None, :] + HALF, mask=tmask,
+                      other=0.0).to(dtype)
         # V is loaded with K, not after the scores: one memory round trip per tile, not two
         # (a short context is one tile per program, so this is most of the latency).
-        vt1 = tl.load(vc_ptr + c_off[:, None] + dh[None, :], mask=tmask, other=0.0)
-        vt2 = tl.load(vc_ptr + c_off[:, None] + dh[None, :] + HALF, mask=tmask, other=0.0)
+        vt1 = tl.load(vc_ptr + c_off[:, None] + dh[None, :], mask=tmask, other=0.0).to(dtype)
+        vt2 = tl.load(vc_ptr + c_off[:, None] + dh[None, :] + HALF, mask=tmask,
+                      other=0.0).to(dtype)
         sc = tl.dot(q1, tl.trans(kt1), input_precision=PRECISION)
         sc = tl.dot(q2, tl.trans(kt2), acc=sc, input_precision=PRECISION)
         sc = tl.where(jmask[None, :], sc * qk_scale, float("-inf"))
@@ -301,7 +321,7 @@ def _prefill_kernel(
     seq_len = tl.load(seq_lens_ptr + s)
     ctx = seq_len - q_len
     kvh = h // GROUP
-    dtype = kc_ptr.dtype.element_ty
+    dtype = q_ptr.dtype.element_ty  # of the arithmetic; the cache's may be narrower
 
     i = mb * BLOCK_M + tl.arange(0, BLOCK_M)
     imask = i < q_len
@@ -330,8 +350,9 @@ def _prefill_kernel(
         blk = tl.load(bt_row + j // PAGE, mask=jmask, other=0).to(tl.int64)
         c_off = blk * sc_b + (j % PAGE) * sc_s + kvh * sc_h
         tmask = jmask[:, None] & dmask[None, :]
-        kt1 = tl.load(kc_ptr + c_off[:, None] + dh[None, :], mask=tmask, other=0.0)
-        kt2 = tl.load(kc_ptr + c_off[:, None] + dh[None, :] + HALF, mask=tmask, other=0.0)
+        kt1 = tl.load(kc_ptr + c_off[:, None] + dh[None, :], mask=tmask, other=0.0).to(dtype)
+        kt2 = tl.load(kc_ptr + c_off[:, None] + dh[None, :] + HALF, mask=tmask,
+                      other=0.0).to(dtype)
         sc = tl.dot(q1, tl.trans(kt1), input_precision=PRECISION)
         sc = tl.dot(q2, tl.trans(kt2), acc=sc, input_precision=PRECISION)
         visible = jmask[None, :] & (j[None, :] <= qpos[:, None])
@@ -341,8 +362,9 @@ def _prefill_kernel(
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(sc - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        vt1 = tl.load(vc_ptr + c_off[:, None] + dh[None, :], mask=tmask, other=0.0)
-        vt2 = tl.load(vc_ptr + c_off[:, None] + dh[None, :] + HALF, mask=tmask, other=0.0)
+        vt1 = tl.load(vc_ptr + c_off[:, None] + dh[None, :], mask=tmask, other=0.0).to(dtype)
+        vt2 = tl.load(vc_ptr + c_off[:, None] + dh[None, :] + HALF, mask=tmask,
+                      other=0.0).to(dtype)
         pd = p.to(dtype)
         acc1 = tl.dot(pd, vt1, acc=acc1 * alpha[:, None], input_precision=PRECISION)
         acc2 = tl.dot(pd, vt2, acc=acc2 * alpha[:, None], input_precision=PRECISION)
@@ -360,6 +382,10 @@ def _prefill_kernel(
 
 def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _is_fp8(cache: torch.Tensor) -> bool:
+    return cache.dtype == torch.float8_e4m3fn
 
 
 def _check_head(x: torch.Tensor, name: str) -> None:
@@ -405,7 +431,7 @@ def rope_and_cache(
         NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HALF=half,
         BLOCK_H=triton.next_power_of_2(num_heads), BLOCK_HK=triton.next_power_of_2(num_kv_heads),
         BLOCK_DH=triton.next_power_of_2(half), PAGE=k_cache.shape[1], ROPE=rope,
-        ROW_START_IN_MEM=row_start is not None,
+        KV_FP8=_is_fp8(k_cache), ROW_START_IN_MEM=row_start is not None,
         row_start_ptr=row_start if row_start is not None else slot_mapping,
         num_warps=4 if num_heads * head_dim >= 2048 else 1,
     )
@@ -458,7 +484,7 @@ def decode_attention(
     else:
         cos = sin = k_cache
         pos = seq_lens
-    fp32 = k_cache.dtype == torch.float32
+    fp32 = q.dtype == torch.float32
     block_n, warps, stages = tuning or (32 if fp32 else 64, 4, 2)
     if num_splits is None:
         num_splits = decode_splits(num_seqs, num_kv_heads, q.device)
@@ -482,8 +508,8 @@ def decode_attention(
         scale * _LOG2E,
         GROUP=group, HALF=half, NUM_HEADS=num_heads,
         BLOCK_G=_pow2(group), BLOCK_DH=_pow2(half), BLOCK_N=block_n,
-        PAGE=k_cache.shape[1], ROPE=rope, PRECISION=_precision(k_cache.dtype),
-        NUM_SPLITS=num_splits, BT_STRIDE_IN_MEM=bt_stride is not None, PDL=pdl(),
+        PAGE=k_cache.shape[1], ROPE=rope, PRECISION=_precision(q.dtype),
+        KV_FP8=_is_fp8(k_cache), NUM_SPLITS=num_splits, BT_STRIDE_IN_MEM=bt_stride is not None, PDL=pdl(),
         ROWS_IN_MEM=num_rows is not None,
         rows_ptr=num_rows if num_rows is not None else seq_lens,
         num_warps=warps, num_stages=stages, launch_pdl=pdl(),
@@ -543,9 +569,9 @@ def prefill_attention(
     _check_head(out, "out")
     num_kv_heads = k_cache.shape[2]
     half = head_dim // 2
-    fp32 = k_cache.dtype == torch.float32
+    fp32 = q.dtype == torch.float32
     block_dh = _pow2(half)
-    block_m = tiles.prefill_block_m(k_cache.dtype, head_dim)
+    block_m = tiles.prefill_block_m(q.dtype, head_dim)
     block_n = 32 if fp32 or block_dh > 64 else 64
     if tile_list is not None:
         grid: tuple[int, ...] = (tile_list.shape[0], num_heads)
@@ -563,7 +589,7 @@ def prefill_attention(
         scale * _LOG2E,
         GROUP=num_heads // num_kv_heads, HALF=half,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_DH=block_dh,
-        PAGE=k_cache.shape[1], PRECISION=_precision(k_cache.dtype),
+        PAGE=k_cache.shape[1], PRECISION=_precision(q.dtype),
         TILED=tile_list is not None, BT_STRIDE_IN_MEM=bt_stride is not None,
         num_warps=4, num_stages=2,
     )

@@ -106,8 +106,8 @@ def profile_run(runner: ModelRunner) -> int:
     shape = (sum(nblocks) + 1, bs, runner.arch.num_key_value_heads, runner.arch.head_dim)
     caches = [
         (
-            torch.zeros(shape, dtype=runner.dtype, device=runner.device),
-            torch.zeros(shape, dtype=runner.dtype, device=runner.device),
+            torch.zeros(shape, dtype=runner.kv_dtype, device=runner.device),
+            torch.zeros(shape, dtype=runner.kv_dtype, device=runner.device),
         )
         for _ in range(runner.arch.num_hidden_layers)
     ]

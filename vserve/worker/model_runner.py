@@ -92,6 +92,10 @@ class ModelRunner:
         self.block_size = config.cache.block_size
         self.max_model_len = self._max_model_len()
         self.attn_backend = select_attention_backend(self.device)
+        # Storage only: attention widens float8 keys and values to ``dtype`` as it reads them.
+        self.kv_dtype = torch.float8_e4m3fn if config.cache.kv_cache_fp8 else self.dtype
+        if config.cache.kv_cache_fp8:
+            check_fp8_device(self.device, "a float8 KV cache (kv_cache_dtype fp8)")
         self.skip_compute = config.device.benchmark_skip_compute
         self.fake_device = (SimulatedDevice(config.device.benchmark_step_ms / 1e3)
                             if self.skip_compute and config.device.benchmark_step_ms else None)
@@ -169,7 +173,7 @@ class ModelRunner:
             self.arch.num_key_value_heads
 
     def bytes_per_block(self) -> int:
-        elem = torch.tensor([], dtype=self.dtype).element_size()
+        elem = torch.tensor([], dtype=self.kv_dtype).element_size()
         per_token = self.arch.kv_cache_bytes_per_token(elem)
         return per_token * self.num_kv_heads // self.arch.num_key_value_heads * self.block_size
 
@@ -192,8 +196,8 @@ class ModelRunner:
         alloc = torch.empty if self.device.type == "cpu" else torch.zeros
         self.kv_caches = [
             (
-                alloc(shape, dtype=self.dtype, device=self.device),
-                alloc(shape, dtype=self.dtype, device=self.device),
+                alloc(shape, dtype=self.kv_dtype, device=self.device),
+                alloc(shape, dtype=self.kv_dtype, device=self.device),
             )
             for _ in range(self.arch.num_hidden_layers)
         ]
