@@ -51,7 +51,14 @@ def _hf_fp8_kv(model_dir: Path) -> Iterator[None]:
         llama.LlamaAttention.__init__ = original_init
 
 
-def test_fp8_cache_matches_transformers_with_rounded_kv(tmp_path):
+DEVICES = ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")])]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fp8_cache_matches_transformers_with_rounded_kv(tmp_path, device):
+    """On CUDA: the Triton kernels (decode graphs, mixed-step graphs) in float32."""
     model_dir = make_tiny_model(tmp_path / "m", "llama")
     rng = random.Random(11)
     prompts = [random_prompt(rng, n) for n in (9, 26)]
@@ -59,8 +66,8 @@ def test_fp8_cache_matches_transformers_with_rounded_kv(tmp_path):
         expected = [hf_greedy(model_dir, p, NEW_TOKENS) for p in prompts]
     exact = [hf_greedy(model_dir, p, NEW_TOKENS) for p in prompts]
     params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=1)
-    kw = dict(dtype="float32", block_size=4, max_model_len=256,
-              kv_cache_memory_bytes=4 << 20)
+    kw = dict(dtype="float32", block_size=4, max_model_len=256, device=device,
+              kv_cache_memory_bytes=4 << 20, gpu_memory_utilization=0.3)
     with LLM(str(model_dir), kv_cache_dtype="fp8", **kw) as llm:
         fp8_blocks = llm.num_kv_blocks
         batched = llm.generate([{"prompt_token_ids": p} for p in prompts], params,
@@ -70,8 +77,12 @@ def test_fp8_cache_matches_transformers_with_rounded_kv(tmp_path):
                               use_tqdm=False)
     with LLM(str(model_dir), **kw) as wide:
         wide_blocks = wide.num_kv_blocks
-    # One byte per element against four: the same budget holds four times the blocks.
-    assert fp8_blocks == 4 * wide_blocks, (fp8_blocks, wide_blocks)
+    # One byte per element against four: the same budget holds four times the blocks (on
+    # CUDA the budget is what memory profiling leaves, nearly the same in both runs).
+    if device == "cpu":
+        assert fp8_blocks == 4 * wide_blocks, (fp8_blocks, wide_blocks)
+    else:
+        assert 3.9 * wide_blocks < fp8_blocks < 4.1 * wide_blocks, (fp8_blocks, wide_blocks)
     moved = 0.0
     for (tokens, logprobs), (_, exact_lps), a, c in zip(expected, exact, batched, cached):
         for out in (a, c):
