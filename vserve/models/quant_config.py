@@ -61,7 +61,8 @@ def _compressed_tensors(q: dict[str, Any]) -> Fp8Scheme:
     if fmt != "float-quantized":
         raise _refuse(f"format {fmt!r}")
     if q.get("kv_cache_scheme"):
-        raise _refuse("kv_cache_scheme (an FP8 KV cache)")
+        raise _refuse("kv_cache_scheme (an FP8 KV cache with calibrated scales; "
+                      "--kv-cache-dtype fp8 stores keys and values unscaled)")
     ignore = [str(x) for x in q.get("ignore") or []]
     others = [x for x in ignore if x not in ("lm_head", "re:.*lm_head")]
     if others:
