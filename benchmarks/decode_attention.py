@@ -4,7 +4,8 @@ One decode step's attention for every layer (distinct caches per layer, so the L
 serve one layer's reads from the previous one), captured in a CUDA graph and replayed, for
 each ``(BLOCK_N, num_warps, num_stages, splits)`` in the sweep; each configuration's output is
 checked against the default's. Bytes counted: the K and V of every cached token read once,
-plus q, k, v and the output.
+plus q, k, v and the output. ``--kv-cache-dtype fp8`` runs over float8 caches (one byte per
+element), as ``vserve serve --kv-cache-dtype fp8`` does.
 
     python benchmarks/decode_attention.py --shape 1b --batch 1,64,256 --min-ctx 128 \
         --max-ctx 256 --out /tmp/attn.json
@@ -27,7 +28,8 @@ SHAPES = {"1b": (32, 8, 64, 16), "8b": (32, 8, 128, 32)}  # q heads, kv heads, h
 
 
 def make_step(batch: int, min_ctx: int, max_ctx: int, heads: int, kv_heads: int, dim: int,
-              layers: int, block: int, seed: int) -> dict:
+              layers: int, block: int, seed: int,
+              kv_dtype: torch.dtype = torch.bfloat16) -> dict:
     rng = random.Random(seed)
     lens = [rng.randint(min_ctx, max_ctx) for _ in range(batch)]
     width = max(-(-n // block) for n in lens)
@@ -42,8 +44,8 @@ def make_step(batch: int, min_ctx: int, max_ctx: int, heads: int, kv_heads: int,
         slots.append(int(table[s, (n - 1) // block]) * block + (n - 1) % block)
     dev = "cuda"
     dt = torch.bfloat16
-    caches = [(torch.randn(num_blocks, block, kv_heads, dim, dtype=dt, device=dev),
-               torch.randn(num_blocks, block, kv_heads, dim, dtype=dt, device=dev))
+    caches = [(torch.randn(num_blocks, block, kv_heads, dim, dtype=dt, device=dev).to(kv_dtype),
+               torch.randn(num_blocks, block, kv_heads, dim, dtype=dt, device=dev).to(kv_dtype))
               for _ in range(layers)]
     return {
         "lens": lens,
@@ -96,8 +98,10 @@ def main() -> int:
     p.add_argument("--block-n", default="32,64,128")
     p.add_argument("--warps", default="2,4,8")
     p.add_argument("--stages", default="1,2,3,4")
+    p.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
+    kv_dtype = torch.float8_e4m3fn if args.kv_cache_dtype == "fp8" else torch.bfloat16
     if not torch.cuda.is_available():
         print("needs CUDA", file=sys.stderr)
         return 2
@@ -111,8 +115,9 @@ def main() -> int:
     results = []
     for batch in [int(b) for b in args.batch.split(",")]:
         step = make_step(batch, args.min_ctx, args.max_ctx, heads, kv_heads, dim, layers,
-                         args.block_size, seed=batch)
-        kv_bytes = sum(n - 1 for n in step["lens"]) * kv_heads * dim * 2 * 2
+                         args.block_size, seed=batch, kv_dtype=kv_dtype)
+        kv_bytes = (sum(n - 1 for n in step["lens"]) * kv_heads * dim * 2
+                    * kv_dtype.itemsize)
         io_bytes = batch * (2 * heads + 2 * kv_heads) * dim * 2
         nbytes = kv_bytes + io_bytes
         auto = decode_splits(batch, kv_heads, torch.device("cuda"))

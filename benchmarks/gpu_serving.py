@@ -205,6 +205,7 @@ def random_prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]
 
 # ---- 2. the engine in this process ---------------------------------------------------------
 QUANTIZATION: str | None = None  # --quantization, for every engine of this process
+KV_CACHE_DTYPE = "auto"  # --kv-cache-dtype, likewise
 
 
 def _engine(model_dir: Path, max_num_seqs: int, enforce_eager: bool = False,
@@ -215,7 +216,8 @@ def _engine(model_dir: Path, max_num_seqs: int, enforce_eager: bool = False,
     config = EngineConfig(
         model=ModelConfig(model=str(model_dir), dtype="bfloat16", max_model_len=4096,
                           quantization=QUANTIZATION),  # type: ignore[arg-type]
-        cache=CacheConfig(gpu_memory_utilization=0.9),
+        cache=CacheConfig(gpu_memory_utilization=0.9,
+                          kv_cache_dtype=KV_CACHE_DTYPE),  # type: ignore[arg-type]
         scheduler=SchedulerConfig(max_num_seqs=max_num_seqs),
         device=DeviceConfig(device="cuda", enforce_eager=enforce_eager,
                             mixed_step_graphs=mixed_step_graphs),
@@ -399,6 +401,7 @@ def engine_decode(model_dir: Path, weight_bytes: int, copy_bw: float, args: argp
     # Every row attends over ``ctx`` tokens in blocks of its own (distinct blocks, so the
     # KV reads come from memory, not L2); the new token's K/V go to the null block.
     ctx = 128 + args.decode_tokens // 2
+    kv_elem = torch.tensor([], dtype=runner.kv_dtype).element_size()
     nb = -(-ctx // runner.block_size)
     graphs.reset_inputs()
     reps = 200
@@ -418,15 +421,16 @@ def engine_decode(model_dir: Path, weight_bytes: int, copy_bw: float, args: argp
         b.record()
         b.synchronize()
         step = a.elapsed_time(b) / 1e3 / reps
-        kv_bytes = bs * ctx * runner.arch.kv_cache_bytes_per_token(2)
+        kv_bytes = bs * ctx * runner.arch.kv_cache_bytes_per_token(kv_elem)
         res[f"graph_step_ms_bs{bs}"] = step * 1e3
         res[f"graph_gbps_bs{bs}"] = (weight_bytes + kv_bytes) / step / 1e9
         res[f"graph_tokens_per_s_bs{bs}"] = bs / step
     graphs.reset_inputs()
     step1 = res["graph_step_ms_bs1"] / 1e3
     res["bandwidth_bound_tokens_per_s"] = copy_bw / (weight_bytes + ctx * runner.arch
-                                                     .kv_cache_bytes_per_token(2))
-    res["achieved_gbps_engine"] = (weight_bytes + ctx * runner.arch.kv_cache_bytes_per_token(2)) \
+                                                     .kv_cache_bytes_per_token(kv_elem))
+    res["achieved_gbps_engine"] = (weight_bytes + ctx * runner.arch
+                                   .kv_cache_bytes_per_token(kv_elem)) \
         * res["engine_decode_tokens_per_s"] / 1e9
     res["host_overhead_ms_per_step"] = res["engine_step_ms_median"] - step1 * 1e3
     res["host_overhead_ms_per_step_sync"] = res["engine_step_ms_median_sync"] - step1 * 1e3
@@ -760,6 +764,7 @@ def run_part(part: str, model_dir: Path, weight_bytes: int, bw: float,
             "--shape", args.shape, "--peak-tflops", str(args.peak_tflops or 0)]
     if args.quantization:
         argv += ["--quantization", args.quantization]
+    argv += ["--kv-cache-dtype", args.kv_cache_dtype]
     if args.profile:
         argv.append("--profile")
     if args.quick:
@@ -783,8 +788,9 @@ def gpt_fast(model_py: Path, model_dir: Path, batches: str) -> dict[str, Any]:
 
 
 def child(args: argparse.Namespace) -> None:
-    global QUANTIZATION
+    global QUANTIZATION, KV_CACHE_DTYPE
     QUANTIZATION = args.quantization
+    KV_CACHE_DTYPE = args.kv_cache_dtype
     out = Path(args.out)
     model_dir = Path(args.model_dir)
     if args.part == "engine":
@@ -831,6 +837,8 @@ def main() -> None:
     p.add_argument("--profile", action="store_true")
     p.add_argument("--shape", choices=sorted(SHAPES), default="1b")
     p.add_argument("--quantization", choices=["fp8"], default=None)
+    p.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto",
+                   help="of every engine and server this run starts")
     p.add_argument("--gpt-fast", type=Path, default=None, metavar="MODEL_PY",
                    help="gpt-fast's model.py: run the peer on the same shape in this run")
     p.add_argument("--peak-tflops", type=float, default=None, help=argparse.SUPPRESS)
@@ -852,6 +860,7 @@ def main() -> None:
     summary["copy_bandwidth_gbps"] = bw / 1e9
     args.peak_tflops = summary["matmul_peak_tflops"] = matmul_peak_tflops()
     summary["shape"], summary["quantization"] = args.shape, args.quantization
+    summary["kv_cache_dtype"] = args.kv_cache_dtype
     log(f"device {summary['device']}: copy bandwidth {bw / 1e9:.0f} GB/s, bf16 matmul "
         f"{args.peak_tflops:.0f} TFLOP/s")
     t0 = time.perf_counter()
@@ -891,6 +900,8 @@ def main() -> None:
                 variants = args.serve_variant or [""]
                 runs: dict[str, Any] = {}
                 quant = ["--quantization", args.quantization] if args.quantization else []
+                if args.kv_cache_dtype != "auto":  # else a variant may set it
+                    quant += ["--kv-cache-dtype", args.kv_cache_dtype]
                 for count in counts:
                     for variant in variants:
                         label = f"api{count} {variant}".strip()
@@ -923,7 +934,8 @@ def main() -> None:
 def report(s: dict[str, Any]) -> str:
     e = s.get("engine", {})
     lines = [f"device: {s['device']}  torch {s['torch']}  triton {s.get('triton')}; shape "
-             f"{s.get('shape')}, {s.get('quantization') or 'bf16'}; bf16 matmul peak "
+             f"{s.get('shape')}, {s.get('quantization') or 'bf16'}, KV cache "
+             f"{s.get('kv_cache_dtype', 'auto')}; bf16 matmul peak "
              f"{s.get('matmul_peak_tflops', 0):.0f} TFLOP/s",
              f"copy bandwidth: {s['copy_bandwidth_gbps']:.0f} GB/s; weights "
              f"{s['weight_bytes'] / 1e9:.3f} GB → bound "
