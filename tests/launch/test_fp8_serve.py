@@ -9,6 +9,7 @@ import json
 import random
 import subprocess
 
+import httpx
 import openai
 from helpers.models import (
     hf_greedy,
@@ -77,6 +78,8 @@ def test_serve_kv_cache_dtype_fp8(tmp_path):
                "--kv-cache-dtype", "fp8") as srv:
         assert _text(srv.base_url, prompt, 16) == fp8.outputs[0].text
         assert "float8_e4m3fn" in srv.log()
+        metrics = httpx.get(srv.base_url + "/metrics", timeout=30).text
+        assert 'cache_dtype="float8_e4m3fn"' in metrics, metrics[-3000:]
     # The float8 run is not the 32-bit one (else the comparison above proves nothing).
     want_wide, _ = hf_greedy(model_dir, prompt, 16)
     assert wide.outputs[0].token_ids == want_wide

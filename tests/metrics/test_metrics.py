@@ -100,6 +100,13 @@ def test_exact_totals_from_every_api_server():
                 engines = sorted(lab["engine"] for lab, _ in series[gauge])
                 assert engines == ["0", "1"], (gauge, series[gauge])
             assert total(series, "vserve_num_requests_running") == 0
+            info = {lab["engine"]: lab for lab, value in series["vserve_cache_config_info"]
+                    if value == 1}
+            assert sorted(info) == ["0", "1"], series["vserve_cache_config_info"]
+            for lab in info.values():
+                assert lab["block_size"] == "16" and lab["enable_prefix_caching"] == "true"
+                assert lab["cache_dtype"] == "float32", lab  # the demo model's, on the CPU
+                assert f"{lab['num_gpu_blocks']} KV blocks of 16 tokens" in srv.log()
             queries = [lab["engine"] for lab, _ in series["vserve_prefix_cache_queries_total"]]
             assert sorted(queries) == ["0", "1"]
             roles = defaultdict(set)

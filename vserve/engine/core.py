@@ -89,6 +89,14 @@ class EngineCore:
             "on" if self.async_scheduling else "off",
         )
 
+    def cache_info(self) -> dict[str, str]:
+        """The KV cache as ``vserve_cache_config_info`` labels it."""
+        cache = self.config.cache
+        return {"block_size": str(cache.block_size),
+                "cache_dtype": str(self.runner.kv_dtype).removeprefix("torch."),
+                "num_gpu_blocks": str(self.num_kv_blocks - 1),
+                "enable_prefix_caching": str(cache.enable_prefix_caching).lower()}
+
     # ---- requests in ---------------------------------------------------------------
     def validate(self, req: EngineCoreRequest) -> str | None:
         """Why this request cannot run here, or None. Front ends check first; this guards."""

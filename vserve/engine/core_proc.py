@@ -122,7 +122,7 @@ class EngineCoreProc:
             from vserve.metrics.engine_metrics import EngineMetrics
 
             self.metrics = EngineMetrics(core.config.model.served_name, self.engine_index,
-                                         info.restarted_because)
+                                         info.restarted_because, core.cache_info())
         self._input_thread = threading.Thread(target=self._input_loop, name="engine-input",
                                               daemon=True)
         self._output_thread = threading.Thread(target=self._output_loop, name="engine-output",

@@ -30,6 +30,11 @@ ENGINE_RESTARTS = Counter(
     "vserve_engine_restarts", "Engines replaced in place, by why the old one went (exited: it "
     "exited on its own; killed: by a signal; hung: it stopped answering and was killed; "
     "startup_failed: its replacement failed to start).", [*_LABELS, "cause"])
+CACHE_CONFIG_INFO = Gauge(
+    "vserve_cache_config_info", "The engine's KV cache (value 1; the facts are the labels: "
+    "block_size, cache_dtype as stored, num_gpu_blocks usable, enable_prefix_caching).",
+    [*_LABELS, "block_size", "cache_dtype", "num_gpu_blocks", "enable_prefix_caching"],
+    multiprocess_mode="livemostrecent")
 ITERATION_TOKENS = Histogram(
     "vserve_iteration_tokens", "Tokens computed per engine step.", _LABELS,
     buckets=[1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384])
@@ -42,8 +47,12 @@ class EngineMetrics:
     scrape time, the counters take the increments since the last call).
     """
 
-    def __init__(self, model_name: str, engine_index: int, restarted_because: str = "") -> None:
+    def __init__(self, model_name: str, engine_index: int, restarted_because: str = "",
+                 cache_info: dict[str, str] | None = None) -> None:
+        """``cache_info``: the labels of ``vserve_cache_config_info`` past model and engine."""
         labels = {"model_name": model_name, "engine": str(engine_index)}
+        if cache_info is not None:
+            CACHE_CONFIG_INFO.labels(**labels, **cache_info).set(1)
         # Every cause appears from the start (at 0), so increase() sees the first restart.
         for cause in ("exited", "killed", "hung", "startup_failed"):
             ENGINE_RESTARTS.labels(**labels, cause=cause)
