@@ -19,6 +19,7 @@ import json
 import statistics
 import sys
 import time
+from pathlib import Path
 
 
 def run(model: str, kv: str, prompts: list[list[int]], tokens: int) -> dict:
@@ -43,6 +44,7 @@ def main() -> int:
     p.add_argument("--prompt-len", type=int, default=256)
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--out", type=Path, default=None, help="also write the summary here (JSON)")
     args = p.parse_args()
     prompts = [[5 + (i * 7 + j) % 250 for j in range(args.prompt_len)]
                for i in range(args.prompts)]
@@ -68,6 +70,8 @@ def main() -> int:
                                 / summary["auto"]["tokens_per_s_median"])
     summary["greedy_positions_agreeing"] = statistics.median(agree)
     print(json.dumps(summary, indent=1))
+    if args.out:
+        args.out.write_text(json.dumps(summary, indent=1))
     return 0
 
 
