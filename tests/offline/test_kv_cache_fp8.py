@@ -101,3 +101,19 @@ def test_fp8_cache_option_is_validated():
     assert not CacheConfig().kv_cache_fp8
     with pytest.raises(ValueError, match="kv_cache_dtype must be one of auto, fp8, fp8_e4m3"):
         CacheConfig(kv_cache_dtype="fp8_e5m2")  # type: ignore[arg-type]
+
+
+def test_tp2_fp8_cache_matches_transformers_with_rounded_kv(tmp_path):
+    """Tensor parallel on CPU: each rank stores its own KV heads in float8 (the rounding is
+    per element, so the split changes nothing)."""
+    model_dir = make_tiny_model(tmp_path / "m", "llama")
+    prompt = random_prompt(random.Random(4), 21)
+    with _hf_fp8_kv(model_dir):
+        tokens, logprobs = hf_greedy(model_dir, prompt, NEW_TOKENS)
+    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=1)
+    with LLM(str(model_dir), dtype="float32", tensor_parallel_size=2, kv_cache_dtype="fp8",
+             num_kv_blocks=128, block_size=4, max_model_len=128) as llm:
+        out = llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)[0]
+    assert out.outputs[0].token_ids == tokens
+    got = [lp[t].logprob for lp, t in zip(out.outputs[0].logprobs, tokens)]
+    assert max(abs(x - y) for x, y in zip(got, logprobs)) < 1e-4
