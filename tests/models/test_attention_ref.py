@@ -45,11 +45,15 @@ def run_case(
     block_size: int,
     dtype: torch.dtype,
     seed: int,
+    kv_dtype: torch.dtype | None = None,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Run the backend on ``seqs`` (``(cached, new)`` pairs) after writing the cached part.
 
     Checks the cache contents afterwards; returns ``(outputs, naive references)`` per seq.
+    ``kv_dtype``: a cache narrower than ``dtype`` (float8); the naive references then attend
+    over the keys and values as that cache rounds them.
     """
+    kv_dtype = kv_dtype or dtype
     gen = torch.Generator().manual_seed(seed)
     order = torch.randperm(NUM_BLOCKS, generator=gen).tolist()
     tables = []
@@ -59,8 +63,8 @@ def run_case(
         order = order[need:]
     unused = order
     shape = (NUM_BLOCKS, block_size, num_kv_heads, head_dim)
-    k_cache = torch.full(shape, float("nan"), dtype=dtype)
-    v_cache = torch.full(shape, float("nan"), dtype=dtype)
+    k_cache = torch.full(shape, float("nan"), dtype=kv_dtype)
+    v_cache = torch.full(shape, float("nan"), dtype=kv_dtype)
 
     def rand(*s: int) -> torch.Tensor:
         return torch.randn(*s, generator=gen).to(dtype)
@@ -69,8 +73,11 @@ def run_case(
         (rand(c + n, num_kv_heads, head_dim), rand(c + n, num_kv_heads, head_dim)) for c, n in seqs
     ]
     qs = [rand(n, num_heads, head_dim) for _, n in seqs]
+    # As the cache holds them (float8: rounded, clamped; otherwise unchanged).
+    stored = [(k.clamp(-448, 448).to(kv_dtype), v.clamp(-448, 448).to(kv_dtype))
+              if kv_dtype == torch.float8_e4m3fn else (k, v) for k, v in full]
     # The already-cached context, written position by position (not with the backend's code).
-    for (ctx, _), table, (k, v) in zip(seqs, tables, full, strict=True):
+    for (ctx, _), table, (k, v) in zip(seqs, tables, stored, strict=True):
         for p in range(ctx):
             k_cache[table[p // block_size], p % block_size] = k[p]
             v_cache[table[p // block_size], p % block_size] = v[p]
@@ -89,15 +96,16 @@ def run_case(
     assert out.shape == (sum(n for _, n in seqs), num_heads, head_dim)
     assert out.dtype == dtype
 
-    for (ctx, new), table, (k, v) in zip(seqs, tables, full, strict=True):
+    for (ctx, new), table, (k, v) in zip(seqs, tables, stored, strict=True):
         for p in range(ctx + new):
-            assert torch.equal(k_cache[table[p // block_size], p % block_size], k[p]), (seed, p)
-            assert torch.equal(v_cache[table[p // block_size], p % block_size], v[p]), (seed, p)
-    assert k_cache[unused].isnan().all() and v_cache[unused].isnan().all(), seed
+            b, o = table[p // block_size], p % block_size
+            assert torch.equal(k_cache[b, o].float(), k[p].float()), (seed, p)
+            assert torch.equal(v_cache[b, o].float(), v[p].float()), (seed, p)
+    assert k_cache[unused].float().isnan().all() and v_cache[unused].float().isnan().all(), seed
 
     refs = [
-        naive_attention(q, k, v, ctx, scale)
-        for q, (ctx, _), (k, v) in zip(qs, seqs, full, strict=True)
+        naive_attention(q, k.to(dtype), v.to(dtype), ctx, scale)
+        for q, (ctx, _), (k, v) in zip(qs, seqs, stored, strict=True)
     ]
     return list(out.split([n for _, n in seqs])), refs
 
@@ -145,6 +153,39 @@ def test_decode_rows_batched_or_one_by_one(batched: bool, monkeypatch: pytest.Mo
     for (ctx, new), out, ref in zip(seqs, outs, refs, strict=True):
         err = (out.double() - ref).abs().max().item()
         assert err < 5e-6, f"seed={fresh_seed} seq=({ctx},{new}) err={err}"
+
+
+@pytest.mark.parametrize("batched", [True, False], ids=["batched", "one-by-one"])
+def test_float8_cache_matches_naive_over_rounded_kv(batched: bool,
+                                                    monkeypatch: pytest.MonkeyPatch,
+                                                    fresh_seed: int) -> None:
+    """A float8 cache (``--kv-cache-dtype fp8``): float32 arithmetic over the keys and values
+    as float8 rounds them, on every path (prompt rows through SDPA, decode rows batched or one
+    by one)."""
+    import vserve.attention.torch_ref as torch_ref
+
+    monkeypatch.setattr(torch_ref, "_BATCHED_DECODE_ELEMENTS", 1 << 30 if batched else 0)
+    seqs = [(0, 13), (9, 4), (20, 1), (6, 1), (0, 1), (15, 1)]
+    outs, refs = run_case(seqs, 8, 2, 32, 4, torch.float32, fresh_seed,
+                          kv_dtype=torch.float8_e4m3fn)
+    for (ctx, new), out, ref in zip(seqs, outs, refs, strict=True):
+        err = (out.double() - ref).abs().max().item()
+        assert err < 5e-6, f"seed={fresh_seed} seq=({ctx},{new}) err={err}"
+
+
+def test_float8_writes_clamp_and_widening_is_exact_for_every_value() -> None:
+    from vserve.attention.backend import to_cache_dtype
+    from vserve.attention.torch_ref import widen
+
+    big = to_cache_dtype(torch.tensor([1e4, -600.0, 449.0, 0.3]), torch.float8_e4m3fn)
+    assert big.float().tolist() == [448.0, -448.0, 448.0, 0.3125]
+
+    every = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        got, want = widen(every.view(16, 16).t(), dtype), every.view(16, 16).t().to(dtype)
+        assert got.dtype == dtype and got.shape == want.shape
+        assert torch.equal(got.isnan(), want.isnan())
+        assert torch.equal(got.nan_to_num(), want.nan_to_num())
 
 
 def test_bfloat16_close_to_naive(fresh_seed: int) -> None:

@@ -77,9 +77,9 @@ class TorchReferenceBackend(AttentionBackend):
                 # SDPA, whose CPU path for this case is the math fallback at ~3x the cost.
                 # Float32 throughout, as the CPU flash kernel accumulates for 16-bit inputs.
                 qg = q[start].view(num_kv_heads, group, head_dim).to(torch.float32)
-                scores = torch.matmul(qg, keys.to(torch.float32).transpose(1, 2)) * scale
+                scores = torch.matmul(qg, widen(keys, torch.float32).transpose(1, 2)) * scale
                 probs = torch.softmax(scores, dim=-1)
-                attn = torch.matmul(probs, values.to(torch.float32))
+                attn = torch.matmul(probs, widen(values, torch.float32))
                 out[start] = attn.view(num_heads, head_dim)
                 continue
             # Query row i sits at position seq_len - q_len + i and sees positions 0..that.
@@ -88,14 +88,28 @@ class TorchReferenceBackend(AttentionBackend):
             # enable_gqa: query head h reads KV head h // group, without copying the KV heads.
             attn = F.scaled_dot_product_attention(
                 q[start:end].transpose(0, 1),
-                keys.to(q.dtype),
-                values.to(q.dtype),
+                widen(keys, q.dtype),
+                widen(values, q.dtype),
                 attn_mask=mask,
                 scale=scale,
                 enable_gqa=group > 1,
             )
             out[start:end] = attn.transpose(0, 1)
         return out
+
+
+#: Every float8 e4m3 value by its bit pattern: widening through this table is exact and
+#: about twice as fast on CPUs as torch's conversion (~5 ns per element, against ~0.5 for
+#: bfloat16), which a float8 cache pays for every cached key and value of every step.
+_FP8_VALUES = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()[:, None]
+
+
+def widen(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Cached keys or values as ``dtype`` for the arithmetic."""
+    if x.dtype != torch.float8_e4m3fn or x.device.type != "cpu":
+        return x.to(dtype)
+    table = _FP8_VALUES
+    return F.embedding(x.view(torch.uint8).int(), table).squeeze(-1).to(dtype)
 
 
 #: Above this many elements (rows × longest context × query heads × head dim) the decode rows
@@ -126,14 +140,14 @@ def _decode_batch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     keys = k_cache.index_select(0, tables.reshape(-1)).view(b, length, num_kv_heads, head_dim)
     values = v_cache.index_select(0, tables.reshape(-1)).view(b, length, num_kv_heads, head_dim)
     qg = q[rows].view(b, num_kv_heads, group, head_dim).to(torch.float32)
-    scores = torch.matmul(qg, keys.to(torch.float32).permute(0, 2, 3, 1)) * scale
+    scores = torch.matmul(qg, widen(keys, torch.float32).permute(0, 2, 3, 1)) * scale
     pad = (torch.arange(length, device=dev)[None, :]
            >= torch.tensor(lens, device=dev)[:, None])  # [B, L]
     scores.masked_fill_(pad[:, None, None, :], float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     # Slots past a sequence's length hold anything (NaN in the tests); a zero weight times
     # NaN is NaN, so the padded values are zeroed, not only weighted by zero.
-    values = values.to(torch.float32).masked_fill(pad[:, :, None, None], 0.0)
+    values = widen(values, torch.float32).masked_fill(pad[:, :, None, None], 0.0)
     attn = torch.matmul(probs, values.permute(0, 2, 1, 3))
     out[rows] = attn.reshape(b, num_heads, head_dim).to(out.dtype)
 
