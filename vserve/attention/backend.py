@@ -73,8 +73,9 @@ FP8_MAX = 448.0
 
 
 def to_cache_dtype(x: torch.Tensor, cache_dtype: torch.dtype) -> torch.Tensor:
-    """``x`` as a cache of ``cache_dtype`` stores it: float8 clamps to ``±FP8_MAX`` first
-    (past it the conversion is not saturating everywhere: NaN on some paths)."""
+    """``x`` as a cache of ``cache_dtype`` stores it: float8 clamps to ``±FP8_MAX`` first, so
+    that every path (torch here, the Triton kernels) stores ±448 past the range, whatever its
+    own conversion would make of such values (e4m3fn has no infinity)."""
     if cache_dtype == torch.float8_e4m3fn:
         x = x.clamp(-FP8_MAX, FP8_MAX)
     return x.to(cache_dtype)

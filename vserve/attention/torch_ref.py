@@ -108,8 +108,7 @@ def widen(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Cached keys or values as ``dtype`` for the arithmetic."""
     if x.dtype != torch.float8_e4m3fn or x.device.type != "cpu":
         return x.to(dtype)
-    table = _FP8_VALUES
-    return F.embedding(x.view(torch.uint8).int(), table).squeeze(-1).to(dtype)
+    return F.embedding(x.view(torch.uint8).int(), _FP8_VALUES).squeeze(-1).to(dtype)
 
 
 #: Above this many elements (rows × longest context × query heads × head dim) the decode rows

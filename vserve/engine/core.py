@@ -85,7 +85,7 @@ class EngineCore:
             engine_index, time.perf_counter() - t0, phases, self.runner.arch.architecture,
             self.runner.device, str(self.runner.dtype).removeprefix("torch."), usable,
             config.cache.block_size, usable * self.runner.bytes_per_block() / 2**20,
-            str(self.runner.kv_dtype).removeprefix("torch."), self.max_model_len, self.max_concurrency,
+            self.cache_info()["cache_dtype"], self.max_model_len, self.max_concurrency,
             "on" if self.async_scheduling else "off",
         )
 

@@ -24,9 +24,10 @@ Three kernels:
 
 Heads are handled as two halves (``x[:D/2]``, ``x[D/2:]``), which is what rotate-half RoPE
 needs and costs nothing for the dot products (``q·k = q1·k1 + q2·k2``). Scores and the
-softmax are float32; ``P @ V`` runs in q's dtype with float32 accumulation. A float8 cache
-(``--kv-cache-dtype fp8``) is written clamped and rounded and widened to q's dtype on load. Float32
-inputs use IEEE float32 dot products (no TF32), so the float32 path is float32-accurate.
+softmax are float32; ``P @ V`` runs in q's dtype with float32 accumulation. Float32 inputs
+use IEEE float32 dot products (no TF32), so the float32 path is float32-accurate. A float8
+cache (``--kv-cache-dtype fp8``) is written clamped and rounded, and widened to q's dtype as
+each tile loads.
 """
 
 from __future__ import annotations
@@ -509,7 +510,8 @@ def decode_attention(
         GROUP=group, HALF=half, NUM_HEADS=num_heads,
         BLOCK_G=_pow2(group), BLOCK_DH=_pow2(half), BLOCK_N=block_n,
         PAGE=k_cache.shape[1], ROPE=rope, PRECISION=_precision(q.dtype),
-        KV_FP8=_is_fp8(k_cache), NUM_SPLITS=num_splits, BT_STRIDE_IN_MEM=bt_stride is not None, PDL=pdl(),
+        KV_FP8=_is_fp8(k_cache), NUM_SPLITS=num_splits,
+        BT_STRIDE_IN_MEM=bt_stride is not None, PDL=pdl(),
         ROWS_IN_MEM=num_rows is not None,
         rows_ptr=num_rows if num_rows is not None else seq_lens,
         num_warps=warps, num_stages=stages, launch_pdl=pdl(),
