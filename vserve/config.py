@@ -132,9 +132,10 @@ class CacheConfig:
                                                   "from memory")
     kv_cache_dtype: KVCacheDtype = option(
         "auto", help="auto: the model's dtype; fp8 (= fp8_e4m3): keys and values stored as "
-                     "float8 e4m3 without scaling (clamped to +-448), half the bytes of "
-                     "16-bit: twice the tokens in the same memory and half the cache reads "
-                     "of a decode step, at a small loss of precision")
+                     "float8 e4m3 (divided by an FP8 checkpoint's per-layer KV scales, else "
+                     "unscaled; clamped to +-448), half the bytes of 16-bit: twice the tokens "
+                     "in the same memory and half the cache reads of a decode step, at a "
+                     "small loss of precision")
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):

@@ -73,11 +73,12 @@ def _tile_graph_metadata(meta, seqs, dtype, head_dim, split_decode):
 
 
 def run_case(seqs, num_heads, num_kv_heads, head_dim, block_size, dtype, seed, fused_rope=False,
-             tiled=False, split_decode=False, kv_dtype=None):
+             tiled=False, split_decode=False, kv_dtype=None, kv_scales=(1.0, 1.0)):
     """Triton vs reference on the same inputs; returns (out, ref, caches...). ``tiled``: the
     prefill path with the fixed grid of a CUDA graph (``_tile_graph_metadata``).
     ``kv_dtype``: the caches' dtype when not ``dtype`` (float8: the reference then runs over a
-    float8 cache too, which is what defines the rounding)."""
+    float8 cache too, which is what defines the rounding); ``kv_scales``: its ``(k_scale,
+    v_scale)``."""
     gen = torch.Generator().manual_seed(seed)
     num_blocks = sum(-(-(c + n) // block_size) for c, n in seqs) + 3
     order = (torch.randperm(num_blocks - 1, generator=gen) + 1).tolist()  # block 0 is null
@@ -99,12 +100,15 @@ def run_case(seqs, num_heads, num_kv_heads, head_dim, block_size, dtype, seed, f
     if kv_dtype == torch.float8_e4m3fn and _INTERPRET:
         # The interpreter's float32 -> float8 conversion rounds wrongly where the mantissa
         # carries (Triton 3.9: 1.998 -> 1.0); values float8 holds exactly are converted right.
-        full = [(to_cache_dtype(k, kv_dtype).to(dtype), to_cache_dtype(v, kv_dtype).to(dtype))
-                for k, v in full]
+        ks, vs = kv_scales  # powers of two here, so that k / ks is float8-exact too
+        full = [((to_cache_dtype(k, kv_dtype, ks).float() * ks).to(dtype),
+                 (to_cache_dtype(v, kv_dtype, vs).float() * vs).to(dtype)) for k, v in full]
     for (ctx, _), table, (k, v) in zip(seqs, tables, full):
         for p in range(ctx):
-            k_cache[table[p // block_size], p % block_size] = to_cache_dtype(k[p], kv_dtype)
-            v_cache[table[p // block_size], p % block_size] = to_cache_dtype(v[p], kv_dtype)
+            k_cache[table[p // block_size], p % block_size] = to_cache_dtype(k[p], kv_dtype,
+                                                                             kv_scales[0])
+            v_cache[table[p // block_size], p % block_size] = to_cache_dtype(v[p], kv_dtype,
+                                                                             kv_scales[1])
     total = sum(n for _, n in seqs)
     width = num_heads + 2 * num_kv_heads
     # q/k/v as views of one [T, (H + 2Hk) * D] buffer, as the model produces them.
@@ -133,7 +137,8 @@ def run_case(seqs, num_heads, num_kv_heads, head_dim, block_size, dtype, seed, f
         cos, sin = rope.cos_sin(positions)
         ref_q = apply_rotary(q.clone(), cos, sin).float()
         ref_k = apply_rotary(k.clone(), cos, sin).float()
-    ref = TorchReferenceBackend().forward(ref_q, ref_k, ref_v, ref_kc, ref_vc, meta_cpu, scale)
+    ref = TorchReferenceBackend().forward(ref_q, ref_k, ref_v, ref_kc, ref_vc, meta_cpu, scale,
+                                          k_scale=kv_scales[0], v_scale=kv_scales[1])
 
     kc, vc = k_cache.to(DEVICE), v_cache.to(DEVICE)
     qkv_d = qkv.to(DEVICE)
@@ -146,9 +151,11 @@ def run_case(seqs, num_heads, num_kv_heads, head_dim, block_size, dtype, seed, f
     if fused_rope:
         rope_d = RotaryEmbedding(head_dim, 4096, 10000.0).to(DEVICE)
         res = backend.forward_rope(qd, kd, vd, positions.to(DEVICE), rope_d.cos_cache,
-                                   rope_d.sin_cache, kc, vc, meta_dev, scale, out=out)
+                                   rope_d.sin_cache, kc, vc, meta_dev, scale, out=out,
+                                   k_scale=kv_scales[0], v_scale=kv_scales[1])
     else:
-        res = backend.forward(qd, kd, vd, kc, vc, meta_dev, scale, out=out)
+        res = backend.forward(qd, kd, vd, kc, vc, meta_dev, scale, out=out,
+                              k_scale=kv_scales[0], v_scale=kv_scales[1])
     assert res.data_ptr() == out.data_ptr()
     return out.float().cpu(), ref, kc.cpu(), vc.cpu(), ref_kc, ref_vc, tables
 
@@ -210,11 +217,12 @@ def test_triton_matches_reference(shape, dtype, mode, fresh_seed: int):
 @pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[1], SHAPES[3], SHAPES[5]],
                          ids=lambda s: "h{}-kv{}-d{}-b{}".format(*s))
 @pytest.mark.parametrize("mode", ["decode", "prefill", "decode-rope", "prefill-rope", "tiled"])
-def test_fp8_cache_matches_reference(shape, dtype, mode, fresh_seed: int):
+@pytest.mark.parametrize("scaled", [False, True], ids=["unscaled", "scaled"])
+def test_fp8_cache_matches_reference(shape, dtype, mode, scaled, fresh_seed: int):
     """A float8 cache (``--kv-cache-dtype fp8``): keys and values rounded (and clamped) as
     written, widened as read. The reference runs over a float8 cache too, so the new
     tokens' keys and values must be the rounded ones wherever a kernel takes them from
-    (cache or registers)."""
+    (cache or registers). ``scaled``: a checkpoint's per-layer ``k_scale``/``v_scale``."""
     if _INTERPRET and (dtype == torch.bfloat16 or mode == "tiled" or "rope" in mode):
         pytest.skip("slow or unsupported under the interpreter (rotated keys are not "
                     "float8-exact, which its float8 conversion needs)")
@@ -229,20 +237,25 @@ def test_fp8_cache_matches_reference(shape, dtype, mode, fresh_seed: int):
         out, ref, kc, vc, ref_kc, ref_vc, tables = run_case(
             seqs, heads, kv_heads, head_dim, block_size, dtype, rng.randrange(2**31),
             fused_rope=mode.endswith("rope") or mode == "tiled", tiled=mode == "tiled",
-            split_decode=mode == "tiled", kv_dtype=fp8)
+            split_decode=mode == "tiled", kv_dtype=fp8,
+            kv_scales=((0.5, 0.125) if _INTERPRET else (0.37, 0.053)) if scaled else (1.0, 1.0))
         assert kc.dtype == fp8 and vc.dtype == fp8
         assert not out.isnan().any(), (seed, seqs, "unwritten or NaN-reading output")
         err = ((out - ref).norm() / ref.norm()).item()
         # RoPE'd keys are rounded twice by the kernels (to q's dtype, then to float8):
-        # sometimes one float8 step away from the reference's single rounding.
-        assert err < _tolerance(dtype) + (0.02 if "rope" in mode or mode == "tiled" else 0), (
-            seed, seqs, err)
+        # sometimes one float8 step away from the reference's single rounding; so are scaled
+        # values (the kernels multiply by 1 / scale, the reference divides).
+        loose = "rope" in mode or mode == "tiled" or scaled
+        assert err < _tolerance(dtype) + (0.02 if loose else 0), (seed, seqs, err)
         for (ctx, new), table in zip(seqs, tables):
             for p in range(ctx + new):
                 b, o = table[p // block_size], p % block_size
                 assert torch.allclose(kc[b, o].float(), ref_kc[b, o].float(), atol=4e-3,
                                       rtol=0.13), (seed, seqs, p)
-                if mode != "tiled":  # the tiled path writes v the same way; checked above
+                if scaled:
+                    assert torch.allclose(vc[b, o].float(), ref_vc[b, o].float(), atol=4e-3,
+                                          rtol=0.13), (seed, seqs, p)
+                elif mode != "tiled":  # the tiled path writes v the same way; checked above
                     assert torch.equal(vc[b, o].float(), ref_vc[b, o].float()), (seed, seqs, p)
 
 

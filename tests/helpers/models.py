@@ -226,12 +226,16 @@ _LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
 
 def write_fp8_checkpoint(src: Path, dst: Path, *, method: str = "compressed-tensors",
                          strategy: str = "channel", activations: str | None = "dynamic",
-                         ) -> Path:
+                         kv_scales: list[tuple[float, float]] | None = None,
+                         kv_scale_names: str = "attn") -> Path:
     """Copy the checkpoint ``src`` to ``dst`` with its decoder linear weights stored as
     float8 e4m3 and their scales, in the format Hugging Face FP8 models ship:
     ``compressed-tensors`` (``strategy`` channel or tensor; ``activations`` dynamic per
     token, static per tensor — an ``input_scale`` per layer — or None, weight-only) or
-    quant_method ``fp8`` (per-tensor, ``activations`` dynamic or static)."""
+    quant_method ``fp8`` (per-tensor, ``activations`` dynamic or static). ``kv_scales``
+    (compressed-tensors): layer i's ``(k_scale, v_scale)`` and a ``kv_cache_scheme``, named
+    ``self_attn.k_scale`` (``kv_scale_names="attn"``) or ``k_proj.output_scale``
+    (``"proj"``, older llm-compressor files)."""
     import shutil
 
     src, dst = Path(src), Path(dst)
@@ -256,6 +260,10 @@ def write_fp8_checkpoint(src: Path, dst: Path, *, method: str = "compressed-tens
                     [0.01 + 0.02 * torch.rand((), generator=gen).item()])
         else:
             tensors[name] = t
+    for i, (ks, vs) in enumerate(kv_scales or []):
+        for which, value in (("k", ks), ("v", vs)):
+            suffix = f"{which}_scale" if kv_scale_names == "attn" else f"{which}_proj.output_scale"
+            tensors[f"model.layers.{i}.self_attn.{suffix}"] = torch.tensor([value])
     save_file(tensors, str(dst / files[0].name), metadata={"format": "pt"})  # over the copy
     config = json.loads((dst / "config.json").read_text())
     if method == "fp8":
@@ -266,7 +274,10 @@ def write_fp8_checkpoint(src: Path, dst: Path, *, method: str = "compressed-tens
             "dynamic": activations == "dynamic",
             "strategy": "token" if activations == "dynamic" else "tensor"}
         quant = {"quant_method": "compressed-tensors", "format": "float-quantized",
-                 "ignore": ["lm_head"], "kv_cache_scheme": None,
+                 "ignore": ["lm_head"],
+                 "kv_cache_scheme": {"type": "float", "num_bits": 8, "symmetric": True,
+                                     "dynamic": False, "strategy": "tensor"}
+                 if kv_scales else None,
                  "config_groups": {"group_0": {
                      "targets": ["Linear"], "input_activations": act,
                      "output_activations": None,

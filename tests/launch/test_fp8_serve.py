@@ -66,7 +66,8 @@ def test_serve_kv_cache_dtype_fp8(tmp_path):
     """``--kv-cache-dtype fp8`` through the server: the answer is the offline engine's with
     the same float8 cache (itself checked against transformers with rounded keys and values
     in ``tests/offline/test_kv_cache_fp8.py``), the startup log names the cache's dtype, and
-    a float8 format vserve does not store is refused by name before anything starts."""
+    a float8 format vserve does not store is refused by name before anything starts; an FP8
+    checkpoint's calibrated KV-cache scales are served."""
     model_dir = make_tiny_model(tmp_path / "m", "llama")
     prompt = random_prompt(random.Random(5), 20)
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=0)
@@ -86,6 +87,16 @@ def test_serve_kv_cache_dtype_fp8(tmp_path):
     chosen = [[lp[t].logprob for lp, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)]
               for o in (fp8, wide)]
     assert max(abs(x - y) for x, y in zip(*chosen)) > 1e-3
+    # An FP8 checkpoint carrying calibrated KV-cache scales (kv_cache_scheme): served with
+    # them, the offline engine's answer (itself checked against transformers rounding by the
+    # same scales in tests/offline/test_kv_cache_fp8.py).
+    scaled = write_fp8_checkpoint(model_dir, tmp_path / "fp8kv",
+                                  kv_scales=[(0.37, 0.053), (1.9, 0.011)])
+    with LLM(str(scaled), dtype="float32", kv_cache_dtype="fp8") as llm:
+        want = llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)[0]
+    with serve(str(scaled), "--dtype", "float32", "--max-model-len", "256",
+               "--kv-cache-dtype", "fp8") as srv:
+        assert _text(srv.base_url, prompt, 16) == want.outputs[0].text
     proc = subprocess.run(VSERVE + [str(model_dir), "--port", "0", "--kv-cache-dtype",
                                     "fp8_e5m2"], capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0

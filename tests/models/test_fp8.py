@@ -157,14 +157,19 @@ _CT_GROUP = {"targets": ["Linear"], "input_activations": None,
     ({"quant_method": "compressed-tensors", "config_groups": {"g": _CT_GROUP},
       "ignore": ["lm_head", "model.layers.0.mlp.down_proj"]}, "model.layers.0.mlp.down_proj"),
     ({"quant_method": "compressed-tensors", "config_groups": {"g": _CT_GROUP},
-      "kv_cache_scheme": {"num_bits": 8, "type": "float"}}, "kv_cache_scheme"),
+      "kv_cache_scheme": {"num_bits": 8, "type": "float", "strategy": "channel"}},
+     "kv_cache_scheme: 8-bit float, strategy 'channel'"),
+    ({"quant_method": "compressed-tensors", "config_groups": {"g": _CT_GROUP},
+      "kv_cache_scheme": {"num_bits": 8, "type": "float", "dynamic": True}},
+     "kv_cache_scheme: .*dynamic=True"),
     ({"quant_method": "compressed-tensors", "config_groups": {"g": {
         **_CT_GROUP, "weights": {**_CT_GROUP["weights"], "num_bits": 4, "type": "int"}}}},
      "4-bit int"),
     ({"quant_method": "compressed-tensors", "config_groups": {"g": {
         **_CT_GROUP, "weights": {**_CT_GROUP["weights"], "strategy": "group",
                                  "group_size": 128}}}}, "strategy 'group'"),
-], ids=["gptq", "block", "scheme", "ignore", "kv-cache", "int4", "group"])
+], ids=["gptq", "block", "scheme", "ignore", "kv-cache-channel", "kv-cache-dynamic", "int4",
+        "group"])
 def test_unsupported_quantization_configs_are_refused_by_name(tmp_path, quant, message):
     model_dir = _with_quant(tmp_path, quant)
     with pytest.raises(RuntimeError, match=f"Unsupported quantization_config: .*{message}"):

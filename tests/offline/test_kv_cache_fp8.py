@@ -1,19 +1,25 @@
 """A float8 KV cache (``kv_cache_dtype="fp8"``) against Hugging Face transformers whose
-attention sees the same rounding: keys (after RoPE) and values passed through float8 e4m3
-(clamped to +-448, unscaled) before attention, as vserve stores them. Greedy tokens identical
-and logprobs close in float32; the cache holds twice the tokens in the same memory; and the
-rounding does happen (the answers differ from a 32-bit cache's)."""
+attention sees the same rounding: keys (after RoPE) and values divided by their layer's scale
+(1, or an FP8 checkpoint's ``k_scale``/``v_scale``), passed through float8 e4m3 (clamped to
++-448) and multiplied back before attention, as vserve stores and reads them. Greedy tokens
+identical and logprobs close in float32; the cache holds twice the tokens in the same memory;
+the rounding does happen (the answers differ from a 32-bit cache's), and so do the scales."""
 
 from __future__ import annotations
 
 import random
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 import pytest
 import torch
-from helpers.models import hf_greedy, make_tiny_model, random_prompt
+from helpers.models import (
+    hf_greedy,
+    make_tiny_model,
+    random_prompt,
+    write_dequantized,
+    write_fp8_checkpoint,
+)
 
 from vserve import LLM, SamplingParams
 from vserve.attention.backend import to_cache_dtype
@@ -21,34 +27,27 @@ from vserve.attention.backend import to_cache_dtype
 NEW_TOKENS = 24
 
 
-def _fp8(x: torch.Tensor) -> torch.Tensor:
-    return to_cache_dtype(x, torch.float8_e4m3fn).to(x.dtype)
+def _fp8(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    return (to_cache_dtype(x, torch.float8_e4m3fn, scale).float() * scale).to(x.dtype)
 
 
 @contextmanager
-def _hf_fp8_kv(model_dir: Path) -> Iterator[None]:
-    """transformers' Llama with its rotated keys and its values rounded through float8."""
-    import transformers.models.llama.modeling_llama as llama
+def _hf_fp8_kv(scales: list[tuple[float, float]] | None = None) -> Iterator[None]:
+    """transformers with the keys (rotated) and values that enter its KV cache rounded
+    through float8, by layer ``i``'s ``scales[i]`` (1 without)."""
+    from transformers.cache_utils import DynamicCache
 
-    rotate = llama.apply_rotary_pos_emb
+    update = DynamicCache.update
 
-    def rounded(q, k, cos, sin, *args, **kwargs):  # type: ignore[no-untyped-def]
-        q, k = rotate(q, k, cos, sin, *args, **kwargs)
-        return q, _fp8(k)
+    def rounded(self, k, v, layer_idx, *args, **kwargs):  # type: ignore[no-untyped-def]
+        ks, vs = scales[layer_idx] if scales else (1.0, 1.0)
+        return update(self, _fp8(k, ks), _fp8(v, vs), layer_idx, *args, **kwargs)
 
-    original_init = llama.LlamaAttention.__init__
-
-    def init(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-        original_init(self, *args, **kwargs)
-        self.v_proj.register_forward_hook(lambda _m, _i, out: _fp8(out))
-
-    llama.apply_rotary_pos_emb = rounded
-    llama.LlamaAttention.__init__ = init
+    DynamicCache.update = rounded  # type: ignore[method-assign]
     try:
         yield
     finally:
-        llama.apply_rotary_pos_emb = rotate
-        llama.LlamaAttention.__init__ = original_init
+        DynamicCache.update = update  # type: ignore[method-assign]
 
 
 DEVICES = ["cpu", pytest.param("cuda", marks=[
@@ -62,7 +61,7 @@ def test_fp8_cache_matches_transformers_with_rounded_kv(tmp_path, device):
     model_dir = make_tiny_model(tmp_path / "m", "llama")
     rng = random.Random(11)
     prompts = [random_prompt(rng, n) for n in (9, 26)]
-    with _hf_fp8_kv(model_dir):
+    with _hf_fp8_kv():
         expected = [hf_greedy(model_dir, p, NEW_TOKENS) for p in prompts]
     exact = [hf_greedy(model_dir, p, NEW_TOKENS) for p in prompts]
     params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=1)
@@ -108,7 +107,7 @@ def test_tp2_fp8_cache_matches_transformers_with_rounded_kv(tmp_path):
     per element, so the split changes nothing)."""
     model_dir = make_tiny_model(tmp_path / "m", "llama")
     prompt = random_prompt(random.Random(4), 21)
-    with _hf_fp8_kv(model_dir):
+    with _hf_fp8_kv():
         tokens, logprobs = hf_greedy(model_dir, prompt, NEW_TOKENS)
     params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=1)
     with LLM(str(model_dir), dtype="float32", tensor_parallel_size=2, kv_cache_dtype="fp8",
@@ -117,3 +116,52 @@ def test_tp2_fp8_cache_matches_transformers_with_rounded_kv(tmp_path):
     assert out.outputs[0].token_ids == tokens
     got = [lp[t].logprob for lp, t in zip(out.outputs[0].logprobs, tokens)]
     assert max(abs(x - y) for x, y in zip(got, logprobs)) < 1e-4
+
+
+SCALES = [(0.37, 0.053), (1.9, 0.011)]  # the tiny models' two layers: keys, values
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("names", ["attn", "proj"])
+def test_checkpoint_kv_scales_match_transformers(tmp_path, device, names):
+    """An FP8 checkpoint with a ``kv_cache_scheme`` (llm-compressor's per-tensor scales, both
+    tensor namings): with ``kv_cache_dtype="fp8"`` the cache stores ``k / k_scale`` and reads
+    ``fp8 * k_scale`` (transformers on the dequantized weights, rounding the same way, is the
+    oracle, and rounding with scale 1 would not match it); without the flag the scales load
+    and a 32-bit cache ignores them."""
+    model_dir = make_tiny_model(tmp_path / "m", "llama")
+    fp8_dir = write_fp8_checkpoint(model_dir, tmp_path / "fp8", kv_scales=SCALES,
+                                   kv_scale_names=names)
+    reference = write_dequantized(fp8_dir, tmp_path / "ref")
+    prompt = random_prompt(random.Random(8), 17)
+    with _hf_fp8_kv(SCALES):
+        tokens, logprobs = hf_greedy(reference, prompt, NEW_TOKENS)
+    with _hf_fp8_kv():
+        _, unscaled = hf_greedy(reference, prompt, NEW_TOKENS)
+    exact_tokens, exact = hf_greedy(reference, prompt, NEW_TOKENS)
+    assert max(abs(x - y) for x, y in zip(logprobs, unscaled)) > 1e-3  # the scales matter
+    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=1)
+    kw = dict(dtype="float32", block_size=4, max_model_len=128, device=device,
+              num_kv_blocks=256)
+    for kv, want_tokens, want in (("fp8", tokens, logprobs), ("auto", exact_tokens, exact)):
+        with LLM(str(fp8_dir), kv_cache_dtype=kv, **kw) as llm:
+            out = llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)[0]
+        assert out.outputs[0].token_ids == want_tokens, kv
+        got = [lp[t].logprob for lp, t in zip(out.outputs[0].logprobs, want_tokens)]
+        assert max(abs(x - y) for x, y in zip(got, want)) < 1e-4, kv
+
+
+def test_checkpoint_kv_scales_missing_or_bad_are_named(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model_dir = make_tiny_model(tmp_path / "m", "llama")
+    fp8_dir = write_fp8_checkpoint(model_dir, tmp_path / "fp8", kv_scales=SCALES)
+    (file,) = fp8_dir.glob("*.safetensors")
+    tensors = load_file(file)
+    del tensors["model.layers.1.self_attn.v_scale"]
+    tensors["model.layers.0.self_attn.k_scale"] = torch.tensor([-1.0])
+    save_file(tensors, str(file))
+    with pytest.raises(RuntimeError, match=r"model\.layers\.0\.self_attn\.k_scale: a KV-cache "
+                                           r"scale must be one positive number.*left "
+                                           r"unloaded: .*model\.layers\.1\.self_attn\.v_scale"):
+        LLM(str(fp8_dir), kv_cache_dtype="fp8", num_kv_blocks=64)

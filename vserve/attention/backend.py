@@ -14,9 +14,11 @@ block ``block_table[t // block_size]``, offset ``t % block_size``, i.e. flat slo
 ``block_id * block_size + offset``.
 
 A cache may be stored in a narrower dtype than the activations (``--kv-cache-dtype fp8``):
-keys and values are then rounded to it as they are written (:func:`to_cache_dtype`) and
-widened to the activations' dtype as they are read, so a token's own key and value are the
-rounded ones too, whether a kernel takes them from the cache or from its registers.
+keys and values are then divided by their layer's scale (``k_scale``/``v_scale``: a
+checkpoint's calibrated scales, else 1) and rounded to it as they are written
+(:func:`to_cache_dtype`), and widened and multiplied by the scale as they are read, so a
+token's own key and value are the rounded ones too, whether a kernel takes them from the
+cache or from its registers. The scales mean nothing to a 16/32-bit cache.
 
 Everything the model, the model runner and the CUDA graphs ask of a backend is declared on
 :class:`AttentionBackend`: ``forward``, the fused-RoPE entry ``forward_rope`` (with
@@ -67,16 +69,19 @@ class AttentionMetadata:
         return self.max_query_len == 1
 
 
-#: float8 e4m3's largest finite value. A float8 cache stores keys and values unscaled (the
-#: scale is 1, vLLM's default for checkpoints without KV scales), clamped to this range.
+#: float8 e4m3's largest finite value. A float8 cache stores keys and values divided by
+#: their scale (1 without a checkpoint's, vLLM's default), clamped to this range.
 FP8_MAX = 448.0
 
 
-def to_cache_dtype(x: torch.Tensor, cache_dtype: torch.dtype) -> torch.Tensor:
-    """``x`` as a cache of ``cache_dtype`` stores it: float8 clamps to ``±FP8_MAX`` first, so
-    that every path (torch here, the Triton kernels) stores ±448 past the range, whatever its
-    own conversion would make of such values (e4m3fn has no infinity)."""
+def to_cache_dtype(x: torch.Tensor, cache_dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
+    """``x`` as a cache of ``cache_dtype`` stores it: float8 divides by ``scale`` and clamps
+    to ``±FP8_MAX`` first, so that every path (torch here, the Triton kernels) stores ±448
+    past the range, whatever its own conversion would make of such values (e4m3fn has no
+    infinity). Other dtypes ignore ``scale``."""
     if cache_dtype == torch.float8_e4m3fn:
+        if scale != 1.0:
+            x = x.float() / scale
         x = x.clamp(-FP8_MAX, FP8_MAX)
     return x.to(cache_dtype)
 
@@ -104,11 +109,14 @@ class AttentionBackend(ABC):
         metadata: AttentionMetadata,
         scale: float,
         out: torch.Tensor | None = None,
+        k_scale: float = 1.0,
+        v_scale: float = 1.0,
     ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]: ``out`` when given
         """Write k, v into the cache at ``metadata.slot_mapping``, then attend.
 
         Grouped-query attention: query head h reads KV head ``h // (num_heads // num_kv_heads)``.
         A query row at context position p attends to positions ``0..p`` of its own sequence.
+        ``k_scale``/``v_scale``: a float8 cache's scales (see the module docstring).
         """
 
     def forward_rope(
@@ -124,6 +132,8 @@ class AttentionBackend(ABC):
         metadata: AttentionMetadata,
         scale: float,
         out: torch.Tensor | None = None,
+        k_scale: float = 1.0,
+        v_scale: float = 1.0,
     ) -> torch.Tensor:
         """``forward`` with RoPE (rotate-half, angles ``cos_cache[positions]``) applied to q
         and k first; q may be rotated in place. Only backends with ``fuses_rope`` implement

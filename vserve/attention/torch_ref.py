@@ -40,15 +40,21 @@ class TorchReferenceBackend(AttentionBackend):
         metadata: AttentionMetadata,
         scale: float,
         out: torch.Tensor | None = None,
+        k_scale: float = 1.0,
+        v_scale: float = 1.0,
     ) -> torch.Tensor:
         _, block_size, num_kv_heads, head_dim = k_cache.shape
+        if k_cache.dtype != torch.float8_e4m3fn:
+            k_scale = v_scale = 1.0
         num_heads = q.shape[1]
         group = num_heads // num_kv_heads
 
         # Write first: a sequence may read blocks another sequence writes in this same step.
         slots = metadata.slot_mapping.long()
-        k_cache.view(-1, num_kv_heads, head_dim)[slots] = to_cache_dtype(k, k_cache.dtype)
-        v_cache.view(-1, num_kv_heads, head_dim)[slots] = to_cache_dtype(v, v_cache.dtype)
+        k_cache.view(-1, num_kv_heads, head_dim)[slots] = to_cache_dtype(k, k_cache.dtype,
+                                                                          k_scale)
+        v_cache.view(-1, num_kv_heads, head_dim)[slots] = to_cache_dtype(v, v_cache.dtype,
+                                                                          v_scale)
 
         if out is None:
             out = torch.empty_like(q)
@@ -58,7 +64,7 @@ class TorchReferenceBackend(AttentionBackend):
         batched = len(decode) > 1 and (len(decode) * max(lens[s] for s in decode) * num_heads
                                        * head_dim <= _BATCHED_DECODE_ELEMENTS)
         if batched:
-            _decode_batch(q, k_cache, v_cache, metadata, decode, scale, out)
+            _decode_batch(q, k_cache, v_cache, metadata, decode, scale, out, k_scale, v_scale)
         for s, seq_len in enumerate(lens):
             start, end = starts[s], starts[s + 1]
             q_len = end - start
@@ -77,9 +83,10 @@ class TorchReferenceBackend(AttentionBackend):
                 # SDPA, whose CPU path for this case is the math fallback at ~3x the cost.
                 # Float32 throughout, as the CPU flash kernel accumulates for 16-bit inputs.
                 qg = q[start].view(num_kv_heads, group, head_dim).to(torch.float32)
-                scores = torch.matmul(qg, widen(keys, torch.float32).transpose(1, 2)) * scale
+                scores = torch.matmul(qg, widen(keys, torch.float32, k_scale).transpose(1, 2))
+                scores *= scale
                 probs = torch.softmax(scores, dim=-1)
-                attn = torch.matmul(probs, widen(values, torch.float32))
+                attn = torch.matmul(probs, widen(values, torch.float32, v_scale))
                 out[start] = attn.view(num_heads, head_dim)
                 continue
             # Query row i sits at position seq_len - q_len + i and sees positions 0..that.
@@ -88,8 +95,8 @@ class TorchReferenceBackend(AttentionBackend):
             # enable_gqa: query head h reads KV head h // group, without copying the KV heads.
             attn = F.scaled_dot_product_attention(
                 q[start:end].transpose(0, 1),
-                widen(keys, q.dtype),
-                widen(values, q.dtype),
+                widen(keys, q.dtype, k_scale),
+                widen(values, q.dtype, v_scale),
                 attn_mask=mask,
                 scale=scale,
                 enable_gqa=group > 1,
@@ -104,11 +111,15 @@ class TorchReferenceBackend(AttentionBackend):
 _FP8_VALUES = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()[:, None]
 
 
-def widen(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Cached keys or values as ``dtype`` for the arithmetic."""
-    if x.dtype != torch.float8_e4m3fn or x.device.type != "cpu":
+def widen(x: torch.Tensor, dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
+    """Cached keys or values as ``dtype`` for the arithmetic: a float8 cache's times its
+    ``scale`` (in float32, then rounded to ``dtype``)."""
+    if x.dtype != torch.float8_e4m3fn:
         return x.to(dtype)
-    return F.embedding(x.view(torch.uint8).int(), _FP8_VALUES).squeeze(-1).to(dtype)
+    if x.device.type != "cpu":
+        return (x.float() * scale).to(dtype) if scale != 1.0 else x.to(dtype)
+    table = _FP8_VALUES * scale if scale != 1.0 else _FP8_VALUES
+    return F.embedding(x.view(torch.uint8).int(), table).squeeze(-1).to(dtype)
 
 
 #: Above this many elements (rows × longest context × query heads × head dim) the decode rows
@@ -118,7 +129,7 @@ _BATCHED_DECODE_ELEMENTS = 1 << 23
 
 def _decode_batch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                   metadata: AttentionMetadata, seqs: list[int], scale: float,
-                  out: torch.Tensor) -> None:
+                  out: torch.Tensor, k_scale: float, v_scale: float) -> None:
     """Attention of the one-token sequences ``seqs`` in one pass: their contexts gathered
     into a ``[B, L, Hk, D]`` batch padded to the longest, positions past each length masked.
     The same float32 arithmetic as the per-sequence decode path, with a cost that does not
@@ -139,14 +150,14 @@ def _decode_batch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     keys = k_cache.index_select(0, tables.reshape(-1)).view(b, length, num_kv_heads, head_dim)
     values = v_cache.index_select(0, tables.reshape(-1)).view(b, length, num_kv_heads, head_dim)
     qg = q[rows].view(b, num_kv_heads, group, head_dim).to(torch.float32)
-    scores = torch.matmul(qg, widen(keys, torch.float32).permute(0, 2, 3, 1)) * scale
+    scores = torch.matmul(qg, widen(keys, torch.float32, k_scale).permute(0, 2, 3, 1)) * scale
     pad = (torch.arange(length, device=dev)[None, :]
            >= torch.tensor(lens, device=dev)[:, None])  # [B, L]
     scores.masked_fill_(pad[:, None, None, :], float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     # Slots past a sequence's length hold anything (NaN in the tests); a zero weight times
     # NaN is NaN, so the padded values are zeroed, not only weighted by zero.
-    values = widen(values, torch.float32).masked_fill(pad[:, :, None, None], 0.0)
+    values = widen(values, torch.float32, v_scale).masked_fill(pad[:, :, None, None], 0.0)
     attn = torch.matmul(probs, values.permute(0, 2, 1, 3))
     out[rows] = attn.reshape(b, num_heads, head_dim).to(out.dtype)
 

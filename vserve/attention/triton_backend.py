@@ -42,8 +42,11 @@ class TritonAttentionBackend(AttentionBackend):
         metadata: AttentionMetadata,
         scale: float,
         out: torch.Tensor | None = None,
+        k_scale: float = 1.0,
+        v_scale: float = 1.0,
     ) -> torch.Tensor:
-        return self._run(q, k, v, k_cache, v_cache, metadata, scale, out, None, None, None)
+        return self._run(q, k, v, k_cache, v_cache, metadata, scale, out, None, None, None,
+                         k_scale, v_scale)
 
     def forward_rope(
         self,
@@ -58,24 +61,30 @@ class TritonAttentionBackend(AttentionBackend):
         metadata: AttentionMetadata,
         scale: float,
         out: torch.Tensor | None = None,
+        k_scale: float = 1.0,
+        v_scale: float = 1.0,
     ) -> torch.Tensor:
         return self._run(q, k, v, k_cache, v_cache, metadata, scale, out, positions,
-                         cos_cache, sin_cache)
+                         cos_cache, sin_cache, k_scale, v_scale)
 
     def _run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
              v_cache: torch.Tensor, metadata: AttentionMetadata, scale: float,
              out: torch.Tensor | None, positions: torch.Tensor | None,
-             cos: torch.Tensor | None, sin: torch.Tensor | None) -> torch.Tensor:
+             cos: torch.Tensor | None, sin: torch.Tensor | None, k_scale: float,
+             v_scale: float) -> torch.Tensor:
         if out is None:
             out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-        if q.dtype != k_cache.dtype and k_cache.dtype != torch.float8_e4m3fn:
-            # A 16/32-bit cache sets the arithmetic's dtype; a float8 one is only storage.
-            q, k, v = q.to(k_cache.dtype), k.to(k_cache.dtype), v.to(k_cache.dtype)
+        if k_cache.dtype != torch.float8_e4m3fn:
+            k_scale = v_scale = 1.0
+            if q.dtype != k_cache.dtype:
+                # A 16/32-bit cache sets the arithmetic's dtype; a float8 one is only storage.
+                q, k, v = q.to(k_cache.dtype), k.to(k_cache.dtype), v.to(k_cache.dtype)
+        kv_scales = (k_scale, v_scale)
         if metadata.max_query_len == 1 and q.shape[0] == metadata.seq_lens.shape[0]:
             return ops.decode_attention(
                 q, k, v, k_cache, v_cache, metadata.block_tables, metadata.seq_lens,
                 metadata.slot_mapping, scale, out, positions, cos, sin,
-                bt_stride=metadata.block_table_stride,
+                bt_stride=metadata.block_table_stride, kv_scales=kv_scales,
             )
         rows = metadata.num_decode_rows
         if rows is not None:
@@ -85,11 +94,13 @@ class TritonAttentionBackend(AttentionBackend):
             ops.decode_attention(
                 q[:n], k[:n], v[:n], k_cache, v_cache, metadata.block_tables,
                 metadata.seq_lens, metadata.slot_mapping, scale, out[:n], positions, cos, sin,
-                num_splits=1, bt_stride=metadata.block_table_stride, num_rows=rows)
+                num_splits=1, bt_stride=metadata.block_table_stride, num_rows=rows,
+                kv_scales=kv_scales)
         ops.rope_and_cache(q, k, v, k_cache, v_cache, metadata.slot_mapping, positions, cos, sin,
-                           row_start=rows)
+                           row_start=rows, kv_scales=kv_scales)
         return ops.prefill_attention(
             q, k_cache, v_cache, metadata.block_tables, metadata.seq_lens,
             metadata.query_start_loc, metadata.max_query_len, scale, out,
             tile_list=metadata.prefill_tiles, bt_stride=metadata.block_table_stride,
+            kv_scales=kv_scales,
         )

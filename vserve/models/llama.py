@@ -131,6 +131,17 @@ class RopeInputs(NamedTuple):
     sin_cache: torch.Tensor | None
 
 
+def _kv_cache_scale_name(ckpt_name: str) -> tuple[str, str] | None:
+    """``(attention module, "k_scale" | "v_scale")`` for a checkpoint's float8 KV-cache scale
+    (``…self_attn.k_scale``, or the older ``…self_attn.k_proj.output_scale``), else None."""
+    for suffix, attr in ((".k_scale", "k_scale"), (".v_scale", "v_scale"),
+                         (".k_proj.output_scale", "k_scale"),
+                         (".v_proj.output_scale", "v_scale")):
+        if ckpt_name.endswith(suffix):
+            return ckpt_name[: -len(suffix)], attr
+    return None
+
+
 def _checkpoint_name(name: str, shard: int | None) -> str:
     """The HF name of shard ``shard`` of parameter ``name`` (``name`` itself if unmerged)."""
     if shard is None:
@@ -170,6 +181,10 @@ class LlamaAttention(nn.Module):
             self.k_norm = RMSNorm(self.head_dim, arch.rms_norm_eps)
         # A plain attribute, not a submodule: the backend holds no parameters.
         self.attn_backend = attn_backend
+        # A float8 KV cache's scales: a checkpoint's (kv_cache_scheme), else 1. Plain floats,
+        # set by load_weights before any CUDA graph captures them.
+        self.k_scale = 1.0
+        self.v_scale = 1.0
 
     def forward(
         self,
@@ -195,7 +210,7 @@ class LlamaAttention(nn.Module):
             assert rope.cos_cache is not None and rope.sin_cache is not None
             out = self.attn_backend.forward_rope(
                 q, k, v, rope.positions, rope.cos_cache, rope.sin_cache, k_cache, v_cache,
-                attn_metadata, self.scale)
+                attn_metadata, self.scale, k_scale=self.k_scale, v_scale=self.v_scale)
         else:
             assert rope.cos is not None and rope.sin is not None
             if self.q_norm is None:
@@ -207,7 +222,8 @@ class LlamaAttention(nn.Module):
             else:
                 q = apply_rotary(q, rope.cos, rope.sin)
                 k = apply_rotary(k, rope.cos, rope.sin)
-            out = self.attn_backend.forward(q, k, v, k_cache, v_cache, attn_metadata, self.scale)
+            out = self.attn_backend.forward(q, k, v, k_cache, v_cache, attn_metadata, self.scale,
+                                            k_scale=self.k_scale, v_scale=self.v_scale)
         out = linear(out.reshape(num_tokens, self.q_size), self.o_proj)
         return out if self.tp is None else self.tp.all_reduce(out)
 
@@ -337,6 +353,8 @@ class LlamaForCausalLM(nn.Module):
             ShardLayout(arch)
         layout = self.layout
         self.model = LlamaModel(arch, attn_backend, layout, tp, quantization)
+        # Each attention layer's float8 KV-cache scales come with the checkpoint.
+        self._kv_cache_scales = quantization is not None and quantization.kv_cache_scales
         self.lm_head: nn.Linear | None = None
         if not arch.tie_word_embeddings:
             self.lm_head = nn.Linear(arch.hidden_size, layout.vocab_size, bias=False)
@@ -394,16 +412,34 @@ class LlamaForCausalLM(nn.Module):
         """
         params = dict(self.named_parameters())
         fp8_layers = {n: m for n, m in self.named_modules() if isinstance(m, Fp8Linear)}
+        attention = ({n: m for n, m in self.named_modules() if isinstance(m, LlamaAttention)}
+                     if self._kv_cache_scales else {})
         # name → shard indices still to load (a single None for unmerged parameters)
         pending: dict[str, set[int | None]] = {}
         for name in params:
             merged = next((m for m, _, _ in _STACKED_PARAMS if f".{m}." in name), None)
             pending[name] = set(range(len(self._shard_sizes[merged]))) if merged else {None}
+        for name in attention:
+            pending[f"{name}.k_scale"] = {None}
+            pending[f"{name}.v_scale"] = {None}
         unexpected: list[str] = []
         mismatched: list[str] = []
         for ckpt_name, tensor in weights:
             if "rotary_emb." in ckpt_name:
                 continue  # inv_freq / cos / sin caches some checkpoints carry
+            kv_scale = _kv_cache_scale_name(ckpt_name) if attention else None
+            if kv_scale is not None:
+                module_name, attr = kv_scale
+                value = float(tensor.float().reshape(-1)[0]) if tensor.numel() == 1 else 0.0
+                if module_name not in attention:
+                    unexpected.append(ckpt_name)
+                elif not 0.0 < value < float("inf"):
+                    mismatched.append(f"{ckpt_name}: a KV-cache scale must be one positive "
+                                      f"number, got {tuple(tensor.shape)} {tensor.flatten()[:4]}")
+                else:
+                    setattr(attention[module_name], attr, value)
+                    pending[f"{module_name}.{attr}"].discard(None)
+                continue
             if self.lm_head is None and ckpt_name == "lm_head.weight":
                 continue  # tied: the embedding is the head
             name, shard = ckpt_name, None

@@ -10,7 +10,9 @@ models ship:
   config group over ``Linear`` whose ``weights`` are 8-bit symmetric floats with the
   ``channel`` or ``tensor`` strategy; ``input_activations`` absent (weight-only), dynamic
   per ``token``, or static per ``tensor`` (an ``input_scale`` per layer); ``ignore`` may
-  name ``lm_head`` only;
+  name ``lm_head`` only; a ``kv_cache_scheme`` of static per-tensor 8-bit float scales
+  brings each layer's ``k_scale``/``v_scale`` (older files: ``k_proj.output_scale``,
+  ``v_proj.output_scale``), used by a float8 KV cache (``--kv-cache-dtype fp8``);
 * ``quant_method: fp8`` (AutoFP8, vLLM's own): a per-tensor ``weight_scale``,
   ``activation_scheme`` ``dynamic`` or ``static``;
 
@@ -43,6 +45,9 @@ class Fp8Scheme:
     prequantized: bool
     activations: ActivationScheme
     source: str  # for messages: "compressed-tensors", "fp8", or "--quantization fp8"
+    #: The checkpoint holds each attention layer's ``k_scale`` and ``v_scale`` (calibrated
+    #: per-tensor scales of the keys after RoPE and of the values) for a float8 KV cache.
+    kv_cache_scales: bool = False
 
 
 #: ``--quantization fp8`` on a 16-bit checkpoint.
@@ -60,9 +65,13 @@ def _compressed_tensors(q: dict[str, Any]) -> Fp8Scheme:
     fmt = q.get("format", "float-quantized")
     if fmt != "float-quantized":
         raise _refuse(f"format {fmt!r}")
-    if q.get("kv_cache_scheme"):
-        raise _refuse("kv_cache_scheme (an FP8 KV cache with calibrated scales; "
-                      "--kv-cache-dtype fp8 stores keys and values unscaled)")
+    kv = q.get("kv_cache_scheme")
+    if kv and (kv.get("type") != "float" or kv.get("num_bits") != 8
+               or kv.get("symmetric") is False or kv.get("dynamic")
+               or kv.get("strategy", "tensor") != "tensor"):
+        raise _refuse(f"kv_cache_scheme: {kv.get('num_bits')}-bit {kv.get('type')}, strategy "
+                      f"{kv.get('strategy')!r}, dynamic={kv.get('dynamic')} (only static "
+                      "per-tensor symmetric 8-bit float scales)")
     ignore = [str(x) for x in q.get("ignore") or []]
     others = [x for x in ignore if x not in ("lm_head", "re:.*lm_head")]
     if others:
@@ -99,7 +108,8 @@ def _compressed_tensors(q: dict[str, Any]) -> Fp8Scheme:
         else:
             raise _refuse(f"{where}: dynamic={a.get('dynamic')} strategy={a.get('strategy')!r} "
                           "(dynamic per token or static per tensor)")
-    return Fp8Scheme(prequantized=True, activations=activations, source="compressed-tensors")
+    return Fp8Scheme(prequantized=True, activations=activations, source="compressed-tensors",
+                     kv_cache_scales=bool(kv))
 
 
 def _fp8(q: dict[str, Any]) -> Fp8Scheme:

@@ -55,11 +55,12 @@ def _rotate(x1, x2, cos, sin):
 
 
 @triton.jit
-def _cache_value(x, FP8: tl.constexpr):
-    """``x`` ready for a store into the cache: a float8 cache holds values unscaled, so they
-    are clamped to e4m3's range first (``vserve.attention.backend.to_cache_dtype``)."""
+def _cache_value(x, inv_scale, FP8: tl.constexpr):
+    """``x`` ready for a store into the cache: a float8 cache holds values divided by their
+    scale (times ``inv_scale``) and clamped to e4m3's range
+    (``vserve.attention.backend.to_cache_dtype``)."""
     if FP8:
-        x = tl.minimum(tl.maximum(x.to(tl.float32), -448.0), 448.0)
+        x = tl.minimum(tl.maximum(x.to(tl.float32) * inv_scale, -448.0), 448.0)
     return x
 
 
@@ -68,7 +69,7 @@ def _rope_cache_kernel(
     q_ptr, k_ptr, v_ptr,
     sq_t, sq_h, sk_t, sk_h, sv_t, sv_h,
     kc_ptr, vc_ptr, sc_b, sc_s, sc_h,
-    slot_ptr, pos_ptr, cos_ptr, sin_ptr, s_rope,
+    slot_ptr, pos_ptr, cos_ptr, sin_ptr, s_rope, k_inv, v_inv,
     NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HALF: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_DH: tl.constexpr,
     PAGE: tl.constexpr, ROPE: tl.constexpr, KV_FP8: tl.constexpr,
@@ -107,17 +108,14 @@ def _rope_cache_kernel(
     slot = tl.load(slot_ptr + t).to(tl.int64)
     if slot >= 0:
         c_off = (slot // PAGE) * sc_b + (slot % PAGE) * sc_s + hk[:, None] * sc_h + dh[None, :]
-        tl.store(kc_ptr + c_off, _cache_value(k1, KV_FP8).to(kc_ptr.dtype.element_ty),
-                 mask=kmask)
-        tl.store(kc_ptr + c_off + HALF, _cache_value(k2, KV_FP8).to(kc_ptr.dtype.element_ty),
-                 mask=kmask)
+        kty = kc_ptr.dtype.element_ty
+        tl.store(kc_ptr + c_off, _cache_value(k1, k_inv, KV_FP8).to(kty), mask=kmask)
+        tl.store(kc_ptr + c_off + HALF, _cache_value(k2, k_inv, KV_FP8).to(kty), mask=kmask)
         v_off = t * sv_t + hk[:, None] * sv_h + dh[None, :]
         v1 = tl.load(v_ptr + v_off, mask=kmask, other=0.0)
         v2 = tl.load(v_ptr + v_off + HALF, mask=kmask, other=0.0)
-        tl.store(vc_ptr + c_off, _cache_value(v1, KV_FP8).to(vc_ptr.dtype.element_ty),
-                 mask=kmask)
-        tl.store(vc_ptr + c_off + HALF, _cache_value(v2, KV_FP8).to(vc_ptr.dtype.element_ty),
-                 mask=kmask)
+        tl.store(vc_ptr + c_off, _cache_value(v1, v_inv, KV_FP8).to(kty), mask=kmask)
+        tl.store(vc_ptr + c_off + HALF, _cache_value(v2, v_inv, KV_FP8).to(kty), mask=kmask)
 
 
 # The block table's row stride changes with the longest sequence of an eager step: not
@@ -131,7 +129,8 @@ def _decode_kernel(
     pos_ptr, cos_ptr, sin_ptr, s_rope,
     out_ptr, so_t, so_h,
     part_ptr, ml_ptr,  # split-KV partials: [S, H, NUM_SPLITS, D] acc and [S, H, NUM_SPLITS, 2]
-    qk_scale,  # softmax scale * log2(e)
+    qk_scale,  # softmax scale * log2(e) (* k_scale: scores are taken over the stored keys)
+    k_inv, v_inv, v_scale,  # a float8 cache's: 1 / k_scale, 1 / v_scale, v_scale
     GROUP: tl.constexpr, HALF: tl.constexpr, NUM_HEADS: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_DH: tl.constexpr, BLOCK_N: tl.constexpr,
     PAGE: tl.constexpr, ROPE: tl.constexpr, PRECISION: tl.constexpr, KV_FP8: tl.constexpr,
@@ -182,10 +181,10 @@ def _decode_kernel(
         k1 = r1.to(k1.dtype)
         k2 = r2.to(k2.dtype)
     # As stored: the new token's own key and value are the cache's (rounded) ones.
-    k1 = _cache_value(k1, KV_FP8).to(cache_ty)
-    k2 = _cache_value(k2, KV_FP8).to(cache_ty)
-    v1 = _cache_value(v1, KV_FP8).to(cache_ty)
-    v2 = _cache_value(v2, KV_FP8).to(cache_ty)
+    k1 = _cache_value(k1, k_inv, KV_FP8).to(cache_ty)
+    k2 = _cache_value(k2, k_inv, KV_FP8).to(cache_ty)
+    v1 = _cache_value(v1, v_inv, KV_FP8).to(cache_ty)
+    v2 = _cache_value(v2, v_inv, KV_FP8).to(cache_ty)
 
     # The new token (split 0 only): into the cache, and the first term of the online
     # softmax. Other splits start empty; each of them sees at least one valid column in its
@@ -247,6 +246,9 @@ def _decode_kernel(
         acc2 = tl.dot(pd, vt2, acc=acc2 * alpha[:, None], input_precision=PRECISION)
         m_i = m_new
 
+    if KV_FP8:  # the stored values, times their scale (a linear map: once, at the end)
+        acc1 = acc1 * v_scale
+        acc2 = acc2 * v_scale
     if NUM_SPLITS == 1:
         o_off = s * so_t + heads[:, None] * so_h + dh[None, :]
         inv = 1.0 / l_i
@@ -295,10 +297,10 @@ def _prefill_kernel(
     kc_ptr, vc_ptr, sc_b, sc_s, sc_h,
     bt_ptr, s_bt, bt_stride_ptr, seq_lens_ptr, qsl_ptr, tiles_ptr,
     out_ptr, so_t, so_h,
-    qk_scale,
+    qk_scale, v_scale,  # as the decode kernel's (a float8 cache's scales folded in)
     GROUP: tl.constexpr, HALF: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DH: tl.constexpr,
-    PAGE: tl.constexpr, PRECISION: tl.constexpr,
+    PAGE: tl.constexpr, PRECISION: tl.constexpr, KV_FP8: tl.constexpr,
     TILED: tl.constexpr, BT_STRIDE_IN_MEM: tl.constexpr,
 ):
     h = tl.program_id(1)
@@ -372,6 +374,8 @@ def _prefill_kernel(
         m_i = m_new
 
     inv = 1.0 / l_i
+    if KV_FP8:
+        inv = inv * v_scale
     o_off = rows[:, None] * so_t + h * so_h + dh[None, :]
     tl.store(out_ptr + o_off, (acc1 * inv[:, None]).to(out_ptr.dtype.element_ty), mask=qmask)
     tl.store(out_ptr + o_off + HALF, (acc2 * inv[:, None]).to(out_ptr.dtype.element_ty),
@@ -405,11 +409,14 @@ def rope_and_cache(
     cos_cache: torch.Tensor | None = None,
     sin_cache: torch.Tensor | None = None,
     row_start: torch.Tensor | None = None,
+    kv_scales: tuple[float, float] = (1.0, 1.0),
 ) -> None:
     """Rotate ``q`` in place and ``k`` (when ``positions`` is given), then write k and v into
     the cache at ``slot_mapping`` (negative slots are skipped). ``q``/``k``/``v`` are
     ``[T, heads, head_dim]`` views (any row/head strides, contiguous last dimension).
-    ``row_start`` (a one-element int32 device tensor): rows before it are left untouched."""
+    ``row_start`` (a one-element int32 device tensor): rows before it are left untouched.
+    ``kv_scales``: a float8 cache's ``(k_scale, v_scale)``; values are stored divided by
+    them."""
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
     if num_tokens == 0:
@@ -428,7 +435,7 @@ def rope_and_cache(
         q, k, v,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_cache, v_cache, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        slot_mapping, pos, cos, sin, cos.stride(0),
+        slot_mapping, pos, cos, sin, cos.stride(0), 1.0 / kv_scales[0], 1.0 / kv_scales[1],
         NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HALF=half,
         BLOCK_H=triton.next_power_of_2(num_heads), BLOCK_HK=triton.next_power_of_2(num_kv_heads),
         BLOCK_DH=triton.next_power_of_2(half), PAGE=k_cache.shape[1], ROPE=rope,
@@ -456,6 +463,7 @@ def decode_attention(
     bt_stride: torch.Tensor | None = None,
     num_rows: torch.Tensor | None = None,
     tuning: tuple[int, int, int] | None = None,
+    kv_scales: tuple[float, float] = (1.0, 1.0),
 ) -> torch.Tensor:
     """One new token per sequence (row ``s`` of q/k/v is sequence ``s``): RoPE (when
     ``positions`` is given), cache write, and attention over ``seq_lens[s]`` tokens.
@@ -469,7 +477,8 @@ def decode_attention(
     CUDA graph of mixed steps, whose other rows are prompt chunks).
 
     ``tuning``: ``(BLOCK_N, num_warps, num_stages)`` instead of the defaults
-    (``benchmarks/decode_attention.py`` sweeps them)."""
+    (``benchmarks/decode_attention.py`` sweeps them). ``kv_scales``: as in
+    ``rope_and_cache``."""
     num_seqs, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
     if num_seqs == 0:
@@ -506,7 +515,7 @@ def decode_attention(
         pos, cos, sin, cos.stride(0),
         out, out.stride(0), out.stride(1),
         part, ml,
-        scale * _LOG2E,
+        scale * _LOG2E * kv_scales[0], 1.0 / kv_scales[0], 1.0 / kv_scales[1], kv_scales[1],
         GROUP=group, HALF=half, NUM_HEADS=num_heads,
         BLOCK_G=_pow2(group), BLOCK_DH=_pow2(half), BLOCK_N=block_n,
         PAGE=k_cache.shape[1], ROPE=rope, PRECISION=_precision(q.dtype),
@@ -556,13 +565,15 @@ def prefill_attention(
     out: torch.Tensor,
     tile_list: torch.Tensor | None = None,
     bt_stride: torch.Tensor | None = None,
+    kv_scales: tuple[float, float] = (1.0, 1.0),
 ) -> torch.Tensor:
     """Causal attention of each sequence's new rows over its whole (cached) context; the
     new tokens' k/v must already be in the cache.
 
     ``tile_list`` (int32, from ``vserve.ops.tiles.prefill_tiles`` with ``prefill_block_m``
     rows per tile, padded with -1) fixes the grid to one program per entry and head, whatever the step holds:
-    that is how a CUDA graph replays it. ``bt_stride`` as in ``decode_attention``."""
+    that is how a CUDA graph replays it. ``bt_stride`` and ``kv_scales`` as in
+    ``decode_attention``."""
     num_tokens, num_heads, head_dim = q.shape
     num_seqs = seq_lens.shape[0]
     if num_tokens == 0 or num_seqs == 0:
@@ -588,10 +599,10 @@ def prefill_attention(
         bt_stride if bt_stride is not None else seq_lens, seq_lens, query_start_loc,
         tile_list if tile_list is not None else seq_lens,
         out, out.stride(0), out.stride(1),
-        scale * _LOG2E,
+        scale * _LOG2E * kv_scales[0], kv_scales[1],
         GROUP=num_heads // num_kv_heads, HALF=half,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_DH=block_dh,
-        PAGE=k_cache.shape[1], PRECISION=_precision(q.dtype),
+        PAGE=k_cache.shape[1], PRECISION=_precision(q.dtype), KV_FP8=_is_fp8(k_cache),
         TILED=tile_list is not None, BT_STRIDE_IN_MEM=bt_stride is not None,
         num_warps=4, num_stages=2,
     )

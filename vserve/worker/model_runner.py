@@ -96,6 +96,9 @@ class ModelRunner:
         self.kv_dtype = torch.float8_e4m3fn if config.cache.kv_cache_fp8 else self.dtype
         if config.cache.kv_cache_fp8:
             check_fp8_device(self.device, "a float8 KV cache (kv_cache_dtype fp8)")
+        elif self.quantization is not None and self.quantization.kv_cache_scales:
+            logger.info("the checkpoint's KV-cache scales (kv_cache_scheme) apply to a float8 "
+                        "cache only: pass --kv-cache-dtype fp8 to use them")
         self.skip_compute = config.device.benchmark_skip_compute
         self.fake_device = (SimulatedDevice(config.device.benchmark_step_ms / 1e3)
                             if self.skip_compute and config.device.benchmark_step_ms else None)
