@@ -25,6 +25,7 @@ from vserve import LLM, SamplingParams
 from vserve.attention.backend import to_cache_dtype
 
 NEW_TOKENS = 24
+SCALES = [(0.37, 0.053), (1.9, 0.011)]  # the tiny models' two layers: keys, values
 
 
 def _fp8(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
@@ -102,13 +103,18 @@ def test_fp8_cache_option_is_validated():
         CacheConfig(kv_cache_dtype="fp8_e5m2")  # type: ignore[arg-type]
 
 
-def test_tp2_fp8_cache_matches_transformers_with_rounded_kv(tmp_path):
+@pytest.mark.parametrize("scaled", [False, True], ids=["unscaled", "checkpoint-scales"])
+def test_tp2_fp8_cache_matches_transformers_with_rounded_kv(tmp_path, scaled):
     """Tensor parallel on CPU: each rank stores its own KV heads in float8 (the rounding is
-    per element, so the split changes nothing)."""
+    per element and the scales per layer, so the split changes nothing)."""
     model_dir = make_tiny_model(tmp_path / "m", "llama")
+    reference = model_dir
+    if scaled:
+        model_dir = write_fp8_checkpoint(model_dir, tmp_path / "fp8", kv_scales=SCALES)
+        reference = write_dequantized(model_dir, tmp_path / "ref")
     prompt = random_prompt(random.Random(4), 21)
-    with _hf_fp8_kv():
-        tokens, logprobs = hf_greedy(model_dir, prompt, NEW_TOKENS)
+    with _hf_fp8_kv(SCALES if scaled else None):
+        tokens, logprobs = hf_greedy(reference, prompt, NEW_TOKENS)
     params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=1)
     with LLM(str(model_dir), dtype="float32", tensor_parallel_size=2, kv_cache_dtype="fp8",
              num_kv_blocks=128, block_size=4, max_model_len=128) as llm:
@@ -116,9 +122,6 @@ def test_tp2_fp8_cache_matches_transformers_with_rounded_kv(tmp_path):
     assert out.outputs[0].token_ids == tokens
     got = [lp[t].logprob for lp, t in zip(out.outputs[0].logprobs, tokens)]
     assert max(abs(x - y) for x, y in zip(got, logprobs)) < 1e-4
-
-
-SCALES = [(0.37, 0.053), (1.9, 0.011)]  # the tiny models' two layers: keys, values
 
 
 @pytest.mark.parametrize("device", DEVICES)
