@@ -408,7 +408,9 @@ class LlamaForCausalLM(nn.Module):
         must be loaded exactly as the checkpoint names it; raises ``ValueError`` listing
         unexpected tensors, shape mismatches and parameters left unloaded. Tensors are
         converted to each parameter's dtype and device; FP8 layers take theirs through
-        ``Fp8Linear.load`` (a 16-bit weight is quantized there and brings its scale).
+        ``Fp8Linear.load`` (a 16-bit weight is quantized there and brings its scale). Under a
+        ``kv_cache_scheme`` every attention layer's ``k_scale`` and ``v_scale`` must come too
+        (one positive number each; ``_kv_cache_scale_name`` lists the accepted names).
         """
         params = dict(self.named_parameters())
         fp8_layers = {n: m for n, m in self.named_modules() if isinstance(m, Fp8Linear)}
