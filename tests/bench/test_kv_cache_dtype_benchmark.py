@@ -1,5 +1,6 @@
 """``benchmarks/kv_cache_dtype.py`` runs as documented (a real subprocess, the demo model on
-the CPU): both cache dtypes measured, float8 holding four times float32's blocks."""
+the CPU): both cache dtypes measured, float8 holding four times float32's blocks, and the
+teacher-forced quality figures (the float8 cache moves the logprobs of the same tokens)."""
 
 from __future__ import annotations
 
@@ -19,4 +20,8 @@ def test_auto_against_fp8(tmp_path: Path) -> None:
     result = json.loads(out.read_text())
     assert result["auto"]["tokens_per_s_median"] > 0 and result["fp8"]["tokens_per_s_median"] > 0
     assert result["fp8"]["kv_blocks"] == 4 * result["auto"]["kv_blocks"]  # demo: float32
-    assert 0.0 <= result["greedy_positions_agreeing"] <= 1.0
+    forced = result["teacher_forced"]
+    assert forced["tokens"] == 3 * 6
+    assert forced["top1_auto"] > 0.9  # auto scoring its own greedy tokens
+    assert 0.0 <= forced["top1_fp8"] <= 1.0
+    assert 0.0 < forced["logprob_abs_diff_mean"] <= forced["logprob_abs_diff_max"]
