@@ -74,12 +74,10 @@ class TritonAttentionBackend(AttentionBackend):
              v_scale: float) -> torch.Tensor:
         if out is None:
             out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-        if k_cache.dtype != torch.float8_e4m3fn:
-            k_scale = v_scale = 1.0
-            if q.dtype != k_cache.dtype:
-                # A 16/32-bit cache sets the arithmetic's dtype; a float8 one is only storage.
-                q, k, v = q.to(k_cache.dtype), k.to(k_cache.dtype), v.to(k_cache.dtype)
-        kv_scales = (k_scale, v_scale)
+        if q.dtype != k_cache.dtype and k_cache.dtype != torch.float8_e4m3fn:
+            # A 16/32-bit cache sets the arithmetic's dtype; a float8 one is only storage.
+            q, k, v = q.to(k_cache.dtype), k.to(k_cache.dtype), v.to(k_cache.dtype)
+        kv_scales = (k_scale, v_scale)  # the kernels apply them to a float8 cache only
         if metadata.max_query_len == 1 and q.shape[0] == metadata.seq_lens.shape[0]:
             return ops.decode_attention(
                 q, k, v, k_cache, v_cache, metadata.block_tables, metadata.seq_lens,

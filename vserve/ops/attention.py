@@ -393,6 +393,12 @@ def _is_fp8(cache: torch.Tensor) -> bool:
     return cache.dtype == torch.float8_e4m3fn
 
 
+def _scales(cache: torch.Tensor, kv_scales: tuple[float, float]) -> tuple[float, float]:
+    """The scales a cache applies: a float8 cache's own, 1 for a 16/32-bit cache (which
+    stores values as they are, so scaled scores or outputs would be wrong)."""
+    return kv_scales if _is_fp8(cache) else (1.0, 1.0)
+
+
 def _check_head(x: torch.Tensor, name: str) -> None:
     if x.stride(-1) != 1:
         raise ValueError(f"{name} must be contiguous in its last dimension")
@@ -421,6 +427,7 @@ def rope_and_cache(
     num_kv_heads = k.shape[1]
     if num_tokens == 0:
         return
+    ks, vs = _scales(k_cache, kv_scales)
     for name, x in (("q", q), ("k", k), ("v", v), ("k_cache", k_cache)):
         _check_head(x, name)
     half = head_dim // 2
@@ -435,7 +442,7 @@ def rope_and_cache(
         q, k, v,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_cache, v_cache, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        slot_mapping, pos, cos, sin, cos.stride(0), 1.0 / kv_scales[0], 1.0 / kv_scales[1],
+        slot_mapping, pos, cos, sin, cos.stride(0), 1.0 / ks, 1.0 / vs,
         NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HALF=half,
         BLOCK_H=triton.next_power_of_2(num_heads), BLOCK_HK=triton.next_power_of_2(num_kv_heads),
         BLOCK_DH=triton.next_power_of_2(half), PAGE=k_cache.shape[1], ROPE=rope,
@@ -494,6 +501,7 @@ def decode_attention(
     else:
         cos = sin = k_cache
         pos = seq_lens
+    ks, vs = _scales(k_cache, kv_scales)
     fp32 = q.dtype == torch.float32
     block_n, warps, stages = tuning or (32 if fp32 else 64, 4, 2)
     if num_splits is None:
@@ -515,7 +523,7 @@ def decode_attention(
         pos, cos, sin, cos.stride(0),
         out, out.stride(0), out.stride(1),
         part, ml,
-        scale * _LOG2E * kv_scales[0], 1.0 / kv_scales[0], 1.0 / kv_scales[1], kv_scales[1],
+        scale * _LOG2E * ks, 1.0 / ks, 1.0 / vs, vs,
         GROUP=group, HALF=half, NUM_HEADS=num_heads,
         BLOCK_G=_pow2(group), BLOCK_DH=_pow2(half), BLOCK_N=block_n,
         PAGE=k_cache.shape[1], ROPE=rope, PRECISION=_precision(q.dtype),
@@ -582,6 +590,7 @@ def prefill_attention(
     _check_head(out, "out")
     num_kv_heads = k_cache.shape[2]
     half = head_dim // 2
+    ks, vs = _scales(k_cache, kv_scales)
     fp32 = q.dtype == torch.float32
     block_dh = _pow2(half)
     block_m = tiles.prefill_block_m(q.dtype, head_dim)
@@ -599,7 +608,7 @@ def prefill_attention(
         bt_stride if bt_stride is not None else seq_lens, seq_lens, query_start_loc,
         tile_list if tile_list is not None else seq_lens,
         out, out.stride(0), out.stride(1),
-        scale * _LOG2E * kv_scales[0], kv_scales[1],
+        scale * _LOG2E * ks, vs,
         GROUP=num_heads // num_kv_heads, HALF=half,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_DH=block_dh,
         PAGE=k_cache.shape[1], PRECISION=_precision(q.dtype), KV_FP8=_is_fp8(k_cache),
