@@ -245,12 +245,19 @@ def test_fp8_cache_matches_reference(shape, dtype, mode, scaled, fresh_seed: int
         # RoPE'd keys are rounded twice by the kernels (to q's dtype, then to float8):
         # sometimes one float8 step away from the reference's single rounding; so are scaled
         # values (the kernels multiply by 1 / scale, the reference divides).
-        loose = "rope" in mode or mode == "tiled" or scaled
+        rotated = "rope" in mode or mode == "tiled"
+        loose = rotated or scaled
         assert err < _tolerance(dtype) + (0.02 if loose else 0), (seed, seqs, err)
+        # The reference rotates in q's dtype, term by term as HF does; the kernels in float32.
+        # Where the two terms cancel, bfloat16's rounding of each product (up to 0.016 for
+        # these magnitudes) is most of the result: the 16-bit cache test's 2e-2 covers it
+        # (measured: 2 of 256,000 rotated bfloat16 keys differ by more than 4e-3 after
+        # float8 rounding, none by more than 2e-2).
+        k_atol = 2e-2 if rotated else 4e-3
         for (ctx, new), table in zip(seqs, tables):
             for p in range(ctx + new):
                 b, o = table[p // block_size], p % block_size
-                assert torch.allclose(kc[b, o].float(), ref_kc[b, o].float(), atol=4e-3,
+                assert torch.allclose(kc[b, o].float(), ref_kc[b, o].float(), atol=k_atol,
                                       rtol=0.13), (seed, seqs, p)
                 if scaled:
                     assert torch.allclose(vc[b, o].float(), ref_vc[b, o].float(), atol=4e-3,
