@@ -93,6 +93,10 @@ def test_exact_totals_from_every_api_server():
             assert total(series, "vserve_generation_tokens_total") == completion_total, server
             assert total(series, "vserve_request_prompt_tokens_count") == num
             assert total(series, "vserve_time_to_first_token_seconds_count") == num
+            # One gap per token after a request's first (fewer where a step delivered several).
+            gaps = total(series, "vserve_inter_token_latency_seconds_count")
+            assert 0 < gaps <= completion_total - num, (gaps, completion_total)
+            assert total(series, "vserve_inter_token_latency_seconds_sum") > 0
             assert total(series, "vserve_http_requests_total", route="/v1/completions",
                          status="200") == num
             for gauge in ("vserve_num_requests_running", "vserve_num_requests_waiting",

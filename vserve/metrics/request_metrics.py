@@ -8,6 +8,8 @@ removed when the supervisor marks it dead.
 from __future__ import annotations
 
 import time
+from bisect import bisect_left
+from collections import Counter as Tally
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -91,6 +93,29 @@ def declare_series(model_name: str) -> None:
         REQUESTS_REJECTED.labels(model_name, reason)
 
 
+def observe_many(histogram: Histogram, values: Sequence[float]) -> None:
+    """``histogram.observe(v)`` for each of ``values`` (a labelled child), with one write per
+    bucket touched instead of two per value: a request's inter-token gaps are recorded when
+    it finishes, and a 128-token request's 127 separate observations cost the API server
+    ~280 µs (multiprocess mode writes each to a memory-mapped file), paid by every request
+    streaming through it at that moment. Uses prometheus_client's histogram layout
+    (``_upper_bounds``, ``_buckets``, ``_sum``; a test compares the exposition with
+    separate observations) and falls back to ``observe`` where that layout is missing."""
+    bounds = getattr(histogram, "_upper_bounds", None)
+    buckets = getattr(histogram, "_buckets", None)
+    total = getattr(histogram, "_sum", None)
+    if bounds is None or buckets is None or total is None or len(bounds) != len(buckets):
+        for v in values:
+            histogram.observe(v)
+        return
+    if not values:
+        return
+    # observe() counts v in the first bucket whose bound is >= v: bisect_left's index.
+    total.inc(sum(values))
+    for i, count in Tally(bisect_left(bounds, v) for v in values).items():
+        buckets[i].inc(count)
+
+
 def record_request(model_name: str, *, prompt_tokens: int, generation_tokens: int,
                    finish_reasons: Sequence[str], timers: Sequence[SequenceTimer],
                    timings: Sequence[RequestTiming | None], n: int,
@@ -109,8 +134,7 @@ def record_request(model_name: str, *, prompt_tokens: int, generation_tokens: in
     for timer in timers:
         if timer.first_token:
             TTFT.labels(model_name).observe(timer.first_token - timer.arrival)
-        for gap in timer.itls:
-            ITL.labels(model_name).observe(gap)
+        observe_many(ITL.labels(model_name), timer.itls)
         E2E.labels(model_name).observe(now - timer.arrival)
     for t in timings:
         if t is None:
