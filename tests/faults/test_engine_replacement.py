@@ -76,7 +76,7 @@ def test_killed_engine_is_replaced_while_the_other_keeps_serving():
             os.kill(victim, signal.SIGKILL)
             # Liveness stays 200 and names the dead rank; new requests go to the other one.
             status, body = _wait_for(lambda: (lambda h: h if h[1].get("engines_down") else
-                                              None)(_health(base)), 5, "engines_down")
+                                              None)(_health(base)), 15, "engines_down")
             assert status == 200 and body == {"status": "healthy", "engines_down": [0]}
             assert httpx.get(base + "/ready", timeout=5).status_code == 200
             assert [_complete(base, f"during {i}") for i in range(6)] == [200] * 6
@@ -84,8 +84,9 @@ def test_killed_engine_is_replaced_while_the_other_keeps_serving():
         failed = [r for r in results if r.error is not None]
         finished = [r for r in results if r.error is None]
         # The dead engine's streams ended with an error event and [DONE]; the others ran to
-        # the end untouched.
-        assert failed and finished, results
+        # the end untouched. Usually both kinds are there, but 8 streams started at once can
+        # all be routed to one engine (they see the same load report), so either list may be
+        # empty; a stream left hanging would end in the 90 s timeout's error, caught below.
         assert all(r.done for r in results), results
         assert all("engine" in (r.error or "") for r in failed), failed
         assert all(r.finish_reason == "length" for r in finished), finished
